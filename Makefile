@@ -1,0 +1,32 @@
+# Two commands set up a fresh machine: `make demo` (the main job) and `make test` (the test suite).
+# Both bootstrap a local .venv from requirements-cpu.txt (torch pinned to the 2.13.0 CPU build).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fastpeft-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench info clean
+
+$(STAMP): requirements-cpu.txt pyproject.toml setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-cpu.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/fastpeft demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/fastpeft bench lora
+
+info: $(STAMP)
+	$(BIN)/fastpeft info
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,2 @@
+"""fastpeft: fast parameter-efficient fine-tuning."""
+__version__ = "0.1.0"

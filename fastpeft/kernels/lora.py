@@ -1,0 +1,340 @@
+"""Triton kernels of the LoRA linear (oracle: fastpeft/reference/lora.py) and their launchers.
+
+Three kernels serve the forward and the backward pass:
+
+* ``lora_gemm``:   OUT = X Wkn (+ bias) + mask ⊙ ((S ⊙ s) E)       one GEMM, the low-rank term in its epilogue
+                   S is either loaded (computed by ``lora_shrink``) or built in the K loop from the X tiles
+                   already in shared memory (S = X U, "fused shrink": X is read once for both products).
+                   Forward:  X = x,  Wkn = Wᵀ, U = Aᵀ, E = Bᵀ                  (S = T)
+                   Backward: X = dY, Wkn = W,  U = B,  E = A, mask = dropout   (S = G, OUT = dX)
+* ``lora_shrink``: S = (X ⊙ keep / (1-p)) U in float32                 T = drop(x) Aᵀ, or G = dY B
+* ``lora_reduce``: C = (X ⊙ keep / (1-p))ᵀ (S ⊙ s), summed over rows   dAᵀ = drop(x)ᵀ (G ⊙ s), dB = dYᵀ (T ⊙ s)
+                   and optionally the column sums of X                 (the bias gradient Σ_m dY)
+
+Every operand is a strided view, so nn.Linear (N, K) and GPT-2 Conv1D (K, N) weights are used in place.
+Accumulation is float32; S stays float32 in memory and is rounded to the input dtype once, after scaling.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._compat import dot_precision, interpreting, launch, tl, triton
+from .dropout import keep_tile, row_keys
+
+
+def _pow2_at_least_16(n: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(max(int(n), 1))))
+
+
+def bucket(n: int) -> int:
+    """Autotune key for a size that varies call to call (token count): its power-of-two bucket."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autotune configurations. `*_configs()` are what autotune may pick; tests compile every one ahead of time.
+# Under the interpreter a single small config keeps the CPU tests fast and exercises partial tiles.
+# ----------------------------------------------------------------------------------------------------------
+
+def gemm_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4)]
+    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 5),
+        (32, 128, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+def shrink_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4)]
+    shapes = [(128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (32, 128, 4, 4), (16, 256, 4, 3)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bm, bk, w, s in shapes]
+
+
+def reduce_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+            for bm, w, s in [(128, 4, 3), (64, 4, 4), (32, 4, 4)]]
+
+
+def _prune_by_m(configs, named_args, **_):
+    """Drop tiles much taller than the problem (decode-sized M) and tiles too big for float32 operands."""
+    m = named_args["M_BUCKET"]
+    fp32 = named_args["x_ptr"].dtype == torch.float32
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * m)
+            and not (fp32 and c.kwargs["BLOCK_K"] * max(c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_N", 0)) > 8192)]
+    return kept or configs[-1:]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "R", "FUSED_SHRINK", "MASK_LORA"],
+                 prune_configs_by={"early_config_prune": _prune_by_m})
+@triton.jit
+def lora_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, s_ptr, u_ptr, scale_ptr, e_ptr, out_ptr, seed_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr, stride_uk, stride_ur,
+    stride_er, stride_en, stride_om, stride_on,
+    threshold, inv_keep, M_BUCKET,
+    HAS_BIAS: tl.constexpr, FUSED_SHRINK: tl.constexpr, WRITE_S: tl.constexpr, MASK_LORA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row-tiles share each column strip of W while it sits in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    rm_in = rm % M  # rows past M re-read valid rows; their results are never stored
+    rn_in = rn % N
+    dtype = x_ptr.dtype.element_ty
+
+    x_ptrs = x_ptr + rm_in[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + rk[:, None] * stride_wk + rn_in[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FUSED_SHRINK:
+        u_ptrs = u_ptr + rk[:, None] * stride_uk + rr[None, :] * stride_ur
+        acc_s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
+        b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if FUSED_SHRINK:
+            u = tl.load(u_ptrs, mask=(rk[:, None] < k_left) & (rr[None, :] < R), other=0.0)
+            acc_s = tl.dot(a, u.to(dtype), acc_s, input_precision=DOT_PRECISION)
+            u_ptrs += BLOCK_K * stride_uk
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    # Epilogue: the low-rank term (S ⊙ s) E, R in chunks of BLOCK_R, then dropout mask, bias, one store.
+    if MASK_LORA:
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        lora = acc
+    if FUSED_SHRINK:  # R <= BLOCK_R: one chunk, S still in registers
+        if WRITE_S:
+            if pid_n == 0:
+                s_ptrs = s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr
+                tl.store(s_ptrs, acc_s, mask=(rm[:, None] < M) & (rr[None, :] < R))
+        sc = tl.load(scale_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)
+        e = tl.load(e_ptr + rr[:, None] * stride_er + rn_in[None, :] * stride_en, mask=rr[:, None] < R, other=0.0)
+        lora = tl.dot((acc_s * sc[None, :]).to(dtype), e.to(dtype), lora, input_precision=DOT_PRECISION)
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + rr
+            s = tl.load(s_ptr + rm_in[:, None] * stride_sm + r[None, :] * stride_sr, mask=r[None, :] < R, other=0.0)
+            sc = tl.load(scale_ptr + r, mask=r < R, other=0.0).to(tl.float32)
+            e = tl.load(e_ptr + r[:, None] * stride_er + rn_in[None, :] * stride_en, mask=r[:, None] < R, other=0.0)
+            lora = tl.dot((s * sc[None, :]).to(dtype), e.to(dtype), lora, input_precision=DOT_PRECISION)
+    if MASK_LORA:
+        keep = keep_tile(row_keys(seed_ptr, rm), rn, threshold)
+        acc += tl.where(keep, lora * inv_keep, 0.0)
+    else:
+        acc = lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.autotune(configs=shrink_configs(), key=["M_BUCKET", "K", "R", "DROPOUT"])
+@triton.jit
+def lora_shrink_kernel(
+    x_ptr, u_ptr, s_ptr, seed_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_uk, stride_ur, stride_sm, stride_sr,
+    threshold, inv_keep, M_BUCKET,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    rm_in = rm % M
+    dtype = x_ptr.dtype.element_ty
+    if DROPOUT:
+        row_key = row_keys(seed_ptr, rm_in)
+    x_ptrs = x_ptr + rm_in[:, None] * stride_xm + rk[None, :] * stride_xk
+    u_ptrs = u_ptr + rk[:, None] * stride_uk + rr[None, :] * stride_ur
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
+        if DROPOUT:
+            keep = keep_tile(row_key, k * BLOCK_K + rk, threshold)
+            a = tl.where(keep, a.to(tl.float32) * inv_keep, 0.0).to(dtype)
+        u = tl.load(u_ptrs, mask=(rk[:, None] < k_left) & (rr[None, :] < R), other=0.0)
+        acc = tl.dot(a, u.to(dtype), acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        u_ptrs += BLOCK_K * stride_uk
+    s_ptrs = s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr
+    tl.store(s_ptrs, acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+
+@triton.autotune(configs=reduce_configs(), key=["M_BUCKET", "D", "R", "DROPOUT", "HAS_COLSUM"])
+@triton.jit
+def lora_reduce_kernel(
+    x_ptr, s_ptr, scale_ptr, c_ptr, colsum_ptr, seed_ptr,
+    M, D, R, rows_per_split,
+    stride_xm, stride_xd, stride_sm, stride_sr, stride_cs, stride_cd, stride_cr,
+    threshold, inv_keep, M_BUCKET,
+    DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rd_in = rd % D
+    dtype = x_ptr.dtype.element_ty
+    sc = tl.load(scale_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
+    colsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    m_begin = pid_s * rows_per_split
+    m_end = min(M, m_begin + rows_per_split)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rm < m_end
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rd_in[None, :] * stride_xd, mask=row_ok[:, None], other=0.0)
+        if DROPOUT:
+            keep = keep_tile(row_keys(seed_ptr, rm), rd_in, threshold)
+            x = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(dtype)
+        if HAS_COLSUM:
+            colsum += tl.sum(x.to(tl.float32), axis=0)
+        s = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                    mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
+        acc = tl.dot(tl.trans(x), (s * sc[None, :]).to(dtype), acc, input_precision=DOT_PRECISION)
+    c_base = c_ptr + pid_s * stride_cs
+    tl.store(c_base + rd[:, None] * stride_cd + rr[None, :] * stride_cr, acc.to(c_ptr.dtype.element_ty),
+             mask=(rd[:, None] < D) & (rr[None, :] < R))
+    if HAS_COLSUM:
+        if pid_r == 0:
+            tl.store(colsum_ptr + pid_s * D + rd, colsum, mask=rd < D)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers: operands come as (strided) views with the logical shapes named in each docstring.
+# ----------------------------------------------------------------------------------------------------------
+
+FUSED_SHRINK_MAX_RANK = 64
+
+
+def gemm(x, w_kn, bias, e_rn, scale, out, *, s=None, u_kr=None, write_s=False, seed=None, threshold=0,
+         inv_keep=1.0):
+    """out (M, N) = x (M, K) @ w_kn (K, N) + bias + mask ⊙ ((S ⊙ scale) @ e_rn (R, N)).
+
+    S (M, R) float32 is read from `s`, or, when `u_kr` (K, R) is given, computed in the K loop as x @ u_kr
+    (and written to `s` when `write_s`). A `seed` turns on the dropout mask on the low-rank term.
+    """
+    M, K = x.shape
+    N = w_kn.shape[1]
+    R = e_rn.shape[0]
+    fused = u_kr is not None
+    block_r = _pow2_at_least_16(R, FUSED_SHRINK_MAX_RANK if fused else 64)
+    s_arg = s if s is not None else out  # placeholder pointer, never dereferenced
+    u_arg = u_kr if fused else e_rn
+    s_strides = (s.stride(0), s.stride(1)) if s is not None else (0, 0)
+    u_strides = (u_kr.stride(0), u_kr.stride(1)) if fused else (0, 0)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    launch(lora_gemm_kernel)[grid](
+        x, w_kn, bias if bias is not None else x, s_arg, u_arg, scale, e_rn, out,
+        seed if seed is not None else scale,
+        M, N, K, R,
+        x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1), *s_strides, *u_strides,
+        e_rn.stride(0), e_rn.stride(1), out.stride(0), out.stride(1),
+        threshold, inv_keep, bucket(M),
+        HAS_BIAS=bias is not None, FUSED_SHRINK=fused, WRITE_S=bool(write_s and fused),
+        MASK_LORA=seed is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
+    )
+    return out
+
+
+def shrink(x, u_kr, s_out, *, seed=None, threshold=0, inv_keep=1.0):
+    """s_out (M, R) float32 = (x ⊙ keep / (1-p)) (M, K) @ u_kr (K, R); no mask without a seed."""
+    M, K = x.shape
+    R = u_kr.shape[1]
+    block_r = _pow2_at_least_16(R, 64)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))
+
+    launch(lora_shrink_kernel)[grid](
+        x, u_kr, s_out, seed if seed is not None else s_out,
+        M, K, R,
+        x.stride(0), x.stride(1), u_kr.stride(0), u_kr.stride(1), s_out.stride(0), s_out.stride(1),
+        threshold, inv_keep, bucket(M),
+        DROPOUT=seed is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
+    )
+    return s_out
+
+
+REDUCE_BLOCK_D = 64
+
+
+def reduce_splits(M: int, D: int, R: int, target_programs: int) -> int:
+    """How many row ranges a reduction is split into so that about `target_programs` programs run."""
+    programs = triton.cdiv(D, REDUCE_BLOCK_D) * triton.cdiv(R, _pow2_at_least_16(R, 64))
+    if programs >= target_programs or M <= 256:
+        return 1
+    return max(1, min(triton.cdiv(target_programs, programs), triton.cdiv(M, 256)))
+
+
+def reduce(x, s, scale, c_dr, *, colsum=None, seed=None, threshold=0, inv_keep=1.0, splits=1):
+    """c_dr (D, R) = (x ⊙ keep / (1-p))ᵀ (D, M) @ (s ⊙ scale) (M, R); colsum (D,) float32 = Σ_m x.
+
+    With splits > 1 the rows are cut into that many ranges, each summed into a float32 partial that is
+    then added up in a fixed order (deterministic, no atomics).
+    """
+    M, D = x.shape
+    R = s.shape[1]
+    block_r = _pow2_at_least_16(R, 64)
+    rows_per_split = triton.cdiv(M, splits)
+    if splits > 1:
+        partial = torch.empty((splits, D, R), device=x.device, dtype=torch.float32)
+        target, strides = partial, (partial.stride(0), partial.stride(1), partial.stride(2))
+    else:
+        target, strides = c_dr, (0, c_dr.stride(0), c_dr.stride(1))
+    colsum_buf = None
+    if colsum is not None:
+        colsum_buf = colsum if splits == 1 else torch.empty((splits, D), device=x.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (triton.cdiv(D, REDUCE_BLOCK_D), triton.cdiv(R, block_r), splits)
+
+    launch(lora_reduce_kernel)[grid](
+        x, s, scale, target, colsum_buf if colsum_buf is not None else scale, seed if seed is not None else scale,
+        M, D, R, rows_per_split,
+        x.stride(0), x.stride(1), s.stride(0), s.stride(1), *strides,
+        threshold, inv_keep, bucket(M),
+        DROPOUT=seed is not None, HAS_COLSUM=colsum is not None, DOT_PRECISION=dot_precision(x.dtype),
+        BLOCK_D=REDUCE_BLOCK_D, BLOCK_R=block_r,
+    )
+    if splits > 1:
+        c_dr.copy_(partial.sum(0))
+        if colsum is not None:
+            colsum.copy_(colsum_buf.sum(0))
+    return c_dr

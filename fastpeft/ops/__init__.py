@@ -1,0 +1,8 @@
+"""Functional ops, one registered torch op per hot path; each dispatches to Triton or the reference.
+
+    fp.ops.lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, seed=None, fan_in_fan_out=False)
+"""
+from .dispatch import explain, poison_outputs, requested_backend, use_backend
+from .lora import lora_linear
+
+__all__ = ["lora_linear", "use_backend", "requested_backend", "poison_outputs", "explain"]

@@ -1,0 +1,253 @@
+"""`fp.ops.lora_linear`: the LoRA linear as one registered op with autograd.
+
+    y = x Wᵀ + b + ((drop(x) Aᵀ) ⊙ s) Bᵀ          (math and backward: fastpeft/reference/lora.py)
+
+`fastpeft::lora_linear` returns (y, T) with T = drop(x) Aᵀ (float32, M x R) kept for the backward pass, which
+is `fastpeft::lora_linear_backward`. Both are `torch.library.triton_op`s: on CUDA they launch the kernels of
+fastpeft/kernels/lora.py, elsewhere they run the reference, and torch.compile traces them without graph breaks.
+Saved for backward: x and T; the dropout mask is regenerated from the seed.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from ..reference import lora as reference
+from ..reference.dropout import keep_threshold
+from . import dispatch, registry
+
+TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+registry.describe("lora_linear", dtypes=TRITON_DTYPES, doc="y = x W^T + b + s * drop(x) A^T B^T")
+
+
+def _kernels():
+    from ..kernels import lora  # imported on first CUDA call only: `import fastpeft` never loads triton
+
+    return lora
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Public functional op
+# ------------------------------------------------------------------------------------------------------------
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+                scale: float | Tensor, *, dropout_p: float = 0.0, seed: Tensor | None = None,
+                fan_in_fan_out: bool = False) -> Tensor:
+    """y = x Wᵀ + b + ((drop(x) Aᵀ) ⊙ s) Bᵀ for x of shape (..., K).
+
+    weight: (N, K), or (K, N) with `fan_in_fan_out` (GPT-2 Conv1D, used in place); lora_a: (R, K);
+    lora_b: (N, R); scale: a number, or an (R,) tensor of per-rank scales (several adapters concatenated
+    along R); dropout_p: dropout on the adapter's input; seed: int64 tensor that fixes the dropout mask
+    (drawn from torch's generator when omitted).
+    """
+    x, weight, bias = _autocast(x, weight, bias)
+    K, N = _check(x, weight, bias, lora_a, lora_b, fan_in_fan_out)
+    R = lora_a.shape[0]
+    if not isinstance(scale, Tensor):
+        scale = torch.full((R,), float(scale), device=x.device, dtype=torch.float32)
+    elif scale.shape != (R,):
+        raise ValueError(f"lora_linear: scale has shape {tuple(scale.shape)}; expected ({R},), one entry per rank.")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"lora_linear: dropout_p={dropout_p} is outside [0, 1).")
+    if dropout_p == 0.0:
+        seed = None
+    elif seed is None:
+        seed = torch.randint(0, 2**31 - 1, (), device=x.device, dtype=torch.int64)
+    grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b, scale))
+    need_t = grads and (lora_b.requires_grad or scale.requires_grad)
+    x2 = x.reshape(-1, K)
+    y, _ = torch.ops.fastpeft.lora_linear(x2, weight, bias, lora_a, lora_b, scale, seed, float(dropout_p),
+                                          bool(fan_in_fan_out), bool(need_t))
+    return y.reshape(*x.shape[:-1], N)
+
+
+def _autocast(x, weight, bias):
+    """Under torch.autocast, run the base product in the autocast dtype (as nn.Linear does)."""
+    device_type = x.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    return x, weight, bias
+
+
+def _check(x, weight, bias, lora_a, lora_b, fan_in_fan_out):
+    """Host-side validation before any launch. Returns (K, N)."""
+    if weight.dim() != 2:
+        raise ValueError(f"lora_linear: weight must be 2-D, got shape {tuple(weight.shape)}.")
+    K, N = (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
+    layout = "(in, out) since fan_in_fan_out=True" if fan_in_fan_out else "(out, in)"
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"lora_linear: x has {x.shape[-1] if x.dim() else 0} input features, but the base weight "
+                         f"{tuple(weight.shape)} read as {layout} expects {K}.")
+    if lora_a.dim() != 2 or lora_a.shape[1] != K or lora_a.shape[0] < 1:
+        raise ValueError(f"lora_linear: lora_a has shape {tuple(lora_a.shape)}; expected (r, {K}) with r >= 1.")
+    R = lora_a.shape[0]
+    if lora_b.shape != (N, R):
+        raise ValueError(f"lora_linear: lora_b has shape {tuple(lora_b.shape)}; expected ({N}, {R}) to match "
+                         f"lora_a {tuple(lora_a.shape)} and the weight.")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"lora_linear: bias has shape {tuple(bias.shape)}; expected ({N},).")
+    if not x.dtype.is_floating_point or x.dtype != weight.dtype:
+        raise TypeError(f"lora_linear: x is {x.dtype} and the base weight is {weight.dtype}; they must match "
+                        "(cast the input, or run under torch.autocast).")
+    for name, t in (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"lora_linear: {name} is on {t.device} but x is on {x.device}; move them together.")
+        if t is not None and not t.dtype.is_floating_point:
+            raise TypeError(f"lora_linear: {name} must be floating point, got {t.dtype}.")
+    return K, N
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Registered ops
+# ------------------------------------------------------------------------------------------------------------
+
+def _backend(x: Tensor) -> str:
+    return dispatch.choose("lora_linear", x.device, x.dtype, triton_dtypes=TRITON_DTYPES)
+
+
+@torch.library.triton_op("fastpeft::lora_linear", mutates_args=())
+def _lora_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: Tensor,
+                    seed: Tensor | None, dropout_p: float, fan_in_fan_out: bool, need_t: bool) -> tuple[Tensor, Tensor]:
+    if _backend(x) == "torch":
+        return reference.lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan_in_fan_out,
+                                         need_t)
+    return _triton_forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan_in_fan_out, need_t)
+
+
+@torch.library.triton_op("fastpeft::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: Tensor,
+                             t: Tensor, seed: Tensor | None, dropout_p: float, fan_in_fan_out: bool, need_dx: bool,
+                             need_da: bool, need_db: bool, need_ds: bool, need_dbias: bool
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    needs = (need_dx, need_da, need_db, need_ds, need_dbias)
+    if _backend(dy) == "torch":
+        return reference.lora_linear_bwd(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, fan_in_fan_out,
+                                         needs)
+    return _triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, fan_in_fan_out, needs)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan_in_fan_out, _ = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, scale, output[1], seed)
+    ctx.dropout_p, ctx.fan_in_fan_out = dropout_p, fan_in_fan_out
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, dy, _dt):
+    x, weight, lora_a, lora_b, scale, t, seed = ctx.saved_tensors
+    need_dx, need_dw, need_dbias, need_da, need_db, need_ds = ctx.needs_input_grad[:6]
+    dx, da, db, ds, dbias = torch.ops.fastpeft.lora_linear_backward(
+        dy, x, weight, lora_a, lora_b, scale, t, seed, ctx.dropout_p, ctx.fan_in_fan_out,
+        need_dx, need_da, need_db, need_ds, need_dbias)
+    dw = None
+    if need_dw:  # a trainable base weight (unusual with LoRA): plain GEMM, dW = dYᵀ x (transposed for Conv1D)
+        dw = dy.t().to(weight.dtype) @ x.to(weight.dtype)
+        dw = dw.t() if ctx.fan_in_fan_out else dw
+    return (dx if need_dx else None, dw, dbias.to(ctx.bias_dtype) if need_dbias else None,
+            da if need_da else None, db if need_db else None, ds if need_ds else None, None, None, None, None)
+
+
+torch.library.register_autograd("fastpeft::lora_linear", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Triton paths
+# ------------------------------------------------------------------------------------------------------------
+
+# Provisional cost model (H100-class numbers) for "fused shrink": computing S = X U inside the GEMM costs
+# redundant MMA work on every column tile; a separate shrink kernel costs one more read of X and a launch.
+_MMA_FLOPS = 6.0e14
+_HBM_BYTES_PER_S = 3.0e12
+_LAUNCH_S = 3.0e-6
+
+
+def fuse_shrink(M: int, K: int, N: int, R: int, elem_bytes: int, dropout: bool) -> bool:
+    """Whether the shrink product is cheaper inside the GEMM's K loop than as its own kernel."""
+    if dropout or R > _kernels().FUSED_SHRINK_MAX_RANK:
+        return False  # a mask regenerated per column tile would cost more than it saves
+    redundant = 2.0 * M * K * max(R, 16) * math.ceil(N / 128) / _MMA_FLOPS
+    separate = _LAUNCH_S + M * K * elem_bytes / _HBM_BYTES_PER_S
+    return redundant <= separate
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    return 2 * _sm_count(device.index) if device.type == "cuda" else 4
+
+
+def _dropout_args(seed, dropout_p):
+    if dropout_p == 0.0 or seed is None:
+        return {}
+    return {"seed": seed, "threshold": keep_threshold(dropout_p), "inv_keep": 1.0 / (1.0 - dropout_p)}
+
+
+def _triton_forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan_in_fan_out, need_t):
+    kern = _kernels()
+    M, K = x.shape
+    N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    R = lora_a.shape[0]
+    out = dispatch.new_output((M, N), like=x)
+    t = dispatch.new_output((M, R) if need_t else (0,), like=x, dtype=torch.float32)
+    if M == 0:
+        return out, t
+    w_kn = weight if fan_in_fan_out else weight.t()
+    drop = _dropout_args(seed, dropout_p)
+    if fuse_shrink(M, K, N, R, x.element_size(), bool(drop)):
+        kern.gemm(x, w_kn, bias, lora_b.t(), scale, out, s=t if need_t else None, u_kr=lora_a.t(), write_s=need_t)
+    else:
+        s = t if need_t else dispatch.new_output((M, R), like=x, dtype=torch.float32)
+        kern.shrink(x, lora_a.t(), s, **drop)
+        kern.gemm(x, w_kn, bias, lora_b.t(), scale, out, s=s)
+    return out, t
+
+
+def _triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, fan_in_fan_out, needs):
+    kern = _kernels()
+    need_dx, need_da, need_db, need_ds, need_dbias = needs
+    M, N = dy.shape
+    K = x.shape[1]
+    R = lora_a.shape[0]
+    drop = _dropout_args(seed, dropout_p)
+    empty = [dy.new_empty((0,)) for _ in range(5)]
+    dx, da, db, ds, dbias = empty
+    if M == 0:
+        return (dy.new_zeros((0, K)) if need_dx else dx, torch.zeros_like(lora_a) if need_da else da,
+                torch.zeros_like(lora_b) if need_db else db, torch.zeros_like(scale) if need_ds else ds,
+                dy.new_zeros((N,)) if need_dbias else dbias)
+    g = None
+    if need_da or need_ds or need_dx:
+        g = dispatch.new_output((M, R), like=dy, dtype=torch.float32)  # G = dY B
+    if need_dx:
+        dx = dispatch.new_output((M, K), like=dy)
+        w_nk = weight.t() if fan_in_fan_out else weight
+        if fuse_shrink(M, N, K, R, dy.element_size(), False):
+            kern.gemm(dy, w_nk, None, lora_a, scale, dx, s=g, u_kr=lora_b, write_s=True, **drop)
+        else:
+            kern.shrink(dy, lora_b, g)
+            kern.gemm(dy, w_nk, None, lora_a, scale, dx, s=g, **drop)
+    elif g is not None:
+        kern.shrink(dy, lora_b, g)
+    target = _target_programs(dy.device)
+    if need_da:
+        da = dispatch.new_output(tuple(lora_a.shape), like=lora_a)
+        kern.reduce(x, g, scale, da.t(), splits=kern.reduce_splits(M, K, R, target), **drop)
+    if need_db:
+        db = dispatch.new_output(tuple(lora_b.shape), like=lora_b)
+        colsum = dispatch.new_output((N,), like=dy, dtype=torch.float32) if need_dbias else None
+        kern.reduce(dy, t, scale, db, colsum=colsum, splits=kern.reduce_splits(M, N, R, target))
+        dbias = colsum if need_dbias else dbias
+    elif need_dbias:
+        dbias = dy.float().sum(0)
+    if need_ds:
+        ds = (t * g).sum(0).to(scale.dtype)
+    return dx, da, db, ds, dbias

@@ -1,0 +1,78 @@
+"""LoRA linear in plain PyTorch: the CPU kernel and the oracle of kernels/lora.py.
+
+    y = x Wᵀ + b + ((drop(x) Aᵀ) ⊙ s) Bᵀ                       (Hu et al. 2021, "LoRA")
+
+x: (M, K); W: (N, K), or (K, N) when `fan_in_fan_out` (GPT-2 Conv1D); A: (R, K); B: (N, R);
+s: (R,) per-rank scale (alpha/r, or alpha/sqrt(r) for rsLoRA, repeated over each adapter's ranks);
+drop: dropout with probability p, mask regenerated from `seed` (reference/dropout.py).
+Several adapters on one layer are their A, B and s concatenated along R.
+
+Backward, with T = drop(x) Aᵀ and G = dY B:
+    dX = dY W + ((G ⊙ s) A) ⊙ keep / (1 - p)
+    dA = (G ⊙ s)ᵀ drop(x)        dB = dYᵀ (T ⊙ s)        ds = Σ_m T ⊙ G        db = Σ_m dY
+"""
+from __future__ import annotations
+
+import torch
+
+from .dropout import dropout, keep_mask
+
+
+def _base_weight_t(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """The (K, N) view of the base weight, whatever its storage layout."""
+    return weight if fan_in_fan_out else weight.t()
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p: float, fan_in_fan_out: bool):
+    """The formula, differentiable by autograd, for inputs of shape (..., K)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    dt = x.dtype
+    y = x2 @ _base_weight_t(weight, fan_in_fan_out)
+    if bias is not None:
+        y = y + bias
+    t = dropout(x2, seed, dropout_p) @ lora_a.to(dt).t()
+    y = y + (t * scale.to(t.dtype)).to(dt) @ lora_b.to(dt).t()
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def lora_linear_fwd(x2, weight, bias, lora_a, lora_b, scale, seed, dropout_p: float, fan_in_fan_out: bool,
+                    need_t: bool):
+    """Forward on a 2-D x. Returns (y, T) with T = drop(x) Aᵀ in float32 (empty unless need_t)."""
+    dt = x2.dtype
+    w_t = _base_weight_t(weight, fan_in_fan_out)
+    t = dropout(x2, seed, dropout_p) @ lora_a.to(dt).t()
+    ts = (t.float() * scale.float()).to(dt)
+    y = torch.addmm(bias.to(dt), x2, w_t) if bias is not None else x2 @ w_t
+    y.addmm_(ts, lora_b.to(dt).t())
+    t_saved = t.float() if need_t else x2.new_empty((0,), dtype=torch.float32)
+    return y, t_saved
+
+
+def lora_linear_bwd(dy, x2, weight, lora_a, lora_b, scale, t, seed, dropout_p: float, fan_in_fan_out: bool,
+                    needs: tuple[bool, bool, bool, bool, bool]):
+    """Backward on 2-D tensors. `needs` = which of (dx, dA, dB, ds, db) to compute; the others come back empty."""
+    need_dx, need_da, need_db, need_ds, need_dbias = needs
+    dt = dy.dtype
+    s = scale.float()
+    g = (dy @ lora_b.to(dt)).float()  # (M, R)
+    gs = (g * s).to(dt)
+    dx, da, db, ds, dbias = (dy.new_empty((0,)) for _ in range(5))
+    if need_dx:
+        w = weight.t() if fan_in_fan_out else weight  # (N, K)
+        dx = dy @ w
+        lora_dx = gs @ lora_a.to(dt)
+        if dropout_p > 0.0 and seed is not None:
+            keep = keep_mask(seed, dx.shape[0], dx.shape[1], dropout_p, device=dx.device)
+            lora_dx = lora_dx * keep.to(dt) * (1.0 / (1.0 - dropout_p))
+        dx = dx + lora_dx
+    if need_da:  # accumulated in the parameter's dtype when it is wider (fp32 adapters on a half model)
+        pa = lora_a.dtype
+        da = (gs.to(pa).t() @ dropout(x2, seed, dropout_p).to(pa)).to(pa)
+    if need_db:
+        pb = lora_b.dtype
+        db = dy.to(pb).t() @ (t * s).to(dt).to(pb)
+    if need_ds:
+        ds = (t * g).sum(0).to(scale.dtype)
+    if need_dbias:
+        dbias = dy.float().sum(0).to(dt)
+    return dx, da, db, ds, dbias
