@@ -1,2 +1,21 @@
-"""fastpeft: fast parameter-efficient fine-tuning."""
+"""fastpeft: fast parameter-efficient fine-tuning.
+
+    import fastpeft as fp
+    fp.add_adapter(model, "default", fp.LoRAConfig(r=16, alpha=32, target_modules="all-linear"))
+
+Importing fastpeft never initialises CUDA and never compiles anything; kernels load on first CUDA call.
+"""
+from . import ops
+from .config import AdapterConfig, LoRAConfig
+from .errors import AdapterError, BackendError, CheckpointError, ConfigError, FastPEFTError, TargetError
+from .inject import (adapters, add_adapter, delete_adapter, disable_adapters, merge_adapter, set_active_adapters,
+                     trainable_parameters, unload, unmerge_adapter)
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "ops", "AdapterConfig", "LoRAConfig",
+    "add_adapter", "set_active_adapters", "disable_adapters", "merge_adapter", "unmerge_adapter",
+    "delete_adapter", "unload", "trainable_parameters", "adapters",
+    "FastPEFTError", "ConfigError", "TargetError", "AdapterError", "CheckpointError", "BackendError",
+]

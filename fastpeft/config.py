@@ -1,0 +1,178 @@
+"""Adapter configs: one dataclass per method, validated on creation with errors that name the field and the fix.
+
+Field names follow the seed libraries: AdapterHub `adapters` for hyperparameters (`r`, `alpha`, `dropout`),
+PEFT for targeting (`target_modules`, `layers_to_transform`, `modules_to_save`, `bias`, `use_rslora`);
+PEFT's spellings `lora_alpha`, `lora_dropout` and `init_lora_weights` are accepted as aliases.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+
+
+@dataclass
+class AdapterConfig:
+    """Base of every fastpeft config: validation, dict round trip and aliases."""
+
+    method: ClassVar[str] = ""
+    aliases: ClassVar[dict[str, str]] = {}
+
+    def validate(self) -> None:  # overridden per method
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        """Canonical field names only; JSON-serialisable."""
+        out = {"method": self.method}
+        for f in dataclasses.fields(self):
+            if f.name in self.aliases:
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = sorted(value) if isinstance(value, set) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        data = {k: v for k, v in data.items() if k != "method"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; "
+                              f"known fields: {', '.join(sorted(names - set(cls.aliases)))}.")
+        return cls(**data)
+
+    def _apply_aliases(self) -> None:
+        for alias, canonical in self.aliases.items():
+            value = getattr(self, alias)
+            if value is None:
+                continue
+            default = next(f.default for f in dataclasses.fields(self) if f.name == canonical)
+            if getattr(self, canonical) != default and getattr(self, canonical) != value:
+                raise ConfigError(f"{type(self).__name__}: both {canonical}={getattr(self, canonical)!r} and its "
+                                  f"alias {alias}={value!r} were given; pass only one.")
+            setattr(self, canonical, value)
+            setattr(self, alias, None)
+
+    def __post_init__(self) -> None:
+        self._apply_aliases()
+        self.validate()
+
+
+def _fail(cfg, field_name: str, problem: str, fix: str) -> None:
+    raise ConfigError(f"{type(cfg).__name__}.{field_name}: {problem}; {fix}.")
+
+
+def _check_targets(cfg, name: str, value) -> None:
+    if value is None or isinstance(value, str):
+        if isinstance(value, str) and value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as exc:
+                _fail(cfg, name, f"{value!r} is not a valid regular expression ({exc})",
+                      "pass a list of module names or a valid regex")
+        return
+    if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) and v for v in value):
+        _fail(cfg, name, f"got {value!r}", 'pass a list of module names, a regex string, or "all-linear"')
+
+
+def _check_layers(cfg, name: str, value) -> None:
+    if value is None:
+        return
+    values = [value] if isinstance(value, int) else value
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                        for v in values):
+        _fail(cfg, name, f"got {value!r}", "pass a layer index or a list of non-negative layer indices")
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """LoRA: W' = W + s·B·A with A (r x in), B (out x r), s = alpha/r (or alpha/sqrt(r) with use_rslora).
+
+    init_weights: True (Kaiming-uniform A, zero B: the adapter starts as the identity), "gaussian"
+    (normal A with std 1/r, zero B), or False (random A and B; for tests, not identity).
+    target_modules: list of module names (a name matches itself or any ".name" suffix), a regex matched
+    against full module paths, "all-linear" (every linear layer but the output head), or None for the
+    model family's default (the query and value projections).
+    """
+
+    method: ClassVar[str] = "lora"
+    aliases: ClassVar[dict[str, str]] = {"lora_alpha": "alpha", "lora_dropout": "dropout",
+                                         "init_lora_weights": "init_weights"}
+
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
+    modules_to_save: list[str] | None = None
+    bias: str = "none"
+    fan_in_fan_out: bool | None = None
+    use_rslora: bool = False
+    init_weights: bool | str = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    lora_alpha: float | None = field(default=None, repr=False, compare=False)
+    lora_dropout: float | None = field(default=None, repr=False, compare=False)
+    init_lora_weights: bool | str | None = field(default=None, repr=False, compare=False)
+
+    def validate(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            _fail(self, "r", f"rank must be a positive integer, got {self.r!r}", "use e.g. r=8")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            _fail(self, "alpha", f"must be a finite number, got {self.alpha!r}", "use e.g. alpha=16 (scale alpha/r)")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            _fail(self, "dropout", f"must be in [0, 1), got {self.dropout!r}", "use e.g. dropout=0.05, or 0.0")
+        if self.bias not in ("none", "all", "lora_only"):
+            _fail(self, "bias", f"got {self.bias!r}", 'use "none", "all" or "lora_only"')
+        if self.init_weights not in (True, False, "gaussian"):
+            _fail(self, "init_weights", f"{self.init_weights!r} is not supported",
+                  'use True (Kaiming A, zero B), "gaussian" or False')
+        _check_targets(self, "target_modules", self.target_modules)
+        _check_targets(self, "exclude_modules", self.exclude_modules)
+        _check_targets(self, "modules_to_save", self.modules_to_save if not isinstance(self.modules_to_save, str)
+                       else [self.modules_to_save])
+        _check_layers(self, "layers_to_transform", self.layers_to_transform)
+        for key, r in self.rank_pattern.items():
+            if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+                _fail(self, "rank_pattern", f"rank {r!r} for {key!r} is not a positive integer", "fix that entry")
+        for key, a in self.alpha_pattern.items():
+            if not isinstance(a, (int, float)) or isinstance(a, bool):
+                _fail(self, "alpha_pattern", f"alpha {a!r} for {key!r} is not a number", "fix that entry")
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = sorted(set(self.target_modules))
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+
+    def rank_for(self, module_name: str) -> int:
+        return _pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return _pattern_value(self.alpha_pattern, module_name, self.alpha)
+
+    def scaling(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _pattern_value(pattern: dict, module_name: str, default):
+    """PEFT's rank_pattern/alpha_pattern: the first key (a regex) that matches a dotted suffix of the module path."""
+    for key, value in pattern.items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{key})", module_name):
+            return value
+    return default
+
+
+CONFIGS: dict[str, type[AdapterConfig]] = {cls.method: cls for cls in (LoRAConfig,)}
+
+
+def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
+    """The config a `to_dict()` output describes."""
+    method = data.get("method")
+    if method not in CONFIGS:
+        raise ConfigError(f"config method {method!r} is not known; known methods: {', '.join(sorted(CONFIGS))}.")
+    return CONFIGS[method].from_dict(data)

@@ -1,0 +1,232 @@
+"""The adapter lifecycle on a model: add, activate, disable, merge, unmerge, delete, unload.
+
+Every call validates everything first and then mutates; if a mutation fails half way, the steps already
+taken are undone, so a failing call leaves the model as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+
+from torch import nn
+
+from ..config import AdapterConfig
+from ..errors import AdapterError, ConfigError
+from ..modules import LoRALinear, ModulesToSave
+from . import lora
+from .state import AdapterState, clear_state, get_state, require_state
+from .targets import model_modules, parent_of
+
+HANDLERS = {"lora": lora}
+MERGEABLE = {"lora"}
+
+
+def wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model_modules(model) if isinstance(m, (LoRALinear, ModulesToSave))]
+
+
+def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module:
+    """Inject adapter `name` described by `config` into `model` in place; returns the model.
+
+    The first adapter added becomes active; later ones are added inactive (see set_active_adapters).
+    Only the parameters of active adapters are trainable; the base model is frozen.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise ConfigError(f"add_adapter: config must be a fastpeft config such as fp.LoRAConfig(...), "
+                          f"got {type(config).__name__}.")
+    _check_new_name(model, name)
+    handler = HANDLERS[config.method]
+    plan = handler.plan(model, name, config)
+    fresh = get_state(model) is None
+    state = get_state(model, create=True)
+    undo: list[Callable] = []
+    try:
+        handler.apply(model, name, config, plan, undo)
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        if fresh:
+            clear_state(model)
+        raise
+    state.configs[name] = config
+    state.modules[name] = [path for path, *_ in plan.targets]
+    state.saved[name] = list(plan.saved)
+    if not state.active:
+        state.active = [name]
+    _refresh(model, state)
+    return model
+
+
+def _check_new_name(model: nn.Module, name) -> None:
+    if not isinstance(name, str) or not name or "." in name or not name.replace("-", "_").isidentifier():
+        raise AdapterError(f"add_adapter: adapter name {name!r} is not usable; use a non-empty name of letters, "
+                           "digits, '_' or '-' (no dots), e.g. 'default'.")
+    state = get_state(model)
+    if state is not None and name in state.configs:
+        raise AdapterError(f"add_adapter: the model already has an adapter named {name!r}; pick another name or "
+                           "fp.delete_adapter(model, name) first.")
+
+
+def set_active_adapters(model: nn.Module, names: str | Iterable[str] | None) -> None:
+    """Activate these adapters (None: none, the base model alone). Their parameters become the trainable ones."""
+    state = require_state(model, "set_active_adapters")
+    names = [] if names is None else [names] if isinstance(names, str) else list(names)
+    state.check_known(names, "set_active_adapters")
+    state.active = list(dict.fromkeys(names))
+    _refresh(model, state)
+
+
+def _refresh(model: nn.Module, state: AdapterState) -> None:
+    """Push the active set down to every wrapper, and make exactly the active adapters' parameters trainable."""
+    active = set(state.active)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, module in wrappers(model):
+        module.active_adapters = [n for n in state.active if n in module.adapter_names]
+        if isinstance(module, LoRALinear):
+            for n in module.adapter_names:
+                module.lora_A[n].requires_grad_(n in active)
+                module.lora_B[n].requires_grad_(n in active)
+        else:
+            for n, copy in module.modules_to_save.items():
+                copy.requires_grad_(n in active)
+    for n in state.active:
+        bias = getattr(state.configs[n], "bias", "none")
+        if bias == "all":
+            for pname, p in model.named_parameters():
+                if pname.rsplit(".", 1)[-1] == "bias":
+                    p.requires_grad_(True)
+        elif bias == "lora_only":
+            for path in state.modules[n]:
+                b = model.get_submodule(path).base_layer.bias
+                if b is not None:
+                    b.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Inside the block the model computes as its base model (adapters stay loaded)."""
+    require_state(model, "disable_adapters")
+    layers = wrappers(model)
+    merged = [n for n, m in layers if getattr(m, "merged_adapters", None)]
+    if merged:
+        raise AdapterError(f"disable_adapters: adapters are merged into the base weights of {merged[0]} (and "
+                           f"{len(merged) - 1} more); call fp.unmerge_adapter(model) first.")
+    before = [m.disabled for _, m in layers]
+    for _, m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for (_, m), flag in zip(layers, before):
+            m.disabled = flag
+
+
+def merge_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Fold adapter `name` into the base weights (W += s·B·A); unmerge_adapter restores them exactly."""
+    state = require_state(model, "merge_adapter")
+    state.check_known([name], "merge_adapter")
+    if state.configs[name].method not in MERGEABLE:
+        raise AdapterError(f"merge_adapter: {type(state.configs[name]).__name__} adapters cannot be merged.")
+    layers = [m for _, m in wrappers(model) if isinstance(m, LoRALinear) and name in m.adapter_names]
+    if any(name in m.merged_adapters for m in layers):
+        raise AdapterError(f"merge_adapter: adapter {name!r} is already merged; merging it again would add its "
+                           "update twice. Call fp.unmerge_adapter(model) to restore the base weights first.")
+    done: list[LoRALinear] = []
+    try:
+        for m in layers:
+            m.merge(name)
+            done.append(m)
+    except BaseException:
+        for m in done:
+            previous = m.merged_adapters[:-1]
+            m.unmerge()
+            for n in previous:
+                m.merge(n)
+        raise
+    return model
+
+
+def unmerge_adapter(model: nn.Module) -> nn.Module:
+    """Restore every merged layer's original base weight, bit for bit."""
+    require_state(model, "unmerge_adapter")
+    for _, m in wrappers(model):
+        if isinstance(m, LoRALinear):
+            m.unmerge()
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter `name`; layers left without adapters get their original module back."""
+    state = require_state(model, "delete_adapter")
+    state.check_known([name], "delete_adapter")
+    for path in state.modules[name]:
+        if name in model.get_submodule(path).merged_adapters:
+            raise AdapterError(f"delete_adapter: adapter {name!r} is merged into {path}; "
+                               "call fp.unmerge_adapter(model) first.")
+    for path in state.modules[name] + state.saved[name]:
+        module = model.get_submodule(path)
+        module.delete_adapter(name)
+        if not module.adapter_names:
+            _unwrap(model, path, module)
+    for table in (state.configs, state.modules, state.saved):
+        table.pop(name)
+    state.active = [n for n in state.active if n != name]
+    if state.configs:
+        _refresh(model, state)
+    else:
+        _restore_requires_grad(model, state)
+        clear_state(model)
+    return model
+
+
+def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
+    """Remove every adapter and give the original modules back.
+
+    merge=False: merged weights are first restored, so the model is bit-identical to before add_adapter.
+    merge=True: active adapters are merged and kept in the weights (PEFT's merge_and_unload), and the active
+    modules_to_save copies replace their originals.
+    """
+    state = require_state(model, "unload")
+    if merge:
+        for name in state.active:
+            if state.configs[name].method in MERGEABLE and not any(
+                    name in m.merged_adapters for _, m in wrappers(model) if isinstance(m, LoRALinear)):
+                merge_adapter(model, name)
+    for path, module in wrappers(model):
+        if isinstance(module, LoRALinear) and not merge:
+            module.unmerge()
+        keep = None
+        if merge and isinstance(module, ModulesToSave):
+            keep = next((module.modules_to_save[n] for n in module.active_adapters), None)
+        _unwrap(model, path, module, replacement=keep)
+    _restore_requires_grad(model, state)
+    clear_state(model)
+    return model
+
+
+def _unwrap(model: nn.Module, path: str, wrapper: nn.Module, replacement: nn.Module | None = None) -> None:
+    original = wrapper.base_layer if isinstance(wrapper, LoRALinear) else wrapper.original_module
+    parent, attr = parent_of(model, path)
+    setattr(parent, attr, replacement if replacement is not None else original)
+
+
+def _restore_requires_grad(model: nn.Module, state: AdapterState) -> None:
+    for pname, p in model.named_parameters():
+        if pname in state.original_requires_grad:
+            p.requires_grad_(state.original_requires_grad[pname])
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared parameters are counted once."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def adapters(model: nn.Module) -> dict[str, AdapterConfig]:
+    """The adapters on `model` and their configs (empty when there are none)."""
+    state = get_state(model)
+    return dict(state.configs) if state else {}

@@ -1,0 +1,47 @@
+"""Per-model adapter bookkeeping: configs, where each adapter lives, which are active, what to restore."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..config import AdapterConfig
+from ..errors import AdapterError
+
+ATTRIBUTE = "_fastpeft_state"
+
+
+@dataclass
+class AdapterState:
+    configs: dict[str, AdapterConfig] = field(default_factory=dict)
+    modules: dict[str, list[str]] = field(default_factory=dict)          # adapter -> wrapped module paths
+    saved: dict[str, list[str]] = field(default_factory=dict)            # adapter -> modules_to_save paths
+    active: list[str] = field(default_factory=list)
+    original_requires_grad: dict[str, bool] = field(default_factory=dict)  # restored by unload
+
+    def check_known(self, names, where: str) -> None:
+        for name in names:
+            if name not in self.configs:
+                known = ", ".join(repr(n) for n in self.configs) or "none"
+                raise AdapterError(f"{where}: no adapter named {name!r} on this model (adapters: {known}).")
+
+
+def get_state(model: nn.Module, *, create: bool = False) -> AdapterState | None:
+    state = getattr(model, ATTRIBUTE, None)
+    if state is None and create:
+        state = AdapterState(original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+        object.__setattr__(model, ATTRIBUTE, state)  # a plain attribute, not a submodule
+    return state
+
+
+def require_state(model: nn.Module, where: str) -> AdapterState:
+    state = get_state(model)
+    if state is None or not state.configs:
+        raise AdapterError(f"{where}: this {type(model).__name__} has no fastpeft adapters; "
+                           "add one with fp.add_adapter(model, name, config).")
+    return state
+
+
+def clear_state(model: nn.Module) -> None:
+    if hasattr(model, ATTRIBUTE):
+        object.__delattr__(model, ATTRIBUTE)

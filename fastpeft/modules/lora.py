@@ -1,0 +1,186 @@
+"""`LoRALinear`: LoRA adapters around an nn.Linear or a GPT-2 Conv1D, kept intact as `base_layer`.
+
+    y = base(x) + Σ_active s_i · drop_i(x) A_iᵀ B_iᵀ,      s_i = alpha_i / r_i (alpha_i / √r_i for rsLoRA)
+
+Every active adapter whose dropout is off runs in one call of `fp.ops.lora_linear` (their A, B and scales
+concatenated along the rank), fused with the base GEMM. Merging folds s·B·A into the base weight; the original
+weight is stashed (on the CPU for CUDA models) so that unmerging restores it bit for bit.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..errors import AdapterError
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear (or subclass that keeps nn.Linear's forward) or a Conv1D with a floating-point weight."""
+    if is_conv1d(module):
+        return module.weight.dtype.is_floating_point
+    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+            and module.weight.dtype.is_floating_point)
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapter parameters live in float32 on half-precision bases (as PEFT's default), else in the base dtype."""
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+class _Buffers(nn.Module):
+    """Non-persistent buffers by name (the per-rank scale vectors): they follow .to(), stay out of state_dict."""
+
+    def set(self, name: str, value: torch.Tensor) -> None:
+        self.register_buffer(name, value, persistent=False)
+
+    def remove(self, name: str) -> None:
+        del self._buffers[name]
+
+
+class LoRALinear(nn.Module):
+    """LoRA adapters (any number, any ranks) on one linear layer."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1],
+                                                                                                     w.shape[0])
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_scale = _Buffers()
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self._original_weight: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)  # model code that reads e.g. `proj.weight.dtype` keeps working
+
+    # ---------------------------------------------------------------------------------------------- adapters
+    def add_adapter(self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
+                    init_weights: bool | str = True) -> None:
+        w = self.base_layer.weight
+        dtype = adapter_dtype(w)
+        a = torch.empty(r, self.in_features, device=w.device, dtype=dtype)
+        b = torch.zeros(self.out_features, r, device=w.device, dtype=dtype)
+        if init_weights == "gaussian":
+            nn.init.normal_(a, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init_weights is False:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(b)
+        self.r[name], self.alpha[name], self.dropout[name] = r, float(alpha), float(dropout)
+        self.set_scaling(name, alpha / math.sqrt(r) if use_rslora else alpha / r)
+
+    def set_scaling(self, name: str, scaling: float) -> None:
+        self.scaling[name] = float(scaling)
+        device = self.lora_A[name].device
+        self.lora_scale.set(name, torch.full((self.r[name],), float(scaling), device=device, dtype=torch.float32))
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise AdapterError(f"adapter {name!r} is merged into this layer's weight; unmerge_adapter first.")
+        for table in (self.lora_A, self.lora_B):
+            del table[name]
+        self.lora_scale.remove(name)
+        for table in (self.r, self.alpha, self.scaling, self.dropout):
+            table.pop(name)
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        names = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        fused, extra = self._group_by_dropout(names)
+        a, b, s = self._stack(fused)
+        p = self.dropout[fused[0]] if self.training and len(fused) == 1 else 0.0
+        y = ops.lora_linear(x, self.base_layer.weight, self.base_layer.bias, a, b, s, dropout_p=p,
+                            fan_in_fan_out=self.fan_in_fan_out)
+        for name in extra:  # a second adapter with active dropout needs its own mask: plain PyTorch
+            h = nn.functional.dropout(x, self.dropout[name], training=True).to(self.lora_A[name].dtype)
+            y = y + ((h @ self.lora_A[name].t()) @ self.lora_B[name].t() * self.scaling[name]).to(y.dtype)
+        return y
+
+    def _group_by_dropout(self, names: list[str]) -> tuple[list[str], list[str]]:
+        """Adapters without active dropout share one fused call; each one with dropout needs its own mask."""
+        if not self.training:
+            return names, []
+        plain = [n for n in names if self.dropout[n] == 0.0]
+        noisy = [n for n in names if self.dropout[n] > 0.0]
+        return (plain, noisy) if plain else (noisy[:1], noisy[1:])
+
+    def _stack(self, names: list[str]):
+        if len(names) == 1:
+            n = names[0]
+            return self.lora_A[n], self.lora_B[n], getattr(self.lora_scale, n)
+        a = torch.cat([self.lora_A[n] for n in names], dim=0)
+        b = torch.cat([self.lora_B[n] for n in names], dim=1)
+        s = torch.cat([getattr(self.lora_scale, n) for n in names])
+        return a, b, s
+
+    # ---------------------------------------------------------------------------------------------- merging
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s·B·A in float32, in the base weight's layout."""
+        delta = (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scaling[name]
+        return delta.t() if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """Fold adapter `name` into the base weight: W = round(W_original + Σ_merged s·B·A), one rounding."""
+        weight = self.base_layer.weight
+        if self._original_weight is None:
+            stash_device = "cpu" if weight.device.type != "cpu" else weight.device
+            self._original_weight = weight.detach().to(stash_device, copy=True)
+        merged = self._original_weight.to(weight.device, torch.float32, copy=True)
+        for n in [*self.merged_adapters, name]:
+            merged += self.delta_weight(n).to(weight.device)
+        weight.copy_(merged.to(weight.dtype))
+        self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight as it was before the first merge, bit for bit."""
+        if self._original_weight is not None:
+            self.base_layer.weight.copy_(self._original_weight)
+        self._original_weight = None
+        self.merged_adapters = []
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.adapter_names)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ranks}], "
+                f"active={self.active_adapters}, merged={self.merged_adapters}")
