@@ -8,8 +8,8 @@ Three kernels serve the forward and the backward pass:
                    Forward:  X = x,  Wkn = Wᵀ, U = Aᵀ, E = Bᵀ                  (S = T)
                    Backward: X = dY, Wkn = W,  U = B,  E = A, mask = dropout   (S = G, OUT = dX)
 * ``lora_shrink``: S = (X ⊙ keep / (1-p)) U in float32                 T = drop(x) Aᵀ, or G = dY B
-* ``lora_reduce``: C = (X ⊙ keep / (1-p))ᵀ (S ⊙ s), summed over rows   dAᵀ = drop(x)ᵀ (G ⊙ s), dB = dYᵀ (T ⊙ s)
-                   and optionally the column sums of X                 (the bias gradient Σ_m dY)
+* ``lora_reduce``: C = (X ⊙ keep / (1-p))ᵀ (S ⊙ s), summed over rows
+                   dAᵀ = drop(x)ᵀ (G ⊙ s), dB = dYᵀ (T ⊙ s); optionally the column sums of X (dbias = Σ_m dY)
 
 Every operand is a strided view, so nn.Linear (N, K) and GPT-2 Conv1D (K, N) weights are used in place.
 Accumulation is float32; S stays float32 in memory and is rounded to the input dtype once, after scaling.
@@ -62,13 +62,50 @@ def reduce_configs():
             for bm, w, s in [(128, 4, 3), (64, 4, 4), (32, 4, 4)]]
 
 
-def _prune_by_m(configs, named_args, **_):
-    """Drop tiles much taller than the problem (decode-sized M) and tiles too big for float32 operands."""
-    m = named_args["M_BUCKET"]
-    fp32 = named_args["x_ptr"].dtype == torch.float32
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * m)
-            and not (fp32 and c.kwargs["BLOCK_K"] * max(c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_N", 0)) > 8192)]
-    return kept or configs[-1:]
+SHARED_BUDGET = 144 * 1024  # bytes of pipelined operand tiles per block; leaves epilogue room under sm_80's 163 KiB
+
+
+def _fit_shared(configs, stage_bytes):
+    """Each config with its pipeline depth cut so that stages × stage_bytes(config) fits SHARED_BUDGET;
+    configs that cannot hold two stages are dropped (float32 operands need half the depth of bf16)."""
+    fitted = {}
+    for c in configs:
+        stages = min(c.num_stages, SHARED_BUDGET // stage_bytes(c))
+        if stages >= 2:
+            key = (tuple(sorted(c.kwargs.items())), c.num_warps, stages)
+            fitted.setdefault(key, triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages))
+    return list(fitted.values())
+
+
+def _block_r(args) -> int:
+    return args.get("BLOCK_R", 64)
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    """Drop tiles much taller than the problem (decode-sized M); fit the rest in shared memory."""
+    named_args = {**named_args, **kwargs}  # positional arguments and the constexpr keywords of the launch
+    m, el = named_args["M_BUCKET"], named_args["x_ptr"].element_size()
+    u_el = named_args["u_ptr"].element_size() if named_args.get("FUSED_SHRINK") else 0
+    short = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * m)] or configs[-1:]
+    u_bytes = _block_r(named_args) * u_el
+
+    def stage_bytes(c):
+        return c.kwargs["BLOCK_K"] * ((c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * el + u_bytes)
+
+    return _fit_shared(short, stage_bytes) or _fit_shared(configs, stage_bytes)
+
+
+def _prune_shrink(configs, named_args, **kwargs):
+    named_args = {**named_args, **kwargs}
+    el, u_el = named_args["x_ptr"].element_size(), named_args["u_ptr"].element_size()
+    u_bytes = _block_r(named_args) * u_el
+    return _fit_shared(configs, lambda c: c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] * el + u_bytes))
+
+
+def _prune_reduce(configs, named_args, **kwargs):
+    named_args = {**named_args, **kwargs}
+    el = named_args["x_ptr"].element_size()
+    return _fit_shared(configs, lambda c: c.kwargs["BLOCK_M"] * (named_args["BLOCK_D"] * el + _block_r(named_args) * 4))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -76,7 +113,7 @@ def _prune_by_m(configs, named_args, **_):
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "R", "FUSED_SHRINK", "MASK_LORA"],
-                 prune_configs_by={"early_config_prune": _prune_by_m})
+                 prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def lora_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, u_ptr, scale_ptr, e_ptr, out_ptr, seed_ptr,
@@ -155,7 +192,8 @@ def lora_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-@triton.autotune(configs=shrink_configs(), key=["M_BUCKET", "K", "R", "DROPOUT"])
+@triton.autotune(configs=shrink_configs(), key=["M_BUCKET", "K", "R", "DROPOUT"],
+                 prune_configs_by={"early_config_prune": _prune_shrink})
 @triton.jit
 def lora_shrink_kernel(
     x_ptr, u_ptr, s_ptr, seed_ptr,
@@ -191,7 +229,8 @@ def lora_shrink_kernel(
     tl.store(s_ptrs, acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
 
 
-@triton.autotune(configs=reduce_configs(), key=["M_BUCKET", "D", "R", "DROPOUT", "HAS_COLSUM"])
+@triton.autotune(configs=reduce_configs(), key=["M_BUCKET", "D", "R", "DROPOUT", "HAS_COLSUM"],
+                 prune_configs_by={"early_config_prune": _prune_reduce})
 @triton.jit
 def lora_reduce_kernel(
     x_ptr, s_ptr, scale_ptr, c_ptr, colsum_ptr, seed_ptr,

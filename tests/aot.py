@@ -1,0 +1,178 @@
+"""Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90, without a GPU.
+
+An op's launcher is called on small CPU tensors with kernel launches captured instead of run; each captured
+launch is compiled for every autotune config with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc,
+32))`, specialised as the JIT specialises it (integers equal to 1 become constants; pointers and multiples of
+16 get the divisibility hint). Results: shared memory, and whether the PTX uses tensor-core instructions.
+
+This runs in its own process (`python -m tests.aot sm80 sm90`): a process that imported triton under
+TRITON_INTERPRET=1 holds interpreter versions of triton's own library functions and cannot compile.
+Adding a kernel family to the check is one entry in CATALOG.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ARCHS = {"sm80": 80, "sm90": 90}
+SHARED_LIMIT = {"sm80": 166912, "sm90": 232448}  # bytes of shared memory one block may use (A100, H100)
+_TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
+              torch.int32: "i32", torch.int8: "i8", torch.bool: "i1", torch.float64: "fp64"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Launch:
+    kernel: object          # Autotuner or JITFunction
+    args: tuple
+    kwargs: dict
+    label: str = ""
+
+    @property
+    def jit(self):
+        return getattr(self.kernel, "fn", self.kernel)
+
+    @property
+    def configs(self) -> list:
+        """The configs autotune may pick for this launch: the kernel's list after its own pruning."""
+        import triton
+
+        configs = list(getattr(self.kernel, "configs", None) or [triton.Config({}, num_warps=4, num_stages=3)])
+        prune = getattr(self.kernel, "early_config_prune", None)
+        if prune is not None and len(configs) > 1:
+            configs = prune(configs, dict(zip(self.jit.arg_names, self.args)), **self.kwargs)
+        return configs
+
+
+def capture(module: str, launcher: str, *args, label: str = "", **kwargs) -> list[Launch]:
+    """Call `fastpeft.kernels.<module>.<launcher>(*args, **kwargs)`, recording its launches instead of running."""
+    mod = importlib.import_module(f"fastpeft.kernels.{module}")
+    launches: list[Launch] = []
+
+    def fake_launch(kernel):
+        class Grid:
+            def __getitem__(self, grid):
+                return lambda *a, **kw: launches.append(Launch(kernel, a, kw, label))
+
+        return Grid()
+
+    original, mod.launch = mod.launch, fake_launch
+    try:
+        getattr(mod, launcher)(*args, **kwargs)
+    finally:
+        mod.launch = original
+    return launches
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The catalog: for each kernel family, launches that cover every kernel variant (one line per variant).
+# ---------------------------------------------------------------------------------------------------------------
+
+def lora_launches(dtype: torch.dtype) -> list[Launch]:
+    M, K, N, R = 256, 512, 384, 16  # multiples of 16 specialise like real model shapes
+    x, dy = torch.empty(M, K, dtype=dtype), torch.empty(M, N, dtype=dtype)
+    w, bias = torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype)
+    a, b, scale, s = torch.empty(R, K), torch.empty(N, R), torch.empty(R), torch.empty(M, R)
+    out, dx = torch.empty(M, N, dtype=dtype), torch.empty(M, K, dtype=dtype)
+    drop = dict(seed=torch.zeros((), dtype=torch.int64), threshold=-1717986918, inv_keep=1.1111)
+    return [
+        *capture("lora", "gemm", x, w.t(), bias, b.t(), scale, out, s=s, u_kr=a.t(), write_s=True, label="fwd fused"),
+        *capture("lora", "gemm", x, w.t(), bias, b.t(), scale, out, s=s, label="fwd"),
+        *capture("lora", "gemm", dy, w, None, a, scale, dx, s=s, **drop, label="dX masked"),
+        *capture("lora", "shrink", x, a.t(), s, **drop, label="T masked"),
+        *capture("lora", "reduce", x, s, scale, torch.empty(R, K).t(), **drop, label="dA masked"),
+        *capture("lora", "reduce", dy, s, scale, torch.empty(N, R), colsum=torch.empty(N), splits=2, label="dB"),
+    ]
+
+
+CATALOG = {"lora": lora_launches}
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def compile_launch(launch: Launch, config, arch: str) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    jit = launch.jit
+    values = dict(zip(jit.arg_names, launch.args))
+    values.update(launch.kwargs)
+    values.update(config.kwargs)
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(jit.params):
+        name, value = param.name, values[param.name]
+        if param.is_constexpr or value is None:
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TL_DTYPES[value.dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int) and value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{jit.fn.__name__}: cannot type argument {name}={value!r}")
+    source = ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", ARCHS[arch], 32), options=options)
+    ptx = compiled.asm["ptx"]
+    return {"kernel": jit.fn.__name__, "variant": launch.label, "arch": arch,
+            "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
+            "shared_bytes": compiled.metadata.shared, "mma_sync": "mma.sync" in ptx,
+            "wgmma": "wgmma.mma_async" in ptx}
+
+
+def compile_all(arch: str) -> list[dict]:
+    """Every catalogued launch: every config autotune may pick for bf16 and float32 (float32 has the largest
+    tiles in bytes), the first one for float16 (same instructions as bf16)."""
+    rows = []
+    for family, make in CATALOG.items():
+        for dtype in DTYPES:
+            for launch in make(dtype):
+                configs = launch.configs if dtype != torch.float16 else launch.configs[:1]
+                for config in configs:
+                    row = compile_launch(launch, config, arch)
+                    rows.append({"family": family, "dtype": str(dtype)[6:], **row})
+    return rows
+
+
+def run_in_subprocesses(archs=tuple(ARCHS)) -> list[dict]:
+    """Compile everything for each arch in parallel child processes (interpreter off); the rows of all."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.aot", arch], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for arch in archs]
+    rows = []
+    for arch, proc in zip(archs, procs):
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"ahead-of-time compile for {arch} failed:\n{err[-4000:]}")
+        rows += json.loads(out)
+    return rows
+
+
+def kernels_defined() -> set[str]:
+    """Names of every @triton.jit kernel (functions named *_kernel) in fastpeft/kernels, by reading the source."""
+    import re
+
+    names = set()
+    for file in (ROOT / "fastpeft" / "kernels").glob("*.py"):
+        names |= set(re.findall(r"@triton\.jit\s*\ndef (\w+_kernel)\(", file.read_text()))
+    return names
+
+
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)
+    json.dump([row for arch in sys.argv[1:] for row in compile_all(arch)], sys.stdout)
