@@ -6,6 +6,7 @@
 Importing fastpeft never initialises CUDA and never compiles anything; kernels load on first CUDA call.
 """
 from . import ops
+from .checkpoint import load_adapter, save_adapter
 from .config import AdapterConfig, LoRAConfig
 from .errors import AdapterError, BackendError, CheckpointError, ConfigError, FastPEFTError, TargetError
 from .inject import (adapters, add_adapter, delete_adapter, disable_adapters, merge_adapter, set_active_adapters,
@@ -16,6 +17,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ops", "AdapterConfig", "LoRAConfig",
     "add_adapter", "set_active_adapters", "disable_adapters", "merge_adapter", "unmerge_adapter",
-    "delete_adapter", "unload", "trainable_parameters", "adapters",
+    "delete_adapter", "unload", "trainable_parameters", "adapters", "save_adapter", "load_adapter",
     "FastPEFTError", "ConfigError", "TargetError", "AdapterError", "CheckpointError", "BackendError",
 ]
