@@ -187,25 +187,31 @@ class InputPool:
 @dataclass
 class TimerConfig:
     """warmup_ms/rep_ms: time budgets (as do_bench's warmup/rep); warmup_calls: untimed calls made first
-    (compilation, autotuning); min_reps/max_reps bound the CPU repeat count."""
+    (compilation, autotuning); min_reps/max_reps bound the CPU repeat count; cuda_graph: on CUDA, replay the
+    calls from a CUDA graph (`triton.testing.do_bench_cudagraph`), which removes host launch overhead from the
+    figure (no L2 flush there: the input pools keep operands cold)."""
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
     warmup_calls: int = 2
     min_reps: int = 3
     max_reps: int = 1000
+    cuda_graph: bool = False
 
     def method(self, device: torch.device) -> str:
-        if device.type == "cuda":
-            return "triton.testing.do_bench (CUDA events, median)" if _do_bench() else "CUDA events (median)"
-        return "time.perf_counter (median)"
+        if device.type != "cuda":
+            return "time.perf_counter (median)"
+        if self.cuda_graph:
+            return "triton.testing.do_bench_cudagraph (CUDA graph replay, median)"
+        return "triton.testing.do_bench (CUDA events, median)" if _triton_bench("do_bench") else "CUDA events (median)"
 
 
-def _do_bench():
+def _triton_bench(name: str):
+    """triton.testing.<name>, or None without a working triton."""
     try:
-        from triton.testing import do_bench
+        import triton.testing
     except Exception:  # no triton, or a broken install: time with plain CUDA events
         return None
-    return do_bench
+    return getattr(triton.testing, name, None)
 
 
 def time_ms(fn: Callable[[], Any], device: torch.device, cfg: TimerConfig | None = None) -> float:
@@ -215,17 +221,22 @@ def time_ms(fn: Callable[[], Any], device: torch.device, cfg: TimerConfig | None
         fn()
     synchronize(device)
     if device.type == "cuda":
-        do_bench = _do_bench()
-        if do_bench is not None:
-            return _do_bench_median(do_bench, fn, cfg)
+        if cfg.cuda_graph:
+            bench = _triton_bench("do_bench_cudagraph")
+            if bench is None:
+                raise RuntimeError("cuda_graph timing needs triton.testing.do_bench_cudagraph (install triton)")
+            return _triton_median(bench, fn, {"rep": cfg.rep_ms})
+        bench = _triton_bench("do_bench")
+        if bench is not None:
+            return _triton_median(bench, fn, {"warmup": cfg.warmup_ms, "rep": cfg.rep_ms})
         return _cuda_events_median(fn, device, cfg)
     return _perf_counter_median(fn, cfg)
 
 
-def _do_bench_median(do_bench, fn, cfg: TimerConfig) -> float:
-    """Median through do_bench across triton 3.x: `return_mode="median"` where it exists, else quantiles=[0.5]."""
-    params = inspect.signature(do_bench).parameters
-    base = {"warmup": cfg.warmup_ms, "rep": cfg.rep_ms}
+def _triton_median(bench, fn, base: dict) -> float:
+    """Median through triton's do_bench* across triton 3.x: `return_mode="median"` where the signature has it,
+    else `quantiles=[0.5]`."""
+    params = inspect.signature(bench).parameters
     attempts = []
     if "return_mode" in params:
         attempts.append({**base, "return_mode": "median"})
@@ -233,12 +244,12 @@ def _do_bench_median(do_bench, fn, cfg: TimerConfig) -> float:
     error = None
     for kwargs in attempts:
         try:
-            out = do_bench(fn, **kwargs)
+            out = bench(fn, **kwargs)
         except (AssertionError, TypeError, ValueError) as exc:  # an older signature: try the next form
             error = exc
             continue
         return float(out[0] if isinstance(out, (list, tuple)) else out)
-    raise RuntimeError(f"triton.testing.do_bench rejected every call form: {error}")
+    raise RuntimeError(f"triton.testing.{bench.__name__} rejected every call form: {error}")
 
 
 def _cuda_events_median(fn, device, cfg: TimerConfig) -> float:
@@ -303,14 +314,29 @@ class Peaks:
 
 def measure_peaks(device: torch.device, dtype: torch.dtype, cfg: TimerConfig | None = None, *,
                   matmul_n: int | None = None, copy_bytes: int | None = None) -> Peaks:
-    """Peak matmul throughput and memory bandwidth on `device`, timed like the benchmark rows."""
+    """Peak matmul throughput and memory bandwidth on `device`, timed like the benchmark rows.
+
+    CUDA: one 8192³ matmul. CPU: square sizes 256, 512, ... up to 2048, stopping once one call takes over
+    0.25 s (a bf16 matmul without hardware support runs at ~1 GFLOP/s); the peak is the best of them.
+    """
     cuda = device.type == "cuda"
-    n = matmul_n or (8192 if cuda else 2048)
+    sizes = [matmul_n] if matmul_n else ([8192] if cuda else [256, 512, 1024, 2048])
+    best = None
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        probe_s = time.perf_counter() - start
+        ms = time_ms(lambda: torch.mm(a, b), device, cfg)
+        del a, b
+        if best is None or n**3 / ms > best[0] ** 3 / best[1]:
+            best = (n, ms)
+        if not cuda and probe_s > 0.25:
+            break
+    n, mm_ms = best
     nbytes = copy_bytes or (2**30 if cuda else 2**28)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    mm_ms = time_ms(lambda: torch.mm(a, b), device, cfg)
-    del a, b
     src = torch.empty(nbytes, device=device, dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src)
     copy_ms = time_ms(lambda: dst.copy_(src), device, cfg)
@@ -593,6 +619,10 @@ def plot_ratio_to_base(rows: Sequence[dict], path: Path, *, title: str, panel_ke
                     ax.plot(*zip(*pts), color=colors[s], ls=linestyles[st], marker=markers[st], ms=3.5, lw=1.3,
                             label=label)
             ax.set_xscale("log", base=2)
+            xs = sorted({r[x_key] for r in rows})
+            ax.set_xticks(xs)
+            ax.set_xticklabels([str(v) for v in xs], rotation=45 if len(xs) > 5 else 0, fontsize=8)
+            ax.minorticks_off()
             ymax = max((r["vs_base"] for r in rows if r[mode_key] == mode), default=1.0)
             if ymax > 6:
                 ax.set_yscale("log")

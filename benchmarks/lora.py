@@ -234,6 +234,8 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="result directory (default: benchmarks/results)")
     p.add_argument("--warmup-ms", type=float, help="warm-up budget per timing in ms")
     p.add_argument("--rep-ms", type=float, help="measurement budget per timing in ms")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA: time CUDA-graph replays (kernel time without host launch overhead)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-check", action="store_true", help="skip the per-case correctness check")
     p.add_argument("--no-plot", action="store_true", help="write the JSON only")
@@ -248,12 +250,13 @@ def timer_config(cuda: bool, quick: bool, args) -> TimerConfig:
     if cuda:
         cfg = TimerConfig(warmup_ms=10, rep_ms=40, warmup_calls=3) if quick else TimerConfig(warmup_calls=3)
     else:
-        cfg = TimerConfig(warmup_ms=0, rep_ms=60, warmup_calls=0, min_reps=3) if quick else \
-            TimerConfig(warmup_ms=50, rep_ms=300, warmup_calls=1, min_reps=5)
+        cfg = TimerConfig(warmup_ms=0, rep_ms=150, warmup_calls=1, min_reps=5) if quick else \
+            TimerConfig(warmup_ms=50, rep_ms=400, warmup_calls=1, min_reps=7)
     if args.warmup_ms is not None:
         cfg.warmup_ms = args.warmup_ms
     if args.rep_ms is not None:
         cfg.rep_ms = args.rep_ms
+    cfg.cuda_graph = bool(args.cuda_graph and cuda)
     return cfg
 
 
