@@ -43,7 +43,9 @@ def use_backend(name: str | None):
         _override.pop()
 
 
+@functools.lru_cache(maxsize=None)
 def interpreting() -> bool:
+    """TRITON_INTERPRET=1, read once like Triton itself does (it decides at kernel definition time)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
@@ -63,7 +65,7 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, *, triton_dtypes, 
            triton_ok: tuple[bool, str] = (True, "")) -> str:
     """Pick the backend for one call of `op` on tensors of `device`/`dtype`. Raises if a forced one cannot run."""
     forced = requested_backend()
-    if forced == "torch":
+    if forced == "torch" or (forced is None and device.type != "cuda"):
         return "torch"
     usable, why_not = _triton_can_run(device, dtype, triton_dtypes, triton_ok)
     if forced == "cuda":

@@ -60,8 +60,13 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
         t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b, scale))
     need_t = grads and (lora_b.requires_grad or scale.requires_grad)
     x2 = x.reshape(-1, K)
-    y, _ = torch.ops.fastpeft.lora_linear(x2, weight, bias, lora_a, lora_b, scale, seed, float(dropout_p),
-                                          bool(fan_in_fan_out), bool(need_t))
+    args = (x2, weight, bias, lora_a, lora_b, scale, seed, float(dropout_p), bool(fan_in_fan_out), bool(need_t))
+    if torch.compiler.is_compiling() or _backend(x2) != "torch":
+        y, _ = torch.ops.fastpeft.lora_linear(*args)
+    elif grads:  # eager reference: same math and saved tensors, without the custom-op boundary's ~30 µs
+        y, _ = _EagerReference.apply(*args)
+    else:
+        y, _ = reference.lora_linear_fwd(*args)
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -107,8 +112,18 @@ def _check(x, weight, bias, lora_a, lora_b, fan_in_fan_out):
 # Registered ops
 # ------------------------------------------------------------------------------------------------------------
 
-def _backend(x: Tensor) -> str:
-    return dispatch.choose("lora_linear", x.device, x.dtype, triton_dtypes=TRITON_DTYPES)
+# At decode sizes a 16-row GEMM tile leaves most SMs idle while cuBLAS's GEMV streams W at full bandwidth, so
+# unless a backend is forced, M <= TINY_M runs the reference (provisional threshold: not yet timed on a GPU).
+TINY_M = 16
+
+
+def _backend(x2: Tensor) -> str:
+    """The backend for a call on the 2-D input x2 (dispatch rules, plus the tiny-M rule above)."""
+    backend = dispatch.choose("lora_linear", x2.device, x2.dtype, triton_dtypes=TRITON_DTYPES)
+    tiny = x2.device.type == "cuda" and x2.shape[0] <= TINY_M
+    if backend == "triton" and tiny and not dispatch.requested_backend():
+        return "torch"
+    return backend
 
 
 @torch.library.triton_op("fastpeft::lora_linear", mutates_args=())
@@ -137,14 +152,18 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lora_a, lora_b, scale, output[1], seed)
     ctx.dropout_p, ctx.fan_in_fan_out = dropout_p, fan_in_fan_out
     ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.eager_reference = False
 
 
 def _backward(ctx, dy, _dt):
     x, weight, lora_a, lora_b, scale, t, seed = ctx.saved_tensors
     need_dx, need_dw, need_dbias, need_da, need_db, need_ds = ctx.needs_input_grad[:6]
-    dx, da, db, ds, dbias = torch.ops.fastpeft.lora_linear_backward(
-        dy, x, weight, lora_a, lora_b, scale, t, seed, ctx.dropout_p, ctx.fan_in_fan_out,
-        need_dx, need_da, need_db, need_ds, need_dbias)
+    args = (dy, x, weight, lora_a, lora_b, scale, t, seed, ctx.dropout_p, ctx.fan_in_fan_out)
+    if ctx.eager_reference:
+        dx, da, db, ds, dbias = reference.lora_linear_bwd(*args, (need_dx, need_da, need_db, need_ds, need_dbias))
+    else:
+        dx, da, db, ds, dbias = torch.ops.fastpeft.lora_linear_backward(
+            *args, need_dx, need_da, need_db, need_ds, need_dbias)
     dw = None
     if need_dw:  # a trainable base weight (unusual with LoRA): plain GEMM, dW = dYᵀ x (transposed for Conv1D)
         dw = dy.t().to(weight.dtype) @ x.to(weight.dtype)
@@ -154,6 +173,22 @@ def _backward(ctx, dy, _dt):
 
 
 torch.library.register_autograd("fastpeft::lora_linear", _backward, setup_context=_setup_context)
+
+
+class _EagerReference(torch.autograd.Function):
+    """The reference path in eager mode, with the registered op's autograd (saved: x and T; mask from seed)."""
+
+    @staticmethod
+    def forward(ctx, *args):  # the (ctx, ...) form: autograd then skips binding a signature per call
+        output = reference.lora_linear_fwd(*args)
+        _setup_context(ctx, args, output)
+        ctx.eager_reference = True
+        ctx.set_materialize_grads(False)
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, dt):
+        return _backward(ctx, dy, dt)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -167,10 +202,15 @@ _HBM_BYTES_PER_S = 3.0e12
 _LAUNCH_S = 3.0e-6
 
 
+FORCE_FUSED_SHRINK: bool | None = None  # tests pin the choice to cover both paths
+
+
 def fuse_shrink(M: int, K: int, N: int, R: int, elem_bytes: int, dropout: bool) -> bool:
     """Whether the shrink product is cheaper inside the GEMM's K loop than as its own kernel."""
     if dropout or R > _kernels().FUSED_SHRINK_MAX_RANK:
-        return False  # a mask regenerated per column tile would cost more than it saves
+        return False  # the mask would be regenerated per column tile; and S must fit one rank block
+    if FORCE_FUSED_SHRINK is not None:
+        return FORCE_FUSED_SHRINK
     redundant = 2.0 * M * K * max(R, 16) * math.ceil(N / 128) / _MMA_FLOPS
     separate = _LAUNCH_S + M * K * elem_bytes / _HBM_BYTES_PER_S
     return redundant <= separate

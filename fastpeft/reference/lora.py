@@ -18,6 +18,16 @@ import torch
 from .dropout import dropout, keep_mask
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where the small M x R intermediates are kept: float32, or float64 for float64 inputs (the oracle)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype (a no-op cast costs a microsecond of Python per call; this path runs per layer call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _base_weight_t(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     """The (K, N) view of the base weight, whatever its storage layout."""
     return weight if fan_in_fan_out else weight.t()
@@ -37,42 +47,45 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p: float, 
 
 def lora_linear_fwd(x2, weight, bias, lora_a, lora_b, scale, seed, dropout_p: float, fan_in_fan_out: bool,
                     need_t: bool):
-    """Forward on a 2-D x. Returns (y, T) with T = drop(x) Aᵀ in float32 (empty unless need_t)."""
-    dt = x2.dtype
+    """Forward on a 2-D x. Returns (y, T) with T = drop(x) Aᵀ kept in float32 (empty unless need_t)."""
+    dt, acc = x2.dtype, _acc_dtype(x2.dtype)
     w_t = _base_weight_t(weight, fan_in_fan_out)
-    t = dropout(x2, seed, dropout_p) @ lora_a.to(dt).t()
-    ts = (t.float() * scale.float()).to(dt)
-    y = torch.addmm(bias.to(dt), x2, w_t) if bias is not None else x2 @ w_t
-    y.addmm_(ts, lora_b.to(dt).t())
-    t_saved = t.float() if need_t else x2.new_empty((0,), dtype=torch.float32)
-    return y, t_saved
+    h = dropout(x2, seed, dropout_p) if dropout_p > 0.0 else x2
+    t = _as(h @ _as(lora_a, dt).t(), acc)
+    ts = _as(t * _as(scale, acc), dt)
+    y = torch.addmm(_as(bias, dt), x2, w_t) if bias is not None else x2 @ w_t
+    y.addmm_(ts, _as(lora_b, dt).t())
+    return y, (t if need_t else x2.new_empty((0,), dtype=acc))
 
 
 def lora_linear_bwd(dy, x2, weight, lora_a, lora_b, scale, t, seed, dropout_p: float, fan_in_fan_out: bool,
                     needs: tuple[bool, bool, bool, bool, bool]):
     """Backward on 2-D tensors. `needs` = which of (dx, dA, dB, ds, db) to compute; the others come back empty."""
     need_dx, need_da, need_db, need_ds, need_dbias = needs
-    dt = dy.dtype
-    s = scale.float()
-    g = (dy @ lora_b.to(dt)).float()  # (M, R)
-    gs = (g * s).to(dt)
-    dx, da, db, ds, dbias = (dy.new_empty((0,)) for _ in range(5))
+    dt, acc = dy.dtype, _acc_dtype(dy.dtype)
+    s = _as(scale, acc)
+    empty = dy.new_empty((0,))
+    dx = da = db = ds = dbias = empty
+    g = gs = None
+    if need_dx or need_da or need_ds:
+        g = _as(dy @ _as(lora_b, dt), acc)  # (M, R)
+        gs = _as(g * s, dt)
     if need_dx:
         w = weight.t() if fan_in_fan_out else weight  # (N, K)
-        dx = dy @ w
-        lora_dx = gs @ lora_a.to(dt)
+        lora_dx = gs @ _as(lora_a, dt)
         if dropout_p > 0.0 and seed is not None:
-            keep = keep_mask(seed, dx.shape[0], dx.shape[1], dropout_p, device=dx.device)
+            keep = keep_mask(seed, dy.shape[0], lora_dx.shape[1], dropout_p, device=dy.device)
             lora_dx = lora_dx * keep.to(dt) * (1.0 / (1.0 - dropout_p))
-        dx = dx + lora_dx
+        dx = torch.addmm(lora_dx, dy, w)
     if need_da:  # accumulated in the parameter's dtype when it is wider (fp32 adapters on a half model)
         pa = lora_a.dtype
-        da = (gs.to(pa).t() @ dropout(x2, seed, dropout_p).to(pa)).to(pa)
+        h = dropout(x2, seed, dropout_p) if dropout_p > 0.0 else x2
+        da = _as(gs, pa).t() @ _as(h, pa)
     if need_db:
         pb = lora_b.dtype
-        db = dy.to(pb).t() @ (t * s).to(dt).to(pb)
+        db = _as(dy, pb).t() @ _as(_as(t * s, dt), pb)
     if need_ds:
-        ds = (t * g).sum(0).to(scale.dtype)
+        ds = _as((t * g).sum(0), scale.dtype)
     if need_dbias:
-        dbias = dy.float().sum(0).to(dt)
+        dbias = _as(dy, acc).sum(0)
     return dx, da, db, ds, dbias

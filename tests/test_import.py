@@ -1,0 +1,52 @@
+"""`import fastpeft` never initialises CUDA, never loads (so never compiles) the kernels, and works without Triton.
+
+Each check runs in a fresh interpreter: this test process has long since imported everything.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.aot import ROOT
+
+PROBE = """
+import sys
+{prelude}
+import torch
+import fastpeft as fp
+assert not torch.cuda.is_initialized(), "import fastpeft initialised CUDA"
+loaded = sorted(m for m in sys.modules if m.startswith("fastpeft.kernels"))
+assert not loaded, f"import fastpeft loaded the kernels: {{loaded}}"
+{after}
+print("ok")
+"""
+
+# Makes `import triton` fail and find_spec("triton") return None, as on a machine without it.
+BLOCK_TRITON = """
+sys.modules["triton"] = None  # before torch is imported
+"""
+
+# With Triton blocked, the CPU path still works end to end: inject, forward, backward, merge, unmerge.
+USE_WITHOUT_TRITON = """
+from torch import nn
+model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+fp.add_adapter(model, "a", fp.LoRAConfig(r=2, target_modules=["0", "2"], init_weights="gaussian"))
+model(torch.randn(3, 8)).sum().backward()
+print(fp.ops.dispatch.explain("cpu"))
+"""
+
+
+def _run(prelude: str = "", after: str = "") -> subprocess.CompletedProcess:
+    code = PROBE.format(prelude=prelude, after=after)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_import_does_not_initialise_cuda_or_load_kernels():
+    result = _run()
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_works_without_triton():
+    result = _run(prelude=BLOCK_TRITON, after=USE_WITHOUT_TRITON)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    assert "lora_linear" in result.stdout and "torch" in result.stdout
