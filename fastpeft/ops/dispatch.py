@@ -123,8 +123,13 @@ def explain(device: str | None = None) -> dict[str, str]:
         dtype = spec["dtypes"][0] if spec["dtypes"] else torch.float32
         try:
             backend = choose(name, dev, dtype, triton_dtypes=spec["dtypes"], has_cuda_kernel=spec["cuda"])
-            usable, why = _triton_can_run(dev, dtype, spec["dtypes"], (True, ""))
-            reason = "forced" if requested_backend() else (why or "CUDA tensors and Triton available")
+            _, why = _triton_can_run(dev, dtype, spec["dtypes"], (True, ""))
+            if requested_backend():
+                reason = f"forced by FASTPEFT_BACKEND={requested_backend()}"
+            elif backend == "triton":
+                reason = "CUDA tensors and Triton available" + (f"; {spec['note']}" if spec.get("note") else "")
+            else:
+                reason = why or "automatic choice runs Triton on CUDA tensors only"
         except BackendError as exc:
             backend, reason = "error", str(exc)
         report[name] = f"{backend} ({reason})"

@@ -20,7 +20,11 @@ from ..reference.dropout import keep_threshold
 from . import dispatch, registry
 
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-registry.describe("lora_linear", dtypes=TRITON_DTYPES, doc="y = x W^T + b + s * drop(x) A^T B^T")
+# At decode sizes a 16-row GEMM tile leaves most SMs idle while cuBLAS's GEMV streams W at full bandwidth, so
+# unless a backend is forced, M <= TINY_M runs the reference (provisional threshold: not yet timed on a GPU).
+TINY_M = 16
+registry.describe("lora_linear", dtypes=TRITON_DTYPES, doc="y = x W^T + b + s * drop(x) A^T B^T",
+                  note=f"inputs of at most {TINY_M} rows (tokens) run the reference (cuBLAS)")
 
 
 def _kernels():
@@ -111,11 +115,6 @@ def _check(x, weight, bias, lora_a, lora_b, fan_in_fan_out):
 # ------------------------------------------------------------------------------------------------------------
 # Registered ops
 # ------------------------------------------------------------------------------------------------------------
-
-# At decode sizes a 16-row GEMM tile leaves most SMs idle while cuBLAS's GEMV streams W at full bandwidth, so
-# unless a backend is forced, M <= TINY_M runs the reference (provisional threshold: not yet timed on a GPU).
-TINY_M = 16
-
 
 def _backend(x2: Tensor) -> str:
     """The backend for a call on the 2-D input x2 (dispatch rules, plus the tiny-M rule above)."""

@@ -6,6 +6,8 @@ import torch
 OPS: dict[str, dict] = {}
 
 
-def describe(name: str, *, dtypes: tuple[torch.dtype, ...], cuda: bool = False, doc: str = "") -> None:
-    """Record an op: the dtypes its Triton kernels take and whether a CUDA C++ kernel exists."""
-    OPS[name] = {"dtypes": dtypes, "cuda": cuda, "doc": doc}
+def describe(name: str, *, dtypes: tuple[torch.dtype, ...], cuda: bool = False, doc: str = "",
+             note: str = "") -> None:
+    """Record an op: the dtypes its Triton kernels take, whether a CUDA C++ kernel exists, and a note on any
+    shape rule of its own dispatch (shown by `fastpeft info`)."""
+    OPS[name] = {"dtypes": dtypes, "cuda": cuda, "doc": doc, "note": note}

@@ -1,0 +1,177 @@
+"""The `fastpeft` command.
+
+    fastpeft demo [--steps N] [--seed S] [--quick]   train LoRA on a tiny built-in model, merge, generate, time it
+    fastpeft info                                    versions, and the backend each op uses here and why
+    fastpeft bench <family> [args...]                run benchmarks/<family>.py (needs a source checkout)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import os
+import platform
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = REPO_ROOT / "benchmarks"
+NOT_FAMILIES = {"common", "__init__"}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# fastpeft info
+# ------------------------------------------------------------------------------------------------------------
+
+def _version(dist: str) -> str:
+    """A distribution's installed version, read without importing it."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cuda_line() -> str:
+    import torch
+
+    if not torch.cuda.is_available():  # asks the driver; does not initialise CUDA
+        build = torch.version.cuda or torch.version.hip
+        return "not available" + ("" if build else " (this torch build has no CUDA support)")
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return f"available, {len(names)} device(s): {', '.join(names)}"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print versions, then for every registered op the backend it would use on CPU and CUDA tensors here."""
+    import torch
+
+    import fastpeft
+    from fastpeft.errors import BackendError
+    from fastpeft.ops import dispatch, registry
+
+    triton_ok, triton_why = dispatch.triton_status()
+    rows = [
+        ("fastpeft", f"{fastpeft.__version__} ({Path(fastpeft.__file__).parent})"),
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("torch", f"{torch.__version__} (CUDA build: {torch.version.cuda or 'none'})"),
+        ("triton", _version("triton") if triton_ok else f"not usable: {triton_why}"),
+        ("transformers", _version("transformers")),
+        ("peft", _version("peft")),
+        ("CUDA", _cuda_line()),
+    ]
+    forced = os.environ.get("FASTPEFT_BACKEND", "")
+    try:
+        dispatch.requested_backend()
+        meaning = "forced for every op" if forced.strip().lower() not in ("", "auto") else "automatic choice"
+    except BackendError as exc:
+        meaning = f"INVALID: {exc}"
+    rows.append(("FASTPEFT_BACKEND", f"{forced or '(unset)'}: {meaning}"))
+    if dispatch.interpreting():
+        rows.append(("TRITON_INTERPRET", "1: a forced triton backend runs the kernels on CPU tensors"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+    cuda_here = torch.cuda.is_available()
+    cpu, cuda = dispatch.explain("cpu"), dispatch.explain("cuda")
+    print(f"\nops ({len(registry.OPS)} registered): backend for inputs of the first supported dtype")
+    for name, spec in registry.OPS.items():
+        dtypes = ", ".join(str(d).replace("torch.", "") for d in spec["dtypes"]) or "any"
+        print(f"  {name}: {spec['doc']}" if spec["doc"] else f"  {name}")
+        print(f"    Triton dtypes: {dtypes}; CUDA C++ kernel: {'yes' if spec['cuda'] else 'no'}")
+        print(f"    cpu tensors:  {cpu[name]}")
+        print(f"    cuda tensors: {cuda[name] if cuda_here else 'no CUDA device here; on one: ' + cuda[name]}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# fastpeft bench
+# ------------------------------------------------------------------------------------------------------------
+
+def bench_families() -> list[str]:
+    """The benchmark scripts in the source checkout (benchmarks/*.py but common.py), or [] without one."""
+    if not BENCH_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in BENCH_DIR.glob("*.py") if p.stem not in NOT_FAMILIES and not p.stem.startswith("_"))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run benchmarks/<family>.py's main(args) from the source checkout."""
+    if not BENCH_DIR.is_dir():
+        print(f"fastpeft bench: needs a source checkout of fastpeft (no benchmarks/ next to the package, looked in "
+              f"{BENCH_DIR}). Clone the repository and `pip install -e .` from it.", file=sys.stderr)
+        return 2
+    families = bench_families()
+    if args.family is None:
+        args.parser.print_help()
+        return 2
+    if args.family not in families:
+        print(f"fastpeft bench: unknown benchmark family {args.family!r}; available: {', '.join(families) or 'none'}"
+              f" (scripts in {BENCH_DIR}).", file=sys.stderr)
+        return 2
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    module = importlib.import_module(f"benchmarks.{args.family}")
+    if Path(module.__file__).resolve().parent != BENCH_DIR:
+        print(f"fastpeft bench: `benchmarks` imported from {module.__file__}, not from {BENCH_DIR}; another "
+              "package named `benchmarks` shadows the checkout's.", file=sys.stderr)
+        return 2
+    return int(module.main(list(args.args)) or 0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# fastpeft demo
+# ------------------------------------------------------------------------------------------------------------
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fastpeft import demo
+
+    return demo.main(args)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Parser
+# ------------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastpeft", description="fastpeft: fast parameter-efficient fine-tuning.",
+                                     epilog="Run `fastpeft <command> --help` for a command's options.")
+    parser.add_argument("--version", action="version", version=f"fastpeft {_version('fastpeft')}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+
+    from fastpeft import demo
+
+    p = sub.add_parser("demo", help="train LoRA on a tiny built-in Llama, merge, generate, time vs PEFT (CPU, ~1 min)",
+                       description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_arguments(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("info", help="versions, and the backend each op uses on this machine and why",
+                       description="Versions, CUDA, and for every registered op the backend it would use on CPU "
+                                   "and CUDA tensors here, and why.")
+    p.set_defaults(func=cmd_info)
+
+    families = bench_families()
+    listing = (f"available families: {', '.join(families)}" if families else
+               f"no benchmarks/ found at {BENCH_DIR}: `fastpeft bench` needs a source checkout")
+    p = sub.add_parser("bench", help="run a microbenchmark: benchmarks/<family>.py (source checkout)",
+                       description="Run benchmarks/<family>.py from the source checkout; arguments after the family "
+                                   "go to the script (`fastpeft bench lora --help` shows them).",
+                       epilog=listing)
+    p.add_argument("family", nargs="?", help="the op family to benchmark, e.g. lora")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
+    p.set_defaults(func=cmd_bench, parser=p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
