@@ -63,15 +63,15 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
     grads = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b, scale))
     need_t = grads and (lora_b.requires_grad or scale.requires_grad)
-    x2 = x.reshape(-1, K)
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)  # a no-op view still costs an autograd node
     args = (x2, weight, bias, lora_a, lora_b, scale, seed, float(dropout_p), bool(fan_in_fan_out), bool(need_t))
     if torch.compiler.is_compiling() or _backend(x2) != "torch":
         y, _ = torch.ops.fastpeft.lora_linear(*args)
-    elif grads:  # eager reference: same math and saved tensors, without the custom-op boundary's ~30 µs
-        y, _ = _EagerReference.apply(*args)
-    else:
-        y, _ = reference.lora_linear_fwd(*args)
-    return y.reshape(*x.shape[:-1], N)
+    elif grads and (seed is not None or lora_a.dtype != x.dtype or lora_b.dtype != x.dtype):
+        y, _ = _EagerReference.apply(*args)  # the mask is regenerated, wide adapter gradients accumulate wide
+    else:  # eager, no mask: autograd through the reference saves x and M x r products and skips the op boundary
+        y, _ = reference.lora_linear_fwd(*args[:-1], False)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
 
 
 def _autocast(x, weight, bias):
