@@ -54,6 +54,13 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
         scale = torch.full((R,), float(scale), device=x.device, dtype=torch.float32)
     elif scale.shape != (R,):
         raise ValueError(f"lora_linear: scale has shape {tuple(scale.shape)}; expected ({R},), one entry per rank.")
+    elif scale.device != x.device:
+        raise ValueError(f"lora_linear: scale is on {scale.device} but x is on {x.device}; move them together.")
+    if seed is not None and seed.device != x.device:
+        raise ValueError(f"lora_linear: seed is on {seed.device} but x is on {x.device}; move them together.")
+    if seed is not None and (seed.dtype.is_floating_point or seed.numel() != 1):
+        raise ValueError(f"lora_linear: seed must be a one-element integer tensor, got {seed.dtype} of shape "
+                         f"{tuple(seed.shape)}.")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"lora_linear: dropout_p={dropout_p} is outside [0, 1).")
     if dropout_p == 0.0:
@@ -232,6 +239,8 @@ def _dropout_args(seed, dropout_p):
 
 def _triton_forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan_in_fan_out, need_t):
     kern = _kernels()
+    bias = bias.contiguous() if bias is not None else None  # the kernels index bias and scale densely
+    scale = scale.contiguous()
     M, K = x.shape
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     R = lora_a.shape[0]
@@ -252,6 +261,7 @@ def _triton_forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan
 
 def _triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, fan_in_fan_out, needs):
     kern = _kernels()
+    scale = scale.contiguous()
     need_dx, need_da, need_db, need_ds, need_dbias = needs
     M, N = dy.shape
     K = x.shape[1]

@@ -64,8 +64,7 @@ def lora_linear_bwd(dy, x2, weight, lora_a, lora_b, scale, t, seed, dropout_p: f
     need_dx, need_da, need_db, need_ds, need_dbias = needs
     dt, acc = dy.dtype, _acc_dtype(dy.dtype)
     s = _as(scale, acc)
-    empty = dy.new_empty((0,))
-    dx = da = db = ds = dbias = empty
+    dx, da, db, ds, dbias = (dy.new_empty((0,)) for _ in range(5))  # distinct: op outputs may not alias
     g = gs = None
     if need_dx or need_da or need_ds:
         g = _as(dy @ _as(lora_b, dt), acc)  # (M, R)
