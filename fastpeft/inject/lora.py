@@ -9,7 +9,7 @@ from torch import nn
 from ..config import LoRAConfig
 from ..errors import TargetError
 from ..modules import LoRALinear, ModulesToSave
-from .targets import parent_of, resolve_linear_targets, resolve_modules_to_save
+from .targets import model_modules, parent_of, resolve_linear_targets, resolve_modules_to_save
 
 
 @dataclass
@@ -21,10 +21,12 @@ class LoRAPlan:
 def plan(model: nn.Module, name: str, config: LoRAConfig) -> LoRAPlan:
     paths = resolve_linear_targets(model, config, method="LoRAConfig")
     saved = resolve_modules_to_save(model, config.modules_to_save, "LoRAConfig")
-    overlap = sorted(set(paths) & set(saved))
+    adapted = set(paths) | {n for n, m in model_modules(model) if isinstance(m, LoRALinear)}
+    overlap = sorted({s for s in saved for p in adapted if s == p or p.startswith(s + ".") or s.startswith(p + ".")})
     if overlap:
-        raise TargetError(f"LoRAConfig: {', '.join(overlap)} is both a LoRA target and in modules_to_save; "
-                          "remove it from one of the two.")
+        raise TargetError(f"LoRAConfig: modules_to_save entr{'y' if len(overlap) == 1 else 'ies'} "
+                          f"{', '.join(overlap)} is, or contains, a LoRA-adapted layer (of this or another adapter); "
+                          "a module cannot be both adapted and copied whole, so remove it from one of the two.")
     return LoRAPlan([(p, config.rank_for(p), config.alpha_for(p)) for p in paths], saved)
 
 

@@ -42,8 +42,11 @@ def name_matches(name: str, targets) -> bool:
 def layer_index(name: str, layers_pattern=None) -> int | None:
     """The transformer-block index in a module path, e.g. 3 in 'model.layers.3.self_attn.q_proj'."""
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    if patterns is None:  # the first numeric segment, also at the start ('3.attn.q' in an nn.Sequential)
+        match = re.search(r"(?:^|\.)(\d+)(?=\.|$)", name)
+        return int(match.group(1)) if match else None
     for match in re.finditer(r"(?:^|\.)([^.]+)\.(\d+)(?=\.|$)", name):
-        if patterns is None or match.group(1) in patterns:
+        if match.group(1) in patterns:
             return int(match.group(2))
     return None
 
@@ -53,14 +56,15 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def _head_names(model: nn.Module) -> set[str]:
-    """Output embedding and classifier heads: never part of "all-linear"."""
+    """Output embedding and classifier heads, and the layers inside them: never part of "all-linear"."""
     heads = []
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out):
         heads.append(get_out())
     heads += [getattr(model, n, None) for n in CLASSIFIER_HEADS]
     heads = [h for h in heads if isinstance(h, nn.Module)]
-    return {name for name, module in model.named_modules() if any(module is h for h in heads)}
+    names = {name for name, module in model.named_modules() if any(module is h for h in heads)}
+    return {name for name, _ in model.named_modules() if any(name == h or name.startswith(h + ".") for h in names)}
 
 
 def resolve_linear_targets(model: nn.Module, config, *, method: str,
