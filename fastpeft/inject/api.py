@@ -34,6 +34,7 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
     if not isinstance(config, AdapterConfig):
         raise ConfigError(f"add_adapter: config must be a fastpeft config such as fp.LoRAConfig(...), "
                           f"got {type(config).__name__}.")
+    config.validate()  # again: fields may have been changed since the config was made
     _check_new_name(model, name)
     handler = HANDLERS[config.method]
     plan = handler.plan(model, name, config)

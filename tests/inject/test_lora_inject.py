@@ -5,7 +5,6 @@ modules_to_save, bias modes, initialisation, trainability, and activate / disabl
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -13,88 +12,13 @@ import torch
 from torch import nn
 
 import fastpeft as fp
-from fastpeft.inject.api import wrappers
 from fastpeft.modules import LoRALinear, ModulesToSave
 
 transformers = pytest.importorskip("transformers")
+from tests.models.tiny import (  # noqa: E402
+    IDS, assert_same_state, lora_paths, model, out, snapshot, trainable)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-# ------------------------------------------------------------------------------------------------ tiny models
-def _llama():
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False))
-
-
-def _gpt2():
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0))
-
-
-def _bert():
-    return transformers.BertForSequenceClassification(transformers.BertConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, num_labels=3))
-
-
-def _roberta():
-    return transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=70, num_labels=3, pad_token_id=1))
-
-
-def _t5():
-    return transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0))
-
-
-def _opt():
-    return transformers.OPTForCausalLM(transformers.OPTConfig(
-        vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-        word_embed_proj_dim=32, max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=0))
-
-
-BUILDERS = {"llama": _llama, "gpt2": _gpt2, "bert": _bert, "roberta": _roberta, "t5": _t5, "opt": _opt}
-_BASES: dict[str, nn.Module] = {}
-
-
-def model(kind: str = "llama") -> nn.Module:
-    """A fresh copy of a tiny random model (built once per session), in eval mode."""
-    if kind not in _BASES:
-        torch.manual_seed(1)
-        _BASES[kind] = BUILDERS[kind]().eval()
-    return copy.deepcopy(_BASES[kind])
-
-
-IDS = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
-
-
-def out(m: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
-    with torch.no_grad():
-        if isinstance(m, transformers.T5ForConditionalGeneration):
-            return m(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
-        return m(input_ids=ids).logits
-
-
-def lora_paths(m: nn.Module) -> set[str]:
-    return {n for n, mod in wrappers(m) if isinstance(mod, LoRALinear)}
-
-
-def trainable(m: nn.Module) -> set[str]:
-    return {n for n, p in m.named_parameters() if p.requires_grad}
-
-
-def snapshot(m: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in m.state_dict().items()}
-
-
-def assert_same_state(m: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    now = m.state_dict()
-    assert list(now) == list(before)
-    for k, v in before.items():
-        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
 
 
 def llama_paths(*leaves, layers=(0, 1)) -> set[str]:
@@ -175,9 +99,11 @@ def test_all_linear_gpt2_wraps_conv1d_not_lm_head():
 
 
 @pytest.mark.parametrize("kind, want", [
-    ("llama", {f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}),
+    *[(kind, {f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")})
+      for kind in ("llama", "mistral", "qwen2")],
     ("gpt2", {f"transformer.h.{i}.attn.c_attn" for i in (0, 1)}),
-    ("bert", {f"bert.encoder.layer.{i}.attention.self.{p}" for i in (0, 1) for p in ("query", "value")}),
+    *[(kind, {f"{kind}.encoder.layer.{i}.attention.self.{p}" for i in (0, 1) for p in ("query", "value")})
+      for kind in ("bert", "roberta")],
     ("t5", {f"{stack}.block.{i}.layer.{j}.{att}.{p}" for i in (0, 1) for p in ("q", "v")
             for stack, j, att in (("encoder", 0, "SelfAttention"), ("decoder", 0, "SelfAttention"),
                                   ("decoder", 1, "EncDecAttention"))}),

@@ -1,0 +1,216 @@
+"""Bad input to the injection API: a clear error that names the field or module and the fix, and a model left
+exactly as it was (same modules, same weights, same requires_grad flags, same adapters)."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import fastpeft as fp
+from fastpeft.modules import LoRALinear
+
+pytest.importorskip("transformers")
+from tests.models.tiny import assert_same_state, model, out, snapshot, structure  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@contextlib.contextmanager
+def unchanged(m):
+    """The body must raise (checked by the caller); afterwards the model must be as it was before."""
+    state, shape, adapters, active = snapshot(m), structure(m), fp.adapters(m), _active(m)
+    yield
+    assert_same_state(m, state)
+    assert structure(m) == shape
+    assert fp.adapters(m) == adapters
+    assert _active(m) == active
+
+
+def _active(m):
+    return [(n, list(x.active_adapters), list(x.merged_adapters), x.disabled)
+            for n, x in m.named_modules() if isinstance(x, LoRALinear)]
+
+
+def _with_adapter(**kw):
+    m = model()
+    fp.add_adapter(m, "a", fp.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], **kw))
+    return m
+
+
+# ------------------------------------------------------------------------------------------------ config fields
+@pytest.mark.parametrize("field, value, words", [
+    ("r", 0, ["LoRAConfig.r", "positive integer"]),
+    ("r", -3, ["LoRAConfig.r", "r=8"]),
+    ("r", 2.5, ["LoRAConfig.r"]),
+    ("r", True, ["LoRAConfig.r"]),
+    ("dropout", -0.1, ["LoRAConfig.dropout", "[0, 1)"]),
+    ("dropout", 1.0, ["LoRAConfig.dropout", "[0, 1)"]),
+    ("dropout", 1.5, ["LoRAConfig.dropout"]),
+    ("alpha", float("nan"), ["LoRAConfig.alpha", "finite"]),
+    ("bias", "some", ["LoRAConfig.bias", "lora_only"]),
+    ("init_weights", "xavier", ["LoRAConfig.init_weights", "gaussian"]),
+    ("target_modules", "(unclosed", ["LoRAConfig.target_modules", "regular expression"]),
+    ("target_modules", [""], ["LoRAConfig.target_modules"]),
+    ("layers_to_transform", [-1], ["LoRAConfig.layers_to_transform"]),
+    ("rank_pattern", {"q_proj": 0}, ["LoRAConfig.rank_pattern", "q_proj"]),
+])
+def test_bad_config_field(field, value, words):
+    with pytest.raises(fp.ConfigError) as info:
+        fp.LoRAConfig(**{field: value})
+    for w in words:
+        assert w in str(info.value)
+
+
+@pytest.mark.parametrize("field, value", [("r", 0), ("dropout", 1.0), ("bias", "x")])
+def test_config_changed_after_creation_is_checked_again(field, value):
+    config = fp.LoRAConfig(target_modules=["q_proj"])
+    setattr(config, field, value)
+    m = _with_adapter()
+    with unchanged(m), pytest.raises(fp.ConfigError, match=field):
+        fp.add_adapter(m, "b", config)
+
+
+def test_not_a_config():
+    m = model()
+    with unchanged(m), pytest.raises(fp.ConfigError, match="LoRAConfig"):
+        fp.add_adapter(m, "a", {"r": 8})
+
+
+def test_unknown_field_in_a_dict():
+    with pytest.raises(fp.ConfigError, match="unknown field.*rank.*known fields"):
+        fp.LoRAConfig.from_dict({"rank": 8})
+
+
+def test_alias_and_canonical_name_disagree():
+    with pytest.raises(fp.ConfigError, match="alpha.*lora_alpha"):
+        fp.LoRAConfig(alpha=16, lora_alpha=32)
+
+
+# ------------------------------------------------------------------------------------------------ targets
+def test_targets_that_match_nothing_list_the_closest_names():
+    m = _with_adapter()
+    with unchanged(m), pytest.raises(fp.TargetError) as info:
+        fp.add_adapter(m, "b", fp.LoRAConfig(target_modules=["q_prj"]))
+    msg = str(info.value)
+    assert "q_prj" in msg and "q_proj" in msg and "target_modules" in msg
+
+
+def test_regex_that_matches_nothing():
+    m = model()
+    with unchanged(m), pytest.raises(fp.TargetError, match="target_modules"):
+        fp.add_adapter(m, "a", fp.LoRAConfig(target_modules=r".*\.attention\.query"))
+
+
+@pytest.mark.parametrize("target", ["embed_tokens", "input_layernorm", "self_attn"])
+def test_target_that_is_not_a_linear_layer(target):
+    m = model()
+    with unchanged(m), pytest.raises(fp.TargetError) as info:
+        fp.add_adapter(m, "a", fp.LoRAConfig(target_modules=[target]))
+    assert target in str(info.value)
+
+
+def test_layer_that_does_not_exist():
+    m = model()
+    with unchanged(m), pytest.raises(fp.TargetError, match="5"):
+        fp.add_adapter(m, "a", fp.LoRAConfig(target_modules=["q_proj"], layers_to_transform=[0, 5]))
+
+
+def test_modules_to_save_that_does_not_exist():
+    m = model()
+    with unchanged(m), pytest.raises(fp.TargetError, match="lm_haed.*lm_head"):
+        fp.add_adapter(m, "a", fp.LoRAConfig(target_modules=["q_proj"], modules_to_save=["lm_haed"]))
+
+
+def test_modules_to_save_containing_another_adapters_layer():
+    m = _with_adapter()
+    with unchanged(m), pytest.raises(fp.TargetError, match="modules_to_save"):
+        fp.add_adapter(m, "b", fp.LoRAConfig(target_modules=["k_proj"], modules_to_save=["layers.0.self_attn"]))
+
+
+# ------------------------------------------------------------------------------------------------ adapter names
+@pytest.mark.parametrize("name", ["", "a.b", "two words", 3, None])
+def test_unusable_adapter_name(name):
+    m = model()
+    with unchanged(m), pytest.raises(fp.AdapterError, match="name"):
+        fp.add_adapter(m, name, fp.LoRAConfig(target_modules=["q_proj"]))
+
+
+def test_duplicate_adapter_name():
+    m = _with_adapter()
+    with unchanged(m), pytest.raises(fp.AdapterError, match="already has an adapter named 'a'.*delete_adapter"):
+        fp.add_adapter(m, "a", fp.LoRAConfig(target_modules=["k_proj"]))
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: fp.set_active_adapters(m, ["a", "nope"]),
+    lambda m: fp.merge_adapter(m, "nope"),
+    lambda m: fp.delete_adapter(m, "nope"),
+])
+def test_unknown_adapter_name_lists_the_known_ones(call):
+    m = _with_adapter()
+    with unchanged(m), pytest.raises(fp.AdapterError) as info:
+        call(m)
+    assert "'nope'" in str(info.value) and "'a'" in str(info.value)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: fp.set_active_adapters(m, "a"),
+    lambda m: fp.merge_adapter(m, "a"),
+    lambda m: fp.unmerge_adapter(m),
+    lambda m: fp.delete_adapter(m, "a"),
+    lambda m: fp.unload(m),
+    lambda m: fp.disable_adapters(m).__enter__(),
+])
+def test_lifecycle_call_on_a_model_without_adapters(call):
+    m = model()
+    with unchanged(m), pytest.raises(fp.AdapterError, match="add_adapter"):
+        call(m)
+
+
+# ------------------------------------------------------------------------------------------------ merge state
+def test_merging_twice():
+    m = _with_adapter(init_weights=False)
+    fp.merge_adapter(m, "a")
+    merged = out(m)
+    with unchanged(m), pytest.raises(fp.AdapterError, match="already merged.*unmerge_adapter"):
+        fp.merge_adapter(m, "a")
+    assert torch.equal(out(m), merged)
+
+
+def test_disable_while_merged():
+    m = _with_adapter(init_weights=False)
+    fp.merge_adapter(m, "a")
+    with unchanged(m), pytest.raises(fp.AdapterError, match="unmerge_adapter"):
+        with fp.disable_adapters(m):
+            pass
+
+
+def test_delete_while_merged():
+    m = _with_adapter(init_weights=False)
+    fp.merge_adapter(m, "a")
+    with unchanged(m), pytest.raises(fp.AdapterError, match="merged.*unmerge_adapter"):
+        fp.delete_adapter(m, "a")
+
+
+# ------------------------------------------------------------------------------------------------ rollback
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh-model", "model-with-adapter"])
+def test_failure_half_way_through_add_adapter_is_undone(existing, monkeypatch):
+    """An error while injecting (here: on the third layer) undoes the layers already done."""
+    m = _with_adapter() if existing else model()
+    calls = []
+    real = LoRALinear.add_adapter
+
+    def failing(self, name, *args, **kw):
+        calls.append(name)
+        if name == "b" and calls.count("b") == 3:
+            raise RuntimeError("injected failure")
+        return real(self, name, *args, **kw)
+
+    monkeypatch.setattr(LoRALinear, "add_adapter", failing)
+    with unchanged(m), pytest.raises(RuntimeError, match="injected failure"):
+        fp.add_adapter(m, "b", fp.LoRAConfig(target_modules=["q_proj", "k_proj"], modules_to_save=["lm_head"]))
+    assert calls.count("b") == 3
+    monkeypatch.undo()
+    fp.add_adapter(m, "b", fp.LoRAConfig(target_modules=["q_proj", "k_proj"]))  # and the model is still usable
+    assert "b" in fp.adapters(m)
