@@ -92,7 +92,22 @@ def lora_launches(dtype: torch.dtype) -> list[Launch]:
     ]
 
 
-CATALOG = {"lora": lora_launches}
+def ia3_launches(dtype: torch.dtype) -> list[Launch]:
+    """IA3 runs the LoRA GEMM kernel with no low-rank term and its scale and reduction options on."""
+    M, K, N = 256, 512, 384
+    x, dy = torch.empty(M, K, dtype=dtype), torch.empty(M, N, dtype=dtype)
+    w, bias, z = torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype), torch.empty(M, N, dtype=dtype)
+    u, v = torch.empty(K), torch.empty(N)
+    out, dx = torch.empty(M, N, dtype=dtype), torch.empty(M, K, dtype=dtype)
+    return [
+        *capture("lora", "scaled_gemm", x, w.t(), bias, out, in_scale=u, out_scale=v, scale_bias=True, z=z,
+                 label="ia3 fwd"),
+        *capture("lora", "scaled_gemm", dy, w, None, dx, in_scale=v, out_scale=u, in_dot=(z, torch.empty(N)),
+                 in_sum=torch.empty(N), out_dot=(x, torch.empty(K)), label="ia3 dX dv db du"),
+    ]
+
+
+CATALOG = {"lora": lora_launches, "ia3": ia3_launches}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 

@@ -112,16 +112,21 @@ def _prune_reduce(configs, named_args, **kwargs):
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "R", "FUSED_SHRINK", "MASK_LORA"],
+@triton.autotune(configs=gemm_configs(),
+                 key=["M_BUCKET", "N", "K", "R", "FUSED_SHRINK", "MASK_LORA", "IN_SCALE", "IN_DOT", "OUT_DOT"],
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def lora_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, u_ptr, scale_ptr, e_ptr, out_ptr, seed_ptr,
+    in_scale_ptr, out_scale_ptr, z_ptr, q_ptr, p_ptr, in_dot_ptr, in_sum_ptr, out_dot_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr, stride_uk, stride_ur,
     stride_er, stride_en, stride_om, stride_on,
+    stride_zm, stride_zn, stride_qm, stride_qk, stride_pm, stride_pn,
     threshold, inv_keep, M_BUCKET,
     HAS_BIAS: tl.constexpr, FUSED_SHRINK: tl.constexpr, WRITE_S: tl.constexpr, MASK_LORA: tl.constexpr,
+    IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, SCALE_BIAS: tl.constexpr, WRITE_Z: tl.constexpr,
+    IN_DOT: tl.constexpr, IN_SUM: tl.constexpr, OUT_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -149,10 +154,25 @@ def lora_gemm_kernel(
     if FUSED_SHRINK:
         u_ptrs = u_ptr + rk[:, None] * stride_uk + rr[None, :] * stride_ur
         acc_s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    row_ok = rm < M
+    reduce_here = pid_n == 0  # the row reductions of the prologue: one column strip does them for its rows
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
         b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        if IN_DOT:  # Σ_m X ⊙ Q over this block's rows (IA3: dv = Σ_m dY ⊙ Z)
+            if reduce_here:
+                q = tl.load(q_ptr + rm_in[:, None] * stride_qm + (k * BLOCK_K + rk)[None, :] * stride_qk,
+                            mask=row_ok[:, None] & (rk[None, :] < k_left), other=0.0)
+                part = tl.sum(a.to(tl.float32) * q.to(tl.float32), axis=0)
+                tl.store(in_dot_ptr + pid_m * K + k * BLOCK_K + rk, part, mask=rk < k_left)
+        if IN_SCALE:  # X ⊙ u along K, in float32, rounded once (IA3 feed-forward input; dY ⊙ v in backward)
+            u_in = tl.load(in_scale_ptr + k * BLOCK_K + rk, mask=rk < k_left, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * u_in[None, :]).to(dtype)
+        if IN_SUM:  # Σ_m of the (scaled) X (IA3: db = Σ_m dY ⊙ v)
+            if reduce_here:
+                part = tl.sum(tl.where(row_ok[:, None], a.to(tl.float32), 0.0), axis=0)
+                tl.store(in_sum_ptr + pid_m * K + k * BLOCK_K + rk, part, mask=rk < k_left)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if FUSED_SHRINK:
             u = tl.load(u_ptrs, mask=(rk[:, None] < k_left) & (rr[None, :] < R), other=0.0)
@@ -186,10 +206,21 @@ def lora_gemm_kernel(
         acc += tl.where(keep, lora * inv_keep, 0.0)
     else:
         acc = lora
-    if HAS_BIAS:
+    out_mask = row_ok[:, None] & (rn[None, :] < N)
+    if HAS_BIAS and (SCALE_BIAS or not OUT_SCALE):
         acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
+    if OUT_DOT:  # Σ_m OUT ⊙ P over this block's rows (IA3: du = Σ_m H ⊙ x)
+        pm = tl.load(p_ptr + rm_in[:, None] * stride_pm + rn_in[None, :] * stride_pn, mask=out_mask, other=0.0)
+        tl.store(out_dot_ptr + pid_m * N + rn, tl.sum(acc * pm.to(tl.float32), axis=0), mask=rn < N)
+    if WRITE_Z:  # the output before the output scale, kept for the backward pass
+        tl.store(z_ptr + rm[:, None] * stride_zm + rn[None, :] * stride_zn, acc.to(z_ptr.dtype.element_ty),
+                 mask=out_mask)
+    if OUT_SCALE:  # OUT ⊙ v along N, in float32 (IA3 output scale; dX ⊙ u in backward)
+        acc = acc * tl.load(out_scale_ptr + rn_in).to(tl.float32)[None, :]
+        if HAS_BIAS and not SCALE_BIAS:
+            acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.autotune(configs=shrink_configs(), key=["M_BUCKET", "K", "R", "DROPOUT"],
@@ -280,11 +311,16 @@ FUSED_SHRINK_MAX_RANK = 64
 
 
 def gemm(x, w_kn, bias, e_rn, scale, out, *, s=None, u_kr=None, write_s=False, seed=None, threshold=0,
-         inv_keep=1.0):
-    """out (M, N) = x (M, K) @ w_kn (K, N) + bias + mask ⊙ ((S ⊙ scale) @ e_rn (R, N)).
+         inv_keep=1.0, in_scale=None, out_scale=None, scale_bias=False, z=None, in_dot=None, in_sum=None,
+         out_dot=None):
+    """out (M, N) = ((x ⊙ in_scale) @ w_kn + mask ⊙ ((S ⊙ scale) @ e_rn) [+ bias]) ⊙ out_scale [+ bias].
 
-    S (M, R) float32 is read from `s`, or, when `u_kr` (K, R) is given, computed in the K loop as x @ u_kr
-    (and written to `s` when `write_s`). A `seed` turns on the dropout mask on the low-rank term.
+    x (M, K), w_kn (K, N), e_rn (R, N) (R may be 0: no low-rank term). S (M, R) float32 is read from `s`, or,
+    when `u_kr` (K, R) is given, computed in the K loop as x @ u_kr (and written to `s` when `write_s`).
+    A `seed` turns on the dropout mask on the low-rank term. The bias is added before `out_scale` when
+    `scale_bias`, after it otherwise. Optional extras, all float32: `z` (M, N) receives the output before
+    `out_scale`; `in_dot = (q, dst)` puts Σ_m x ⊙ q (q: M x K) in dst (K,); `in_sum` (K,) gets Σ_m x ⊙ in_scale;
+    `out_dot = (p, dst)` puts Σ_m OUT ⊙ p (p: M x N, OUT before out_scale) in dst (N,).
     """
     M, K = x.shape
     N = w_kn.shape[1]
@@ -295,21 +331,50 @@ def gemm(x, w_kn, bias, e_rn, scale, out, *, s=None, u_kr=None, write_s=False, s
     u_arg = u_kr if fused else e_rn
     s_strides = (s.stride(0), s.stride(1)) if s is not None else (0, 0)
     u_strides = (u_kr.stride(0), u_kr.stride(1)) if fused else (0, 0)
+    # per-row-block partials of the reductions (row pid_m of a (blocks, D) buffer), summed in a fixed order
+    blocks = triton.cdiv(M, MIN_BLOCK_M)
+    in_dot_buf = x.new_zeros((blocks, K), dtype=torch.float32) if in_dot is not None else None
+    in_sum_buf = x.new_zeros((blocks, K), dtype=torch.float32) if in_sum is not None else None
+    out_dot_buf = x.new_zeros((blocks, N), dtype=torch.float32) if out_dot is not None else None
+    q, p = (in_dot[0] if in_dot else None), (out_dot[0] if out_dot else None)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
+    def ptr(t):
+        return t if t is not None else out  # placeholder pointer, never dereferenced
+
     launch(lora_gemm_kernel)[grid](
-        x, w_kn, bias if bias is not None else x, s_arg, u_arg, scale, e_rn, out,
-        seed if seed is not None else scale,
+        x, w_kn, bias if bias is not None else x, s_arg, u_arg, scale if scale is not None else out, e_rn, out,
+        seed if seed is not None else out,
+        ptr(in_scale), ptr(out_scale), ptr(z), ptr(q), ptr(p), ptr(in_dot_buf), ptr(in_sum_buf), ptr(out_dot_buf),
         M, N, K, R,
         x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1), *s_strides, *u_strides,
         e_rn.stride(0), e_rn.stride(1), out.stride(0), out.stride(1),
+        *(_strides(z)), *(_strides(q)), *(_strides(p)),
         threshold, inv_keep, bucket(M),
         HAS_BIAS=bias is not None, FUSED_SHRINK=fused, WRITE_S=bool(write_s and fused),
-        MASK_LORA=seed is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
+        MASK_LORA=seed is not None, IN_SCALE=in_scale is not None, OUT_SCALE=out_scale is not None,
+        SCALE_BIAS=bool(scale_bias), WRITE_Z=z is not None, IN_DOT=in_dot is not None, IN_SUM=in_sum is not None,
+        OUT_DOT=out_dot is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
     )
+    for buf, dst in ((in_dot_buf, in_dot and in_dot[1]), (in_sum_buf, in_sum), (out_dot_buf, out_dot and out_dot[1])):
+        if buf is not None:
+            torch.sum(buf, 0, out=dst)
     return out
+
+
+MIN_BLOCK_M = 16  # the smallest BLOCK_M of gemm_configs(): bounds the number of row blocks
+
+
+def _strides(t):
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def scaled_gemm(x, w_kn, bias, out, **options):
+    """out = ((x ⊙ in_scale) @ w_kn (+ bias)) ⊙ out_scale: the GEMM kernel with no low-rank term (IA3)."""
+    empty = x.new_empty((0, w_kn.shape[1]))
+    return gemm(x, w_kn, bias, empty, None, out, **options)
 
 
 def shrink(x, u_kr, s_out, *, seed=None, threshold=0, inv_keep=1.0):
