@@ -12,17 +12,17 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import AdapterError, ConfigError
-from ..modules import LoRALinear, ModulesToSave
-from . import lora
+from ..modules import AdapterLayer, ModulesToSave
+from . import ia3, lora
 from .state import AdapterState, clear_state, get_state, require_state
 from .targets import model_modules, parent_of
 
-HANDLERS = {"lora": lora}
-MERGEABLE = {"lora"}
+HANDLERS = {"lora": lora, "ia3": ia3}
+MERGEABLE = {"lora", "ia3"}
 
 
 def wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model_modules(model) if isinstance(m, (LoRALinear, ModulesToSave))]
+    return [(n, m) for n, m in model_modules(model) if isinstance(m, (AdapterLayer, ModulesToSave))]
 
 
 def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module:
@@ -84,10 +84,10 @@ def _refresh(model: nn.Module, state: AdapterState) -> None:
         p.requires_grad_(False)
     for _, module in wrappers(model):
         module.active_adapters = [n for n in state.active if n in module.adapter_names]
-        if isinstance(module, LoRALinear):
+        if isinstance(module, AdapterLayer):
             for n in module.adapter_names:
-                module.lora_A[n].requires_grad_(n in active)
-                module.lora_B[n].requires_grad_(n in active)
+                for p in module.adapter_parameters(n):
+                    p.requires_grad_(n in active)
         else:
             for n, copy in module.modules_to_save.items():
                 copy.requires_grad_(n in active)
@@ -124,16 +124,16 @@ def disable_adapters(model: nn.Module):
 
 
 def merge_adapter(model: nn.Module, name: str) -> nn.Module:
-    """Fold adapter `name` into the base weights (W += s·B·A); unmerge_adapter restores them exactly."""
+    """Fold adapter `name` into the base weights (LoRA: W += s·B·A; IA3: W ⊙= l); unmerge_adapter restores them."""
     state = require_state(model, "merge_adapter")
     state.check_known([name], "merge_adapter")
     if state.configs[name].method not in MERGEABLE:
         raise AdapterError(f"merge_adapter: {type(state.configs[name]).__name__} adapters cannot be merged.")
-    layers = [m for _, m in wrappers(model) if isinstance(m, LoRALinear) and name in m.adapter_names]
+    layers = [m for _, m in wrappers(model) if isinstance(m, AdapterLayer) and name in m.adapter_names]
     if any(name in m.merged_adapters for m in layers):
         raise AdapterError(f"merge_adapter: adapter {name!r} is already merged; merging it again would add its "
                            "update twice. Call fp.unmerge_adapter(model) to restore the base weights first.")
-    done: list[LoRALinear] = []
+    done: list[AdapterLayer] = []
     try:
         for m in layers:
             m.merge(name)
@@ -152,7 +152,7 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
     """Restore every merged layer's original base weight, bit for bit."""
     require_state(model, "unmerge_adapter")
     for _, m in wrappers(model):
-        if isinstance(m, LoRALinear):
+        if isinstance(m, AdapterLayer):
             m.unmerge()
     return model
 
@@ -192,10 +192,10 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
     if merge:
         for name in state.active:
             if state.configs[name].method in MERGEABLE and not any(
-                    name in m.merged_adapters for _, m in wrappers(model) if isinstance(m, LoRALinear)):
+                    name in m.merged_adapters for _, m in wrappers(model) if isinstance(m, AdapterLayer)):
                 merge_adapter(model, name)
     for path, module in wrappers(model):
-        if isinstance(module, LoRALinear) and not merge:
+        if isinstance(module, AdapterLayer) and not merge:
             module.unmerge()
         keep = None
         if merge and isinstance(module, ModulesToSave):
@@ -207,7 +207,7 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
 
 
 def _unwrap(model: nn.Module, path: str, wrapper: nn.Module, replacement: nn.Module | None = None) -> None:
-    original = wrapper.base_layer if isinstance(wrapper, LoRALinear) else wrapper.original_module
+    original = wrapper.base_layer if isinstance(wrapper, AdapterLayer) else wrapper.original_module
     parent, attr = parent_of(model, path)
     setattr(parent, attr, replacement if replacement is not None else original)
 

@@ -60,3 +60,9 @@ def family_of(model) -> tuple[str | None, Family | None]:
 def default_lora_targets(family: Family) -> list[str]:
     """LoRA's default targets, as in the LoRA paper and PEFT: the query and value projections."""
     return sorted(set(family.q + family.v))
+
+
+def default_ia3_targets(family: Family) -> tuple[list[str], list[str]]:
+    """IA3's defaults, as in the (IA)³ paper and PEFT: keys, values and the feed-forward output layer (the
+    last scales its input)."""
+    return sorted(set(family.k + family.v + family.ffn_out)), sorted(set(family.ffn_out))

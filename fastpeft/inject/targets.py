@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterator
 from torch import nn
 
 from ..errors import TargetError, closest
-from ..modules import LoRALinear, ModulesToSave
+from ..modules import AdapterLayer, ModulesToSave
 from ..modules.lora import is_conv1d, is_plain_linear
 from .families import default_lora_targets, family_of
 
-WRAPPERS = (LoRALinear, ModulesToSave)
+WRAPPERS = (AdapterLayer, ModulesToSave)
 CLASSIFIER_HEADS = ("score", "classifier")
 
 
@@ -52,7 +52,7 @@ def layer_index(name: str, layers_pattern=None) -> int | None:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, LoRALinear) or is_plain_linear(module) or is_conv1d(module)
+    return isinstance(module, AdapterLayer) or is_plain_linear(module) or is_conv1d(module)
 
 
 def _head_names(model: nn.Module) -> set[str]:

@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import ops
 from ..errors import AdapterError
+from .base import AdapterLayer
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -45,12 +46,11 @@ class _Buffers(nn.Module):
         del self._buffers[name]
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterLayer):
     """LoRA adapters (any number, any ranks) on one linear layer."""
 
     def __init__(self, base_layer: nn.Module):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
         w = base_layer.weight
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1],
@@ -62,26 +62,7 @@ class LoRALinear(nn.Module):
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disabled = False
         self._original_weight: torch.Tensor | None = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)  # model code that reads e.g. `proj.weight.dtype` keeps working
 
     # ---------------------------------------------------------------------------------------------- adapters
     def add_adapter(self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
@@ -121,9 +102,12 @@ class LoRALinear(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
 
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [self.lora_A[name], self.lora_B[name]]
+
     # ---------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        names = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
+        names = self.running_adapters()
         if not names:
             return self.base_layer(x, *args, **kwargs)
         fused, extra = self._group_by_dropout(names)

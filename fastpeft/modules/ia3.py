@@ -1,0 +1,101 @@
+"""`IA3Linear`: (IA)³ scaling vectors around an nn.Linear or a GPT-2 Conv1D, kept intact as `base_layer`.
+
+    attention targets (k, v):   y = (x Wᵀ + b) ⊙ Π_active l_i        l_i: (out,)
+    feed-forward targets:       y = (x ⊙ Π_active l_i) Wᵀ + b        l_i: (in,)    (Liu et al. 2022; PEFT)
+
+One call of `fp.ops.ia3_linear`: the scaling is folded into the base GEMM. Merging multiplies the vector into
+the weight (and, for output scaling, the bias); the originals are stashed so unmerging restores them bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..errors import AdapterError
+from .base import AdapterLayer
+from .lora import adapter_dtype, is_conv1d
+
+
+class IA3Linear(AdapterLayer):
+    """IA3 adapters (any number; their vectors multiply) on one linear layer."""
+
+    def __init__(self, base_layer: nn.Module, *, is_feedforward: bool):
+        super().__init__(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.is_feedforward = bool(is_feedforward)
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1],
+                                                                                                     w.shape[0])
+        self.ia3_l = nn.ParameterDict()
+        self._originals: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def add_adapter(self, name: str, *, init_weights: bool = True) -> None:
+        w = self.base_layer.weight
+        size = self.in_features if self.is_feedforward else self.out_features
+        vector = torch.ones(size, device=w.device, dtype=adapter_dtype(w))
+        if not init_weights:  # random scales around one (tests: the adapter then changes the output)
+            vector.add_(torch.randn_like(vector), alpha=0.2)
+        self.ia3_l[name] = nn.Parameter(vector)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise AdapterError(f"adapter {name!r} is merged into this layer's weight; unmerge_adapter first.")
+        del self.ia3_l[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.ia3_l.keys())
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [self.ia3_l[name]]
+
+    def scale(self, names: list[str]) -> torch.Tensor:
+        """Π l_i over `names` (float32 for half-precision bases)."""
+        vector = self.ia3_l[names[0]]
+        for n in names[1:]:
+            vector = vector * self.ia3_l[n]
+        return vector
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        names = self.running_adapters()
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        scale = self.scale(names)
+        return ops.ia3_linear(x, self.base_layer.weight, self.base_layer.bias,
+                              in_scale=scale if self.is_feedforward else None,
+                              out_scale=None if self.is_feedforward else scale, fan_in_fan_out=self.fan_in_fan_out)
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """W (and b, for output scaling) = round(original ⊙ Π_merged l), one rounding from the original."""
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        if self._originals is None:
+            stash = "cpu" if weight.device.type != "cpu" else weight.device
+            self._originals = (weight.detach().to(stash, copy=True),
+                               bias.detach().to(stash, copy=True) if bias is not None else None)
+        scale = self.scale([*self.merged_adapters, name]).float().to(weight.device)
+        # the vector runs along the weight's input axis (feed-forward) or output axis; Conv1D stores (in, out)
+        along_rows = self.is_feedforward == self.fan_in_fan_out
+        shaped = scale[:, None] if along_rows else scale[None, :]
+        weight.copy_((self._originals[0].to(weight.device, torch.float32) * shaped).to(weight.dtype))
+        if bias is not None and not self.is_feedforward:
+            bias.copy_((self._originals[1].to(bias.device, torch.float32) * scale).to(bias.dtype))
+        self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight and bias as they were before the first merge, bit for bit."""
+        if self._originals is not None:
+            self.base_layer.weight.copy_(self._originals[0])
+            if self._originals[1] is not None:
+                self.base_layer.bias.copy_(self._originals[1])
+        self._originals = None
+        self.merged_adapters = []
+
+    def extra_repr(self) -> str:
+        kind = "input (feed-forward)" if self.is_feedforward else "output"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, scales the {kind}, "
+                f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}")
