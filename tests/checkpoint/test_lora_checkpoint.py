@@ -340,7 +340,7 @@ def test_save_is_atomic_and_creates_the_directory(tmp_path, monkeypatch):
     def boom(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr("fastpeft.checkpoint.os.fsync", boom)
+    monkeypatch.setattr("fastpeft.checkpoint.files.os.fsync", boom)
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.lora_A["default"].add_(1.0)
     with pytest.raises(OSError, match="disk full"):
@@ -479,7 +479,7 @@ def test_bias_key_without_bias_config(target_model, saved_llama):
 
 
 @pytest.mark.parametrize("change, pattern", [
-    (dict(peft_type="IA3"), "peft_type='IA3'"),
+    (dict(peft_type="ADALORA"), "peft_type='ADALORA'"),
     (dict(peft_type=None), "peft_type=None"),
     (dict(use_dora=True), "DoRA"),
     (dict(lora_bias=True), "lora_B"),
@@ -506,7 +506,7 @@ def test_rollback_when_copying_fails(tmp_path, monkeypatch, with_adapter):
     """A failure after the adapter was added removes it again and restores the biases it overwrote."""
     kind, kwargs, _ = CASES["gpt2-bias-all"]
     fp.save_adapter(_fp_model(kind, kwargs, True), tmp_path)
-    import fastpeft.checkpoint as ckpt
+    import fastpeft.checkpoint.lora as ckpt
 
     real = ckpt._match
 

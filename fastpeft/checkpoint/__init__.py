@@ -1,0 +1,65 @@
+"""Save and load adapters in PEFT's on-disk format, so adapters move between fastpeft and PEFT both ways.
+
+    fp.save_adapter(model, "out/chat", "default")   # PeftModel.from_pretrained(base, "out/chat") reads it
+    fp.load_adapter(model, "peft-dir", name="chat")  # reads what PeftModel.save_pretrained wrote
+
+A checkpoint is a directory with `adapter_config.json` (PEFT's config fields) and `adapter_model.safetensors`
+(never pickle), in the layout PEFT uses for the method (lora.py, ia3.py). Loading reads and checks everything
+(config fields, every key, shape and dtype) before the model changes; a failure after that removes the half-loaded
+adapter again. Saving writes each file to a temporary name and renames it.
+"""
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from ..config import IA3Config, LoRAConfig
+from ..errors import AdapterError, CheckpointError
+from ..inject import adapters
+from ..inject.state import require_state
+from . import ia3, lora
+from .files import CONFIG_NAME, WEIGHTS_NAME, check_files, read_json, write_checkpoint
+
+FORMATS = {"LORA": (LoRAConfig, lora), "IA3": (IA3Config, ia3)}  # PEFT's peft_type -> (config class, format)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> None:
+    """Write adapter `name` of `model` to `directory` (created if needed) in PEFT's format.
+
+    Files are replaced atomically (written to a temporary file in `directory`, then renamed).
+    """
+    state = require_state(model, "save_adapter")
+    state.check_known([name], "save_adapter")
+    config = state.configs[name]
+    fmt = next((f for cls, f in FORMATS.values() if type(config) is cls), None)
+    if fmt is None:
+        raise CheckpointError(f"save_adapter: adapter {name!r} is a {type(config).__name__}; PEFT-format "
+                              f"checkpoints exist for {', '.join(c.__name__ for c, _ in FORMATS.values())}.")
+    tensors, fields = fmt.export(model, name, config, state.modules[name], state.saved[name])
+    write_checkpoint(directory, tensors, fields)
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> nn.Module:
+    """Load the adapter in `directory` (written by fp.save_adapter or PEFT's save_pretrained) as `name`.
+
+    The adapter is added as fp.add_adapter would add it (active if it is the model's first adapter), then its
+    tensors are copied in, cast to the dtype and device of the adapter's parameters. Raises CheckpointError, with
+    the model unchanged, when the files are missing, corrupted, use features fastpeft lacks, or do not fit the
+    model. Returns the model.
+    """
+    if name in adapters(model):
+        raise AdapterError(f"load_adapter: the model already has an adapter named {name!r}; pass another "
+                           f"name=... or fp.delete_adapter(model, {name!r}) first.")
+    directory = os.fspath(directory)
+    config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    check_files(directory, config_path, weights_path)
+    raw = read_json(config_path)
+    peft_type = raw.get("peft_type")
+    if peft_type not in FORMATS:
+        raise CheckpointError(f"load_adapter: {config_path} has peft_type={peft_type!r}; fastpeft.load_adapter "
+                              f"reads {', '.join(repr(t) for t in FORMATS)} adapters.")
+    return FORMATS[peft_type][1].load(model, name, raw, config_path, weights_path)
+
+
+__all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
