@@ -89,6 +89,10 @@ def lora_launches(dtype: torch.dtype) -> list[Launch]:
         *capture("lora", "shrink", x, a.t(), s, **drop, label="T masked"),
         *capture("lora", "reduce", x, s, scale, torch.empty(R, K).t(), **drop, label="dA masked"),
         *capture("lora", "reduce", dy, s, scale, torch.empty(N, R), colsum=torch.empty(N), splits=2, label="dB"),
+        *capture("lora", "gemm", x, w.t(), bias, b.t(), scale, out, s=s, u_kr=a.t(), write_s=True,
+                 out_scale=torch.empty(N), z=torch.empty(M, N, dtype=dtype), label="DoRA fwd fused"),
+        *capture("lora", "gemm", dy, w, None, a, scale, dx, s=s, u_kr=b, write_s=True, in_scale=torch.empty(N),
+                 in_dot=(torch.empty(M, N, dtype=dtype), torch.empty(N)), label="DoRA dX fused, dm"),
     ]
 
 

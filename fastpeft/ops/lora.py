@@ -1,9 +1,10 @@
 """`fp.ops.lora_linear`: the LoRA linear as one registered op with autograd.
 
-    y = x Wᵀ + b + ((drop(x) Aᵀ) ⊙ s) Bᵀ          (math and backward: fastpeft/reference/lora.py)
+    y = (x Wᵀ + ((drop(x) Aᵀ) ⊙ s) Bᵀ) ⊙ c + b      (math and backward: fastpeft/reference/lora.py)
 
-`fastpeft::lora_linear` returns (y, T) with T = drop(x) Aᵀ (float32, M x R) kept for the backward pass, which
-is `fastpeft::lora_linear_backward`. Both are `torch.library.triton_op`s: on CUDA they launch the kernels of
+The output column scale c is optional (DoRA's m / ‖W + s B A‖, fastpeft/ops/dora.py). `fastpeft::lora_linear`
+returns (y, T, Z) with T = drop(x) Aᵀ (float32, M x R) and, when c is trained, Z (the output before c and b)
+kept for the backward pass, which is `fastpeft::lora_linear_backward`. Both are `torch.library.triton_op`s: on CUDA they launch the kernels of
 fastpeft/kernels/lora.py, elsewhere they run the reference, and torch.compile traces them without graph breaks.
 Saved for backward: x and T; the dropout mask is regenerated from the seed.
 """
@@ -39,13 +40,13 @@ def _kernels():
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
                 scale: float | Tensor, *, dropout_p: float = 0.0, seed: Tensor | None = None,
-                fan_in_fan_out: bool = False) -> Tensor:
-    """y = x Wᵀ + b + ((drop(x) Aᵀ) ⊙ s) Bᵀ for x of shape (..., K).
+                fan_in_fan_out: bool = False, out_scale: Tensor | None = None) -> Tensor:
+    """y = (x Wᵀ + ((drop(x) Aᵀ) ⊙ s) Bᵀ) ⊙ out_scale + b for x of shape (..., K).
 
     weight: (N, K), or (K, N) with `fan_in_fan_out` (GPT-2 Conv1D, used in place); lora_a: (R, K);
     lora_b: (N, R); scale: a number, or an (R,) tensor of per-rank scales (several adapters concatenated
     along R); dropout_p: dropout on the adapter's input; seed: int64 tensor that fixes the dropout mask
-    (drawn from torch's generator when omitted).
+    (drawn from torch's generator when omitted); out_scale: optional (N,) column scale of everything but the bias.
     """
     x, weight, bias = _autocast(x, weight, bias)
     K, N = _check(x, weight, bias, lora_a, lora_b, fan_in_fan_out)
@@ -61,6 +62,10 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
     if seed is not None and (seed.dtype.is_floating_point or seed.numel() != 1):
         raise ValueError(f"lora_linear: seed must be a one-element integer tensor, got {seed.dtype} of shape "
                          f"{tuple(seed.shape)}.")
+    if out_scale is not None and (out_scale.shape != (N,) or out_scale.device != x.device
+                                  or not out_scale.dtype.is_floating_point):
+        raise ValueError(f"lora_linear: out_scale must be a floating-point ({N},) tensor on {x.device}, got "
+                         f"{out_scale.dtype} of shape {tuple(out_scale.shape)} on {out_scale.device}.")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"lora_linear: dropout_p={dropout_p} is outside [0, 1).")
     if dropout_p == 0.0:
@@ -68,16 +73,18 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
     elif seed is None:
         seed = torch.randint(0, 2**31 - 1, (), device=x.device, dtype=torch.int64)
     grads = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b, scale))
+        t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b, scale, out_scale))
     need_t = grads and (lora_b.requires_grad or scale.requires_grad)
+    need_z = grads and out_scale is not None and out_scale.requires_grad
     x2 = x if x.dim() == 2 else x.reshape(-1, K)  # a no-op view still costs an autograd node
-    args = (x2, weight, bias, lora_a, lora_b, scale, seed, float(dropout_p), bool(fan_in_fan_out), bool(need_t))
+    args = (x2, weight, bias, lora_a, lora_b, scale, seed, float(dropout_p), bool(fan_in_fan_out), bool(need_t),
+            out_scale, bool(need_z))
     if torch.compiler.is_compiling() or _backend(x2) != "torch":
-        y, _ = torch.ops.fastpeft.lora_linear(*args)
+        y = torch.ops.fastpeft.lora_linear(*args)[0]
     elif grads and (seed is not None or lora_a.dtype != x.dtype or lora_b.dtype != x.dtype):
-        y, _ = _EagerReference.apply(*args)  # the mask is regenerated, wide adapter gradients accumulate wide
+        y = _EagerReference.apply(*args)[0]  # the mask is regenerated, wide adapter gradients accumulate wide
     else:  # eager, no mask: autograd through the reference saves x and M x r products and skips the op boundary
-        y, _ = reference.lora_linear_fwd(*args[:-1], False)
+        y = reference.lora_linear_fwd(*args[:9], False, out_scale, False)[0]
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
 
 
@@ -134,48 +141,54 @@ def _backend(x2: Tensor) -> str:
 
 @torch.library.triton_op("fastpeft::lora_linear", mutates_args=())
 def _lora_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: Tensor,
-                    seed: Tensor | None, dropout_p: float, fan_in_fan_out: bool, need_t: bool) -> tuple[Tensor, Tensor]:
+                    seed: Tensor | None, dropout_p: float, fan_in_fan_out: bool, need_t: bool,
+                    out_scale: Tensor | None, need_z: bool) -> tuple[Tensor, Tensor, Tensor]:
     if _backend(x) == "torch":
         return reference.lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan_in_fan_out,
-                                         need_t)
-    return _triton_forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan_in_fan_out, need_t)
+                                         need_t, out_scale, need_z)
+    return _triton_forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan_in_fan_out, need_t,
+                           out_scale, need_z)
 
 
 @torch.library.triton_op("fastpeft::lora_linear_backward", mutates_args=())
 def _lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: Tensor,
                              t: Tensor, seed: Tensor | None, dropout_p: float, fan_in_fan_out: bool, need_dx: bool,
-                             need_da: bool, need_db: bool, need_ds: bool, need_dbias: bool
-                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    needs = (need_dx, need_da, need_db, need_ds, need_dbias)
+                             need_da: bool, need_db: bool, need_ds: bool, need_dbias: bool, out_scale: Tensor | None,
+                             z: Tensor, need_dc: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    needs = (need_dx, need_da, need_db, need_ds, need_dbias, need_dc)
     if _backend(dy) == "torch":
         return reference.lora_linear_bwd(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, fan_in_fan_out,
-                                         needs)
-    return _triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, fan_in_fan_out, needs)
+                                         needs, out_scale, z)
+    return _triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, fan_in_fan_out, needs,
+                            out_scale, z)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan_in_fan_out, _ = inputs
-    ctx.save_for_backward(x, weight, lora_a, lora_b, scale, output[1], seed)
+    x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan_in_fan_out, _, out_scale, _ = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, scale, output[1], seed, out_scale, output[2])
     ctx.dropout_p, ctx.fan_in_fan_out = dropout_p, fan_in_fan_out
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.eager_reference = False
 
 
-def _backward(ctx, dy, _dt):
-    x, weight, lora_a, lora_b, scale, t, seed = ctx.saved_tensors
+def _backward(ctx, dy, _dt, _dz):
+    x, weight, lora_a, lora_b, scale, t, seed, out_scale, z = ctx.saved_tensors
     need_dx, need_dw, need_dbias, need_da, need_db, need_ds = ctx.needs_input_grad[:6]
+    need_dc = ctx.needs_input_grad[10]
     args = (dy, x, weight, lora_a, lora_b, scale, t, seed, ctx.dropout_p, ctx.fan_in_fan_out)
+    needs = (need_dx, need_da, need_db, need_ds, need_dbias, need_dc)
     if ctx.eager_reference:
-        dx, da, db, ds, dbias = reference.lora_linear_bwd(*args, (need_dx, need_da, need_db, need_ds, need_dbias))
+        dx, da, db, ds, dbias, dc = reference.lora_linear_bwd(*args, needs, out_scale, z)
     else:
-        dx, da, db, ds, dbias = torch.ops.fastpeft.lora_linear_backward(
-            *args, need_dx, need_da, need_db, need_ds, need_dbias)
+        dx, da, db, ds, dbias, dc = torch.ops.fastpeft.lora_linear_backward(*args, *needs[:5], out_scale, z, need_dc)
     dw = None
-    if need_dw:  # a trainable base weight (unusual with LoRA): plain GEMM, dW = dYᵀ x (transposed for Conv1D)
-        dw = dy.t().to(weight.dtype) @ x.to(weight.dtype)
+    if need_dw:  # a trainable base weight (unusual with LoRA): dW = (dY ⊙ c)ᵀ x (transposed for Conv1D)
+        dyc = dy if out_scale is None else reference._col_scaled(dy, out_scale)
+        dw = dyc.t().to(weight.dtype) @ x.to(weight.dtype)
         dw = dw.t() if ctx.fan_in_fan_out else dw
     return (dx if need_dx else None, dw, dbias.to(ctx.bias_dtype) if need_dbias else None,
-            da if need_da else None, db if need_db else None, ds if need_ds else None, None, None, None, None)
+            da if need_da else None, db if need_db else None, ds if need_ds else None, None, None, None, None,
+            dc if need_dc else None, None)
 
 
 torch.library.register_autograd("fastpeft::lora_linear", _backward, setup_context=_setup_context)
@@ -193,8 +206,8 @@ class _EagerReference(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx, dy, dt):
-        return _backward(ctx, dy, dt)
+    def backward(ctx, dy, dt, dz):
+        return _backward(ctx, dy, dt, dz)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -237,55 +250,70 @@ def _dropout_args(seed, dropout_p):
     return {"seed": seed, "threshold": keep_threshold(dropout_p), "inv_keep": 1.0 / (1.0 - dropout_p)}
 
 
-def _triton_forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan_in_fan_out, need_t):
+def _triton_forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan_in_fan_out, need_t, out_scale,
+                    need_z):
     kern = _kernels()
-    bias = bias.contiguous() if bias is not None else None  # the kernels index bias and scale densely
+    bias = bias.contiguous() if bias is not None else None  # the kernels index bias and scales densely
     scale = scale.contiguous()
     M, K = x.shape
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     R = lora_a.shape[0]
     out = dispatch.new_output((M, N), like=x)
     t = dispatch.new_output((M, R) if need_t else (0,), like=x, dtype=torch.float32)
+    z = dispatch.new_output((M, N) if need_z else (0,), like=x)
     if M == 0:
-        return out, t
+        return out, t, z
     w_kn = weight if fan_in_fan_out else weight.t()
     drop = _dropout_args(seed, dropout_p)
+    col = {} if out_scale is None else {"out_scale": out_scale.contiguous(), "z": z if need_z else None}
     if fuse_shrink(M, K, N, R, x.element_size(), bool(drop)):
-        kern.gemm(x, w_kn, bias, lora_b.t(), scale, out, s=t if need_t else None, u_kr=lora_a.t(), write_s=need_t)
+        kern.gemm(x, w_kn, bias, lora_b.t(), scale, out, s=t if need_t else None, u_kr=lora_a.t(), write_s=need_t,
+                  **col)
     else:
         s = t if need_t else dispatch.new_output((M, R), like=x, dtype=torch.float32)
         kern.shrink(x, lora_a.t(), s, **drop)
-        kern.gemm(x, w_kn, bias, lora_b.t(), scale, out, s=s)
-    return out, t
+        kern.gemm(x, w_kn, bias, lora_b.t(), scale, out, s=s, **col)
+    return out, t, z
 
 
-def _triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, fan_in_fan_out, needs):
+def _triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, fan_in_fan_out, needs, out_scale, z):
+    """With a column scale c, dY' = dY ⊙ c is never stored: the dX GEMM scales the dY tiles it loads (and
+    reduces dc = Σ_m dY ⊙ Z from them), the shrink G = dY' B uses B ⊙ c, and dB = c ⊙ (dYᵀ (T ⊙ s))."""
     kern = _kernels()
     scale = scale.contiguous()
-    need_dx, need_da, need_db, need_ds, need_dbias = needs
+    need_dx, need_da, need_db, need_ds, need_dbias, need_dc = needs
     M, N = dy.shape
     K = x.shape[1]
     R = lora_a.shape[0]
     drop = _dropout_args(seed, dropout_p)
-    empty = [dy.new_empty((0,)) for _ in range(5)]
-    dx, da, db, ds, dbias = empty
+    dx, da, db, ds, dbias, dc = (dy.new_empty((0,)) for _ in range(6))
     if M == 0:
-        return (dy.new_zeros((0, K)) if need_dx else dx, torch.zeros_like(lora_a) if need_da else da,
-                torch.zeros_like(lora_b) if need_db else db, torch.zeros_like(scale) if need_ds else ds,
-                dy.new_zeros((N,)) if need_dbias else dbias)
+        zeros = (dy.new_zeros((0, K)), torch.zeros_like(lora_a), torch.zeros_like(lora_b), torch.zeros_like(scale),
+                 dy.new_zeros((N,)), torch.zeros((N,), device=dy.device, dtype=torch.float32))
+        return tuple(zero if need else empty for zero, need, empty in zip(zeros, needs, (dx, da, db, ds, dbias, dc)))
+    c = out_scale.contiguous() if out_scale is not None else None
+    b_for_g = lora_b if c is None else lora_b * c[:, None].to(lora_b.dtype)  # G = (dY ⊙ c) B = dY (B ⊙ c)
     g = None
     if need_da or need_ds or need_dx:
-        g = dispatch.new_output((M, R), like=dy, dtype=torch.float32)  # G = dY B
+        g = dispatch.new_output((M, R), like=dy, dtype=torch.float32)  # G = dY' B
     if need_dx:
         dx = dispatch.new_output((M, K), like=dy)
         w_nk = weight.t() if fan_in_fan_out else weight
-        if fuse_shrink(M, N, K, R, dy.element_size(), False):
-            kern.gemm(dy, w_nk, None, lora_a, scale, dx, s=g, u_kr=lora_b, write_s=True, **drop)
+        extra = {}
+        if c is not None:
+            extra["in_scale"] = c
+            if need_dc:
+                dc = dispatch.new_output((N,), like=dy, dtype=torch.float32)
+                extra["in_dot"] = (z, dc)
+        if fuse_shrink(M, N, K, R, dy.element_size(), False):  # the fused shrink sees the scaled dY tiles
+            kern.gemm(dy, w_nk, None, lora_a, scale, dx, s=g, u_kr=lora_b, write_s=True, **drop, **extra)
         else:
-            kern.shrink(dy, lora_b, g)
-            kern.gemm(dy, w_nk, None, lora_a, scale, dx, s=g, **drop)
+            kern.shrink(dy, b_for_g, g)
+            kern.gemm(dy, w_nk, None, lora_a, scale, dx, s=g, **drop, **extra)
     elif g is not None:
-        kern.shrink(dy, lora_b, g)
+        kern.shrink(dy, b_for_g, g)
+    if need_dc and dc.numel() == 0:  # no dX GEMM to reduce it in
+        dc = (dy.float() * z.float()).sum(0)
     target = _target_programs(dy.device)
     if need_da:
         da = dispatch.new_output(tuple(lora_a.shape), like=lora_a)
@@ -294,9 +322,13 @@ def _triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, f
         db = dispatch.new_output(tuple(lora_b.shape), like=lora_b)
         colsum = dispatch.new_output((N,), like=dy, dtype=torch.float32) if need_dbias else None
         kern.reduce(dy, t, scale, db, colsum=colsum, splits=kern.reduce_splits(M, N, R, target))
+        if c is not None:
+            db.mul_(c[:, None].to(db.dtype))
         dbias = colsum if need_dbias else dbias
     elif need_dbias:
         dbias = dy.float().sum(0)
     if need_ds:
         ds = (t * g).sum(0).to(scale.dtype)
-    return dx, da, db, ds, dbias
+    if need_dc:
+        dc = dc.to(out_scale.dtype)
+    return dx, da, db, ds, dbias, dc

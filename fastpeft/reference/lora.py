@@ -7,9 +7,11 @@ s: (R,) per-rank scale (alpha/r, or alpha/sqrt(r) for rsLoRA, repeated over each
 drop: dropout with probability p, mask regenerated from `seed` (reference/dropout.py).
 Several adapters on one layer are their A, B and s concatenated along R.
 
-Backward, with T = drop(x) Aᵀ and G = dY B:
-    dX = dY W + ((G ⊙ s) A) ⊙ keep / (1 - p)
-    dA = (G ⊙ s)ᵀ drop(x)        dB = dYᵀ (T ⊙ s)        ds = Σ_m T ⊙ G        db = Σ_m dY
+An optional output column scale c (N,) multiplies everything but the bias (DoRA: c = m / ‖W + s B A‖):
+    y = (x Wᵀ + ((drop(x) Aᵀ) ⊙ s) Bᵀ) ⊙ c + b
+Backward, with T = drop(x) Aᵀ, dY' = dY ⊙ c, G = dY' B and Z = y - b before c:
+    dX = dY' W + ((G ⊙ s) A) ⊙ keep / (1 - p)
+    dA = (G ⊙ s)ᵀ drop(x)     dB = dY'ᵀ (T ⊙ s)     ds = Σ_m T ⊙ G     db = Σ_m dY     dc = Σ_m dY ⊙ Z
 """
 from __future__ import annotations
 
@@ -33,38 +35,62 @@ def _base_weight_t(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight if fan_in_fan_out else weight.t()
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p: float, fan_in_fan_out: bool):
+def lora_linear(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p: float, fan_in_fan_out: bool,
+                out_scale=None):
     """The formula, differentiable by autograd, for inputs of shape (..., K)."""
     x2 = x.reshape(-1, x.shape[-1])
     dt = x.dtype
     y = x2 @ _base_weight_t(weight, fan_in_fan_out)
-    if bias is not None:
-        y = y + bias
     t = dropout(x2, seed, dropout_p) @ lora_a.to(dt).t()
     y = y + (t * scale.to(t.dtype)).to(dt) @ lora_b.to(dt).t()
+    if out_scale is not None:
+        y = _col_scaled(y, out_scale)
+    if bias is not None:
+        y = y + bias
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def _col_scaled(t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """t ⊙ c along the last dim, in float32 (float64 for the oracle), rounded to t's dtype once."""
+    acc = _acc_dtype(t.dtype)
+    return _as(_as(t, acc) * _as(c, acc), t.dtype)
+
+
 def lora_linear_fwd(x2, weight, bias, lora_a, lora_b, scale, seed, dropout_p: float, fan_in_fan_out: bool,
-                    need_t: bool):
-    """Forward on a 2-D x. Returns (y, T) with T = drop(x) Aᵀ kept in float32 (empty unless need_t)."""
+                    need_t: bool, out_scale=None, need_z: bool = False):
+    """Forward on a 2-D x. Returns (y, T, Z): T = drop(x) Aᵀ kept in float32 (empty unless need_t), and Z, the
+    output before the column scale and the bias (empty unless need_z and there is a column scale)."""
     dt, acc = x2.dtype, _acc_dtype(x2.dtype)
     w_t = _base_weight_t(weight, fan_in_fan_out)
     h = dropout(x2, seed, dropout_p) if dropout_p > 0.0 else x2
     t = _as(h @ _as(lora_a, dt).t(), acc)
     ts = _as(t * _as(scale, acc), dt)
-    y = torch.addmm(_as(bias, dt), x2, w_t) if bias is not None else x2 @ w_t
-    y.addmm_(ts, _as(lora_b, dt).t())
-    return y, (t if need_t else x2.new_empty((0,), dtype=acc))
+    empty_t = x2.new_empty((0,), dtype=acc)
+    if out_scale is None:
+        y = torch.addmm(_as(bias, dt), x2, w_t) if bias is not None else x2 @ w_t
+        y.addmm_(ts, _as(lora_b, dt).t())
+        return y, (t if need_t else empty_t), x2.new_empty((0,))
+    z = torch.addmm(x2 @ w_t, ts, _as(lora_b, dt).t())
+    y = _col_scaled(z, out_scale)
+    if bias is not None:
+        y = y + _as(bias, dt)
+    return y, (t if need_t else empty_t), (z if need_z else x2.new_empty((0,)))
 
 
 def lora_linear_bwd(dy, x2, weight, lora_a, lora_b, scale, t, seed, dropout_p: float, fan_in_fan_out: bool,
-                    needs: tuple[bool, bool, bool, bool, bool]):
-    """Backward on 2-D tensors. `needs` = which of (dx, dA, dB, ds, db) to compute; the others come back empty."""
-    need_dx, need_da, need_db, need_ds, need_dbias = needs
+                    needs: tuple[bool, ...], out_scale=None, z=None):
+    """Backward on 2-D tensors. `needs` = which of (dx, dA, dB, ds, dbias[, dc]) to compute; the others (and dc
+    when not asked for) come back empty."""
+    need_dx, need_da, need_db, need_ds, need_dbias, need_dc = (*needs, False)[:6]
     dt, acc = dy.dtype, _acc_dtype(dy.dtype)
     s = _as(scale, acc)
-    dx, da, db, ds, dbias = (dy.new_empty((0,)) for _ in range(5))  # distinct: op outputs may not alias
+    dx, da, db, ds, dbias, dc = (dy.new_empty((0,)) for _ in range(6))  # distinct: op outputs may not alias
+    if need_dbias:
+        dbias = _as(dy, acc).sum(0)
+    if need_dc:
+        dc = _as((_as(dy, acc) * _as(z, acc)).sum(0), out_scale.dtype)
+    if out_scale is not None:
+        dy = _col_scaled(dy, out_scale)
     g = gs = None
     if need_dx or need_da or need_ds:
         g = _as(dy @ _as(lora_b, dt), acc)  # (M, R)
@@ -85,6 +111,4 @@ def lora_linear_bwd(dy, x2, weight, lora_a, lora_b, scale, t, seed, dropout_p: f
         db = _as(dy, pb).t() @ _as(_as(t * s, dt), pb)
     if need_ds:
         ds = _as((t * g).sum(0), scale.dtype)
-    if need_dbias:
-        dbias = _as(dy, acc).sum(0)
-    return dx, da, db, ds, dbias
+    return dx, da, db, ds, dbias, dc

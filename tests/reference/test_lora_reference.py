@@ -91,7 +91,7 @@ def test_lora_linear_fwd(case, dtype):
     """`lora_linear_fwd` returns y and T = drop(x) Aᵀ (float32 accumulators, float64 for float64 inputs)."""
     inp, p, seed, keep, fifo = _setup(case, dtype)
     x, a = inp["x"], inp["lora_a"]
-    y, t = ref.lora_linear_fwd(inp["x"], inp["weight"], inp["bias"], a, inp["lora_b"], inp["scale"], seed, p, fifo,
+    y, t, _ = ref.lora_linear_fwd(inp["x"], inp["weight"], inp["bias"], a, inp["lora_b"], inp["scale"], seed, p, fifo,
                                True)
     assert y.dtype == dtype and y.shape == (x.shape[0], inp["lora_b"].shape[0])
     assert t.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -99,7 +99,7 @@ def test_lora_linear_fwd(case, dtype):
     h = x.double() if keep is None else x.double() * keep / (1 - p)
     assert t.shape == (x.shape[0], a.shape[0])
     assert rel_err(t, h @ a.double().t()) <= TOL[dtype]
-    y2, t2 = ref.lora_linear_fwd(inp["x"], inp["weight"], inp["bias"], a, inp["lora_b"], inp["scale"], seed, p,
+    y2, t2, _ = ref.lora_linear_fwd(inp["x"], inp["weight"], inp["bias"], a, inp["lora_b"], inp["scale"], seed, p,
                                  fifo, False)
     assert t2.numel() == 0 and torch.equal(y2, y)
 
@@ -119,9 +119,9 @@ def test_lora_linear_bwd(case, dtype):
     """The hand-written backward (dX, dA, dB, ds, dbias) equals autograd of the float64 formula."""
     inp, p, seed, keep, fifo = _setup(case, dtype)
     x, w, a, b, s = inp["x"], inp["weight"], inp["lora_a"], inp["lora_b"], inp["scale"]
-    _, t = ref.lora_linear_fwd(x, w, inp["bias"], a, b, s, seed, p, fifo, True)
+    _, t, _ = ref.lora_linear_fwd(x, w, inp["bias"], a, b, s, seed, p, fifo, True)
     dy = torch.randn(x.shape[0], b.shape[0], dtype=torch.float64).to(dtype)
-    dx, da, db, ds, dbias = ref.lora_linear_bwd(dy, x, w, a, b, s, t, seed, p, fifo, (True,) * 5)
+    dx, da, db, ds, dbias, _ = ref.lora_linear_bwd(dy, x, w, a, b, s, t, seed, p, fifo, (True,) * 5)
     want = _autograd64({**inp, "bias": torch.zeros(b.shape[0])}, keep, p, fifo, dy)
     tol = TOL[dtype]
     assert dx.dtype == dtype and da.dtype == a.dtype and db.dtype == b.dtype and ds.dtype == s.dtype
@@ -139,7 +139,7 @@ def test_lora_linear_bwd_computes_only_what_is_needed(needs):
     """Gradients not asked for come back empty; the others are unchanged by what else is asked."""
     inp, p, seed, keep, fifo = _setup("dropout", torch.float64)
     x, w, a, b, s = inp["x"], inp["weight"], inp["lora_a"], inp["lora_b"], inp["scale"]
-    _, t = ref.lora_linear_fwd(x, w, inp["bias"], a, b, s, seed, p, fifo, True)
+    _, t, _ = ref.lora_linear_fwd(x, w, inp["bias"], a, b, s, seed, p, fifo, True)
     dy = torch.randn(x.shape[0], b.shape[0], dtype=torch.float64)
     full = ref.lora_linear_bwd(dy, x, w, a, b, s, t, seed, p, fifo, (True,) * 5)
     part = ref.lora_linear_bwd(dy, x, w, a, b, s, t, seed, p, fifo, needs)
@@ -158,9 +158,9 @@ def test_reference_autograd_matches_hand_written_backward():
                         seed, p, fifo)
     dy = torch.randn_like(y)
     auto = dict(zip(leaves, torch.autograd.grad(y, list(leaves.values()), dy)))
-    _, t = ref.lora_linear_fwd(inp["x"], inp["weight"], None, inp["lora_a"], inp["lora_b"], inp["scale"], seed, p,
+    _, t, _ = ref.lora_linear_fwd(inp["x"], inp["weight"], None, inp["lora_a"], inp["lora_b"], inp["scale"], seed, p,
                                fifo, True)
-    dx, da, db, ds, _ = ref.lora_linear_bwd(dy, inp["x"], inp["weight"], inp["lora_a"], inp["lora_b"], inp["scale"],
+    dx, da, db, ds, _, _ = ref.lora_linear_bwd(dy, inp["x"], inp["weight"], inp["lora_a"], inp["lora_b"], inp["scale"],
                                             t, seed, p, fifo, (True, True, True, True, False))
     for name, got in (("x", dx), ("lora_a", da), ("lora_b", db), ("scale", ds)):
         assert rel_err(got, auto[name]) <= 1e-12, name
@@ -203,7 +203,7 @@ def test_per_rank_scale_is_a_sum_of_adapters(dtype):
             + formula64(x, w, None, two["lora_a"], two["lora_b"], torch.full((r2,), 0.25), keep=keep, p=p)
             - x.double() @ w.double().t())
     y = ref.lora_linear(x, w, bias, a, b, s, seed, p, False)
-    y_fwd, t = ref.lora_linear_fwd(x, w, bias, a, b, s, seed, p, False, True)
+    y_fwd, t, _ = ref.lora_linear_fwd(x, w, bias, a, b, s, seed, p, False, True)
     assert rel_err(y, want) <= TOL[dtype] and rel_err(y_fwd, want) <= TOL[dtype]
     # ds splits per adapter: ds_r = Σ_m T[m, r] G[m, r]
     dy = torch.randn(M, N, dtype=torch.float64).to(dtype)
@@ -242,10 +242,10 @@ def test_float32_adapters_on_half_model(dtype):
     seed, p = torch.tensor(3), 0.1
     keep = keep_mask(seed, 30, 24, p)
     x, w, a, b, s = inp["x"], inp["weight"], inp["lora_a"], inp["lora_b"], inp["scale"]
-    y, t = ref.lora_linear_fwd(x, w, inp["bias"], a, b, s, seed, p, False, True)
+    y, t, _ = ref.lora_linear_fwd(x, w, inp["bias"], a, b, s, seed, p, False, True)
     assert y.dtype == dtype and rel_err(y, formula64(**inp, keep=keep, p=p)) <= 1e-2
     dy = torch.randn(30, 20).to(dtype)
-    dx, da, db, ds, dbias = ref.lora_linear_bwd(dy, x, w, a, b, s, t, seed, p, False, (True,) * 5)
+    dx, da, db, ds, dbias, _ = ref.lora_linear_bwd(dy, x, w, a, b, s, t, seed, p, False, (True,) * 5)
     assert (dx.dtype, da.dtype, db.dtype, dbias.dtype) == (dtype, torch.float32, torch.float32, torch.float32)
     want = _autograd64(inp, keep, p, False, dy)
     for name, got in (("x", dx), ("lora_a", da), ("lora_b", db), ("scale", ds), ("bias", dbias)):
