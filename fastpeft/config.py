@@ -92,6 +92,8 @@ def _check_layers(cfg, name: str, value) -> None:
 class LoRAConfig(AdapterConfig):
     """LoRA: W' = W + s·B·A with A (r x in), B (out x r), s = alpha/r (or alpha/sqrt(r) with use_rslora).
 
+    use_dora: DoRA (Liu et al. 2024), W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖ with the magnitude m (out,) learned.
+
     init_weights: True (Kaiming-uniform A, zero B: the adapter starts as the identity), "gaussian"
     (normal A with std 1/r, zero B), or False (random A and B; for tests, not identity).
     target_modules: list of module names (a name matches itself or any ".name" suffix), a regex matched
@@ -114,6 +116,7 @@ class LoRAConfig(AdapterConfig):
     bias: str = "none"
     fan_in_fan_out: bool | None = None
     use_rslora: bool = False
+    use_dora: bool = False
     init_weights: bool | str = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -128,6 +131,8 @@ class LoRAConfig(AdapterConfig):
             _fail(self, "alpha", f"must be a finite number, got {self.alpha!r}", "use e.g. alpha=16 (scale alpha/r)")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             _fail(self, "dropout", f"must be in [0, 1), got {self.dropout!r}", "use e.g. dropout=0.05, or 0.0")
+        if self.use_dora not in (True, False):
+            _fail(self, "use_dora", f"got {self.use_dora!r}", "use True (DoRA) or False (LoRA)")
         if self.bias not in ("none", "all", "lora_only"):
             _fail(self, "bias", f"got {self.bias!r}", 'use "none", "all" or "lora_only"')
         if self.init_weights not in (True, False, "gaussian"):

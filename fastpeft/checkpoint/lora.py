@@ -2,6 +2,7 @@
 
 Tensor keys are PEFT's: "base_model.model." + module path + one of
   .lora_A.weight (r, in) and .lora_B.weight (out, r)   each layer the adapter wraps
+  .lora_magnitude_vector (out,)                        DoRA (use_dora=True): the magnitude of each layer
   .<key>                                               each state_dict entry of a `modules_to_save` module (its copy)
   .base_layer.bias                                     bias="lora_only" and "all": the bias of each wrapped layer
   every other "*.bias" entry of the model              bias="all"; inside a modules_to_save module PEFT names them
@@ -25,7 +26,7 @@ from .files import (add_and_fill, base_state, check_fields, clean_module_names, 
 _FIELDS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
            "exclude_modules": "exclude_modules", "layers_to_transform": "layers_to_transform",
            "layers_pattern": "layers_pattern", "modules_to_save": "modules_to_save", "bias": "bias",
-           "use_rslora": "use_rslora", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern"}
+           "use_rslora": "use_rslora", "use_dora": "use_dora", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern"}
 # Fields that do not change what a loaded adapter computes: metadata, the layer type (fan_in_fan_out follows it,
 # as in PEFT), and initialisation schemes (the loaded tensors replace the initial ones).
 _IGNORED = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
@@ -33,7 +34,7 @@ _IGNORED = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_mode
             "qalora_group_size", "ensure_weight_tying", "loftq_config", "eva_config", "corda_config",
             "lora_ga_config"}
 # PEFT features fastpeft does not implement: a checkpoint that turns one on is refused.
-_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "a bias on lora_B", "layer_replication": "layer replication",
+_UNSUPPORTED = {"lora_bias": "a bias on lora_B", "layer_replication": "layer replication",
                 "target_parameters": "LoRA on parameters (target_parameters)",
                 "trainable_token_indices": "trainable tokens", "use_qalora": "QALoRA",
                 "alora_invocation_tokens": "activated LoRA (aLoRA)", "use_bdlora": "block-diagonal LoRA",
@@ -54,6 +55,8 @@ def export(model: nn.Module, name: str, config: LoRAConfig, targets: list[str], 
         layer = model.get_submodule(path)
         tensors[f"{path}.lora_A.weight"] = layer.lora_A[name]
         tensors[f"{path}.lora_B.weight"] = layer.lora_B[name]
+        if layer.is_dora(name):
+            tensors[f"{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name]
     for path in saved:
         copy = model.get_submodule(path).modules_to_save[name]
         for key, value in copy.state_dict().items():
@@ -86,7 +89,7 @@ def _peft_config(model: nn.Module, config: LoRAConfig, targets: list[str], saved
         "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
         "bias": config.bias, "use_rslora": config.use_rslora, "init_lora_weights": config.init_weights,
         "fan_in_fan_out": any(is_conv1d(model.get_submodule(p).base_layer) for p in targets),
-        "use_dora": False, "lora_bias": False, "layer_replication": None, "target_parameters": None,
+        "use_dora": config.use_dora, "lora_bias": False, "layer_replication": None, "target_parameters": None,
         "trainable_token_indices": None,
     }
 
@@ -128,6 +131,8 @@ def _match(model: nn.Module, config: LoRAConfig, lora_plan, tensors: dict, path:
         in_f, out_f = in_out(model.get_submodule(p))
         required[f"{p}.lora_A.weight"] = ("lora_A", p, (r, in_f), f"(r, in_features) of {p}", 0)
         required[f"{p}.lora_B.weight"] = ("lora_B", p, (out_f, r), f"(out_features, r) of {p}", 1)
+        if config.use_dora:
+            required[f"{p}.lora_magnitude_vector"] = ("magnitude", p, (out_f,), f"(out_features,) of {p}", None)
     required.update(saved_requirements(model, lora_plan.saved))
     base = base_state(model)
     optional = {key: ("bias", base[clean], tuple(base[clean].shape), f"the model's {clean}", None)
@@ -172,6 +177,8 @@ def _fill(model: nn.Module, name: str, assignments: list[tuple], undo: list) -> 
             model.get_submodule(where).lora_A[name].copy_(tensor)
         elif kind == "lora_B":
             model.get_submodule(where).lora_B[name].copy_(tensor)
+        elif kind == "magnitude":
+            model.get_submodule(where).lora_magnitude_vector[name].copy_(tensor)
         elif kind == "saved":
             fill_saved(model, name, where, tensor)
         else:

@@ -34,7 +34,7 @@ def apply(model: nn.Module, name: str, config: LoRAConfig, lora_plan: LoRAPlan, 
     for path, r, alpha in lora_plan.targets:
         layer = wrap(model, path, LoRALinear, LoRALinear, undo)
         layer.add_adapter(name, r, alpha, dropout=config.dropout, use_rslora=config.use_rslora,
-                          init_weights=config.init_weights)
+                          init_weights=config.init_weights, use_dora=config.use_dora)
         undo.append(lambda layer=layer: layer.delete_adapter(name))
     wrap_saved(model, name, lora_plan.saved, undo)
 

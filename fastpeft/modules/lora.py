@@ -1,10 +1,12 @@
-"""`LoRALinear`: LoRA adapters around an nn.Linear or a GPT-2 Conv1D, kept intact as `base_layer`.
+"""`LoRALinear`: LoRA and DoRA adapters around an nn.Linear or a GPT-2 Conv1D, kept intact as `base_layer`.
 
-    y = base(x) + Σ_active s_i · drop_i(x) A_iᵀ B_iᵀ,      s_i = alpha_i / r_i (alpha_i / √r_i for rsLoRA)
+    LoRA:  y = base(x) + Σ_active s_i · drop_i(x) A_iᵀ B_iᵀ,      s_i = alpha_i / r_i (alpha_i / √r_i for rsLoRA)
+    DoRA:  y = m / ‖W + s B A‖ ⊙ (x Wᵀ + s · drop(x) Aᵀ Bᵀ) + b    (the norm a constant for autograd, as PEFT)
 
-Every active adapter whose dropout is off runs in one call of `fp.ops.lora_linear` (their A, B and scales
-concatenated along the rank), fused with the base GEMM. Merging folds s·B·A into the base weight; the original
-weight is stashed (on the CPU for CUDA models) so that unmerging restores it bit for bit.
+Every active LoRA adapter whose dropout is off runs in one call of `fp.ops.lora_linear` (their A, B and scales
+concatenated along the rank), fused with the base GEMM; a DoRA adapter runs `fp.ops.dora_linear` and must be the
+only running adapter of its layer. Merging folds the update into the base weight; the original weight is stashed
+(on the CPU for CUDA models) so that unmerging restores it bit for bit.
 """
 from __future__ import annotations
 
@@ -62,11 +64,13 @@ class LoRALinear(AdapterLayer):
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters: m (out,), PEFT's name
         self._original_weight: torch.Tensor | None = None
+        self._weight_sq_norm: tuple[tuple, torch.Tensor] | None = None  # ‖W_n‖², valid while W is unchanged
 
     # ---------------------------------------------------------------------------------------------- adapters
     def add_adapter(self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-                    init_weights: bool | str = True) -> None:
+                    init_weights: bool | str = True, use_dora: bool = False) -> None:
         w = self.base_layer.weight
         dtype = adapter_dtype(w)
         a = torch.empty(r, self.in_features, device=w.device, dtype=dtype)
@@ -81,6 +85,9 @@ class LoRALinear(AdapterLayer):
         self.lora_B[name] = nn.Parameter(b)
         self.r[name], self.alpha[name], self.dropout[name] = r, float(alpha), float(dropout)
         self.set_scaling(name, alpha / math.sqrt(r) if use_rslora else alpha / r)
+        if use_dora:  # m starts as ‖W + s B A‖ (= ‖W‖ when B = 0): the adapter starts as the identity
+            norm = ops.dora_weight_norm(w, a, self.lora_B[name], self.scaling[name], fan_in_fan_out=self.fan_in_fan_out)
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(dtype))
 
     def set_scaling(self, name: str, scaling: float) -> None:
         self.scaling[name] = float(scaling)
@@ -93,6 +100,8 @@ class LoRALinear(AdapterLayer):
         for table in (self.lora_A, self.lora_B):
             del table[name]
         self.lora_scale.remove(name)
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         for table in (self.r, self.alpha, self.scaling, self.dropout):
             table.pop(name)
         if name in self.active_adapters:
@@ -103,13 +112,19 @@ class LoRALinear(AdapterLayer):
         return list(self.lora_A.keys())
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        return [self.lora_A[name], self.lora_B[name]]
+        dora = [self.lora_magnitude_vector[name]] if name in self.lora_magnitude_vector else []
+        return [self.lora_A[name], self.lora_B[name], *dora]
+
+    def is_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude_vector
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         names = self.running_adapters()
         if not names:
             return self.base_layer(x, *args, **kwargs)
+        if any(self.is_dora(n) for n in names):
+            return self._dora_forward(x, names)
         fused, extra = self._group_by_dropout(names)
         a, b, s = self._stack(fused)
         p = self.dropout[fused[0]] if self.training and len(fused) == 1 else 0.0
@@ -119,6 +134,28 @@ class LoRALinear(AdapterLayer):
             h = nn.functional.dropout(x, self.dropout[name], training=True).to(self.lora_A[name].dtype)
             y = y + ((h @ self.lora_A[name].t()) @ self.lora_B[name].t() * self.scaling[name]).to(y.dtype)
         return y
+
+    def _dora_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        if len(names) > 1:
+            dora = next(n for n in names if self.is_dora(n))
+            raise AdapterError(f"adapters {names} are active on one layer, and DoRA adapter {dora!r} runs alone on "
+                               "its layer: activate only it there (fp.set_active_adapters), or merge the others.")
+        n = names[0]
+        weight = self.base_layer.weight
+        p = self.dropout[n] if self.training else 0.0
+        return ops.dora_linear(x, weight, self.base_layer.bias, self.lora_A[n], self.lora_B[n],
+                               getattr(self.lora_scale, n), self.lora_magnitude_vector[n], dropout_p=p,
+                               fan_in_fan_out=self.fan_in_fan_out, weight_sq_norm=self._cached_weight_sq_norm())
+
+    def _cached_weight_sq_norm(self) -> torch.Tensor | None:
+        """‖W_n‖², recomputed only when the base weight changes (it is frozen while adapters train)."""
+        if torch.compiler.is_compiling():
+            return None
+        weight = self.base_layer.weight
+        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
+        if self._weight_sq_norm is None or self._weight_sq_norm[0] != key:
+            self._weight_sq_norm = (key, ops.dora_weight_sq_norm(weight.detach(), fan_in_fan_out=self.fan_in_fan_out))
+        return self._weight_sq_norm[1]
 
     def _group_by_dropout(self, names: list[str]) -> tuple[list[str], list[str]]:
         """Adapters without active dropout share one fused call; each one with dropout needs its own mask."""
@@ -145,14 +182,22 @@ class LoRALinear(AdapterLayer):
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
-        """Fold adapter `name` into the base weight: W = round(W_original + Σ_merged s·B·A), one rounding."""
+        """Fold adapter `name` into the base weight, in order after those merged before, in float32 from the
+        original weight W0 with one rounding: LoRA W += s·B·A; DoRA W = m / ‖W0 + s·B·A‖ ⊙ (W + s·B·A) (PEFT)."""
         weight = self.base_layer.weight
         if self._original_weight is None:
             stash_device = "cpu" if weight.device.type != "cpu" else weight.device
             self._original_weight = weight.detach().to(stash_device, copy=True)
-        merged = self._original_weight.to(weight.device, torch.float32, copy=True)
+        original = self._original_weight.to(weight.device, torch.float32, copy=True)
+        merged = original.clone()
+        out_axis = 0 if self.fan_in_fan_out else 1  # the axis the norm runs along (the input features)
         for n in [*self.merged_adapters, name]:
-            merged += self.delta_weight(n).to(weight.device)
+            delta = self.delta_weight(n).to(weight.device)
+            merged += delta
+            if self.is_dora(n):
+                norm = torch.linalg.vector_norm(original + delta, dim=out_axis)
+                factor = self.lora_magnitude_vector[n].float() / norm
+                merged *= factor[None, :] if self.fan_in_fan_out else factor[:, None]
         weight.copy_(merged.to(weight.dtype))
         self.merged_adapters.append(name)
 

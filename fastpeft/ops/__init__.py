@@ -5,8 +5,8 @@
     fp.ops.dora_linear(x, weight, bias, lora_a, lora_b, scale, magnitude, dropout_p=0.0, seed=None, ...)
 """
 from .dispatch import explain, poison_outputs, requested_backend, use_backend
-from .dora import dora_linear, dora_weight_norm
+from .dora import dora_linear, dora_weight_norm, dora_weight_sq_norm
 from .ia3 import ia3_linear
 from .lora import lora_linear
 
-__all__ = ["lora_linear", "ia3_linear", "dora_linear", "dora_weight_norm", "use_backend", "requested_backend", "poison_outputs", "explain"]
+__all__ = ["lora_linear", "ia3_linear", "dora_linear", "dora_weight_norm", "dora_weight_sq_norm", "use_backend", "requested_backend", "poison_outputs", "explain"]

@@ -20,6 +20,12 @@ from .lora import TRITON_DTYPES, lora_linear
 registry.describe("dora_weight_norm", dtypes=TRITON_DTYPES, doc="||W + s B A|| per row, without forming it")
 
 
+def dora_weight_sq_norm(weight: Tensor, *, fan_in_fan_out: bool = False) -> Tensor:
+    """‖W_n‖² per output row (N,), float32: what `weight_sq_norm` caches while W is frozen."""
+    with torch.no_grad():
+        return reference.weight_sq_norm(weight, fan_in_fan_out)
+
+
 def dora_weight_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float | Tensor, *,
                      fan_in_fan_out: bool = False, weight_sq_norm: Tensor | None = None) -> Tensor:
     """‖W + B diag(s) A‖ per output row (N,), float32, never differentiated. `weight_sq_norm` (‖W_n‖², e.g.

@@ -481,7 +481,6 @@ def test_bias_key_without_bias_config(target_model, saved_llama):
 @pytest.mark.parametrize("change, pattern", [
     (dict(peft_type="ADALORA"), "peft_type='ADALORA'"),
     (dict(peft_type=None), "peft_type=None"),
-    (dict(use_dora=True), "DoRA"),
     (dict(lora_bias=True), "lora_B"),
     (dict(layer_replication=[[0, 1]]), "layer replication"),
     (dict(target_parameters=["mlp.experts.gate_up_proj"]), "target_parameters"),
@@ -492,6 +491,11 @@ def test_bias_key_without_bias_config(target_model, saved_llama):
 def test_unsupported_config(target_model, saved_llama, change, pattern):
     _edit_config(saved_llama, **change)
     _expect_error(target_model, saved_llama, CONFIG_NAME, pattern)
+
+
+def test_lora_file_read_as_dora(target_model, saved_llama):
+    _edit_config(saved_llama, use_dora=True)
+    _expect_error(target_model, saved_llama, WEIGHTS_NAME, "lacks", "lora_magnitude_vector")
 
 
 def test_ignored_config_fields(saved_llama):
