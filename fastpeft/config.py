@@ -217,6 +217,92 @@ class IA3Config(AdapterConfig):
             self.modules_to_save = [self.modules_to_save]
 
 
+@dataclass
+class AdaLoRAConfig(AdapterConfig):
+    """AdaLoRA (Zhang et al. 2023): LoRA in SVD form, ΔW = B diag(E) A · alpha / init_r, whose rank budget falls
+    from init_r per layer to target_r per layer on average, pruning the least important singular values.
+
+    Budget schedule (PEFT's): full budget for the first `tinit` steps, then a cubic decay to the target until step
+    `total_step - tfinal`, masking every `deltaT` steps; importance is |p ⊙ ∇p| smoothed with `beta1` times its
+    uncertainty smoothed with `beta2`. `orth_reg_weight` weights ‖AAᵀ - I‖ + ‖BᵀB - I‖ added to the model's loss.
+    Drive it with `fp.RankAllocator(model, name).update_and_allocate(model, step)` after `loss.backward()`.
+    `rank_pattern` is the mask of kept ranks per layer that the allocator writes (PEFT's format).
+    """
+
+    method: ClassVar[str] = "adalora"
+    aliases: ClassVar[dict[str, str]] = {"lora_alpha": "alpha", "lora_dropout": "dropout",
+                                         "init_lora_weights": "init_weights"}
+
+    init_r: int = 12
+    target_r: int = 8
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+    alpha: float = 8
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
+    modules_to_save: list[str] | None = None
+    init_weights: bool = True
+    rank_pattern: dict[str, list[bool]] | None = None
+    lora_alpha: float | None = field(default=None, repr=False, compare=False)
+    lora_dropout: float | None = field(default=None, repr=False, compare=False)
+    init_lora_weights: bool | None = field(default=None, repr=False, compare=False)
+
+    def validate(self) -> None:
+        for name in ("init_r", "target_r"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                _fail(self, name, f"must be a positive integer, got {value!r}", f"use e.g. {name}=8")
+        if self.target_r > self.init_r:
+            _fail(self, "target_r", f"target_r={self.target_r} is above init_r={self.init_r}; the budget only "
+                  "falls", "choose target_r <= init_r")
+        if isinstance(self.total_step, bool) or not isinstance(self.total_step, int) or self.total_step <= 0:
+            _fail(self, "total_step", f"must be the number of training steps (> 0), got {self.total_step!r}",
+                  "pass total_step=len(dataloader) * epochs")
+        for name in ("tinit", "tfinal"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                _fail(self, name, f"must be a non-negative integer, got {value!r}", f"use e.g. {name}=0")
+        if self.tinit >= self.total_step - self.tfinal:
+            _fail(self, "tinit", f"tinit={self.tinit} leaves no steps to prune the budget before "
+                  f"total_step - tfinal = {self.total_step - self.tfinal}",
+                  "lower tinit or tfinal, or raise total_step")
+        if isinstance(self.deltaT, bool) or not isinstance(self.deltaT, int) or self.deltaT < 1:
+            _fail(self, "deltaT", f"must be a positive integer, got {self.deltaT!r}", "use e.g. deltaT=10")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+                _fail(self, name, f"must be in (0, 1), got {value!r}", f"use e.g. {name}=0.85")
+        if not isinstance(self.orth_reg_weight, (int, float)) or self.orth_reg_weight < 0:
+            _fail(self, "orth_reg_weight", f"must be >= 0, got {self.orth_reg_weight!r}", "use e.g. 0.5, or 0 for none")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            _fail(self, "alpha", f"must be a finite number, got {self.alpha!r}", "use e.g. alpha=8")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            _fail(self, "dropout", f"must be in [0, 1), got {self.dropout!r}", "use e.g. dropout=0.05, or 0.0")
+        if self.init_weights not in (True, False):
+            _fail(self, "init_weights", f"got {self.init_weights!r}", "use True (E = 0: the identity) or False")
+        _check_targets(self, "target_modules", self.target_modules)
+        _check_targets(self, "exclude_modules", self.exclude_modules)
+        _check_targets(self, "modules_to_save", self.modules_to_save if not isinstance(self.modules_to_save, str)
+                       else [self.modules_to_save])
+        _check_layers(self, "layers_to_transform", self.layers_to_transform)
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = sorted(set(self.target_modules))
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+
+    def scaling(self) -> float:
+        """PEFT's AdaLoRA scale: alpha (or init_r when alpha is 0) over the initial rank (+1e-5)."""
+        return (self.alpha if self.alpha > 0 else float(self.init_r)) / (self.init_r + 1e-5)
+
+
 def _pattern_value(pattern: dict, module_name: str, default):
     """PEFT's rank_pattern/alpha_pattern: the first key (a regex) that matches a dotted suffix of the module path."""
     for key, value in pattern.items():
@@ -225,7 +311,7 @@ def _pattern_value(pattern: dict, module_name: str, default):
     return default
 
 
-CONFIGS: dict[str, type[AdapterConfig]] = {cls.method: cls for cls in (LoRAConfig, IA3Config)}
+CONFIGS: dict[str, type[AdapterConfig]] = {cls.method: cls for cls in (LoRAConfig, IA3Config, AdaLoRAConfig)}
 
 
 def config_from_dict(data: dict[str, Any]) -> AdapterConfig:

@@ -14,14 +14,15 @@ import os
 
 from torch import nn
 
-from ..config import IA3Config, LoRAConfig
+from ..config import AdaLoRAConfig, IA3Config, LoRAConfig
 from ..errors import AdapterError, CheckpointError
 from ..inject import adapters
 from ..inject.state import require_state
-from . import ia3, lora
+from . import adalora, ia3, lora
 from .files import CONFIG_NAME, WEIGHTS_NAME, check_files, read_json, write_checkpoint
 
-FORMATS = {"LORA": (LoRAConfig, lora), "IA3": (IA3Config, ia3)}  # PEFT's peft_type -> (config class, format)
+# PEFT's peft_type -> (config class, format)
+FORMATS = {"LORA": (LoRAConfig, lora), "IA3": (IA3Config, ia3), "ADALORA": (AdaLoRAConfig, adalora)}
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> None:

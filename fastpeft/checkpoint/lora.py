@@ -26,7 +26,8 @@ from .files import (add_and_fill, base_state, check_fields, clean_module_names, 
 _FIELDS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
            "exclude_modules": "exclude_modules", "layers_to_transform": "layers_to_transform",
            "layers_pattern": "layers_pattern", "modules_to_save": "modules_to_save", "bias": "bias",
-           "use_rslora": "use_rslora", "use_dora": "use_dora", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern"}
+           "use_rslora": "use_rslora", "use_dora": "use_dora", "rank_pattern": "rank_pattern",
+           "alpha_pattern": "alpha_pattern"}
 # Fields that do not change what a loaded adapter computes: metadata, the layer type (fan_in_fan_out follows it,
 # as in PEFT), and initialisation schemes (the loaded tensors replace the initial ones).
 _IGNORED = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",

@@ -13,12 +13,12 @@ from torch import nn
 from ..config import AdapterConfig
 from ..errors import AdapterError, ConfigError
 from ..modules import AdapterLayer, ModulesToSave
-from . import ia3, lora
+from . import adalora, ia3, lora
 from .state import AdapterState, clear_state, get_state, require_state
 from .targets import model_modules, parent_of
 
-HANDLERS = {"lora": lora, "ia3": ia3}
-MERGEABLE = {"lora", "ia3"}
+HANDLERS = {"lora": lora, "ia3": ia3, "adalora": adalora}
+MERGEABLE = {"lora", "ia3", "adalora"}
 
 
 def wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -170,6 +170,8 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
         module.delete_adapter(name)
         if not module.adapter_names:
             _unwrap(model, path, module)
+    for handle in state.hooks.pop(name, []):
+        handle.remove()
     for table in (state.configs, state.modules, state.saved):
         table.pop(name)
     state.active = [n for n in state.active if n != name]
@@ -201,6 +203,8 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
         if merge and isinstance(module, ModulesToSave):
             keep = next((module.modules_to_save[n] for n in module.active_adapters), None)
         _unwrap(model, path, module, replacement=keep)
+    for handle in (h for handles in state.hooks.values() for h in handles):
+        handle.remove()
     _restore_requires_grad(model, state)
     clear_state(model)
     return model

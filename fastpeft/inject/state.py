@@ -18,6 +18,7 @@ class AdapterState:
     saved: dict[str, list[str]] = field(default_factory=dict)            # adapter -> modules_to_save paths
     active: list[str] = field(default_factory=list)
     original_requires_grad: dict[str, bool] = field(default_factory=dict)  # restored by unload
+    hooks: dict[str, list] = field(default_factory=dict)                 # adapter -> hook handles to remove
 
     def check_known(self, names, where: str) -> None:
         for name in names:

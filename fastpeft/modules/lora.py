@@ -2,6 +2,7 @@
 
     LoRA:  y = base(x) + Σ_active s_i · drop_i(x) A_iᵀ B_iᵀ,      s_i = alpha_i / r_i (alpha_i / √r_i for rsLoRA)
     DoRA:  y = m / ‖W + s B A‖ ⊙ (x Wᵀ + s · drop(x) Aᵀ Bᵀ) + b    (the norm a constant for autograd, as PEFT)
+    AdaLoRA (SVD form): the per-rank scale is s · E, E (r,) learned singular values (zero where pruned)
 
 Every active LoRA adapter whose dropout is off runs in one call of `fp.ops.lora_linear` (their A, B and scales
 concatenated along the rank), fused with the base GEMM; a DoRA adapter runs `fp.ops.dora_linear` and must be the
@@ -65,26 +66,40 @@ class LoRALinear(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters: m (out,), PEFT's name
+        self.lora_E = nn.ParameterDict()  # AdaLoRA adapters: the singular values E (r,)
         self._original_weight: torch.Tensor | None = None
         self._weight_sq_norm: tuple[tuple, torch.Tensor] | None = None  # ‖W_n‖², valid while W is unchanged
 
     # ---------------------------------------------------------------------------------------------- adapters
     def add_adapter(self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-                    init_weights: bool | str = True, use_dora: bool = False) -> None:
+                    init_weights: bool | str = True, use_dora: bool = False, svd: bool = False,
+                    scaling: float | None = None) -> None:
+        """A LoRA adapter of rank r; `use_dora` adds DoRA's magnitude; `svd` makes it AdaLoRA's SVD form
+        (E = 0 and A, B ~ N(0, 0.02²) at init, as PEFT; the per-rank scale is `scaling` · E)."""
         w = self.base_layer.weight
         dtype = adapter_dtype(w)
         a = torch.empty(r, self.in_features, device=w.device, dtype=dtype)
         b = torch.zeros(self.out_features, r, device=w.device, dtype=dtype)
-        if init_weights == "gaussian":
+        if svd:
+            nn.init.normal_(a, std=0.02)
+            nn.init.normal_(b, std=0.02)
+        elif init_weights == "gaussian":
             nn.init.normal_(a, std=1.0 / r)
         else:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        if init_weights is False:
+        if init_weights is False and not svd:
             nn.init.kaiming_uniform_(b, a=math.sqrt(5))
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
         self.r[name], self.alpha[name], self.dropout[name] = r, float(alpha), float(dropout)
-        self.set_scaling(name, alpha / math.sqrt(r) if use_rslora else alpha / r)
+        if scaling is None:
+            scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.set_scaling(name, scaling)
+        if svd:
+            e = torch.zeros(r, device=w.device, dtype=dtype)
+            if init_weights is False:
+                nn.init.normal_(e, std=1.0)
+            self.lora_E[name] = nn.Parameter(e)
         if use_dora:  # m starts as ‖W + s B A‖ (= ‖W‖ when B = 0): the adapter starts as the identity
             norm = ops.dora_weight_norm(w, a, self.lora_B[name], self.scaling[name], fan_in_fan_out=self.fan_in_fan_out)
             self.lora_magnitude_vector[name] = nn.Parameter(norm.to(dtype))
@@ -100,8 +115,9 @@ class LoRALinear(AdapterLayer):
         for table in (self.lora_A, self.lora_B):
             del table[name]
         self.lora_scale.remove(name)
-        if name in self.lora_magnitude_vector:
-            del self.lora_magnitude_vector[name]
+        for table in (self.lora_magnitude_vector, self.lora_E):
+            if name in table:
+                del table[name]
         for table in (self.r, self.alpha, self.scaling, self.dropout):
             table.pop(name)
         if name in self.active_adapters:
@@ -112,8 +128,14 @@ class LoRALinear(AdapterLayer):
         return list(self.lora_A.keys())
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        dora = [self.lora_magnitude_vector[name]] if name in self.lora_magnitude_vector else []
-        return [self.lora_A[name], self.lora_B[name], *dora]
+        extra = [t[name] for t in (self.lora_magnitude_vector, self.lora_E) if name in t]
+        return [self.lora_A[name], self.lora_B[name], *extra]
+
+    def rank_scale(self, name: str) -> torch.Tensor:
+        """The per-rank scale (r,) float32: s repeated, or s · E for an AdaLoRA adapter (then differentiable)."""
+        if name in self.lora_E:
+            return self.lora_E[name].float() * self.scaling[name]
+        return getattr(self.lora_scale, name)
 
     def is_dora(self, name: str) -> bool:
         return name in self.lora_magnitude_vector
@@ -132,7 +154,7 @@ class LoRALinear(AdapterLayer):
                             fan_in_fan_out=self.fan_in_fan_out)
         for name in extra:  # a second adapter with active dropout needs its own mask: plain PyTorch
             h = nn.functional.dropout(x, self.dropout[name], training=True).to(self.lora_A[name].dtype)
-            y = y + ((h @ self.lora_A[name].t()) @ self.lora_B[name].t() * self.scaling[name]).to(y.dtype)
+            y = y + (((h @ self.lora_A[name].t()) * self.rank_scale(name)) @ self.lora_B[name].t()).to(y.dtype)
         return y
 
     def _dora_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
@@ -144,7 +166,7 @@ class LoRALinear(AdapterLayer):
         weight = self.base_layer.weight
         p = self.dropout[n] if self.training else 0.0
         return ops.dora_linear(x, weight, self.base_layer.bias, self.lora_A[n], self.lora_B[n],
-                               getattr(self.lora_scale, n), self.lora_magnitude_vector[n], dropout_p=p,
+                               self.rank_scale(n), self.lora_magnitude_vector[n], dropout_p=p,
                                fan_in_fan_out=self.fan_in_fan_out, weight_sq_norm=self._cached_weight_sq_norm())
 
     def _cached_weight_sq_norm(self) -> torch.Tensor | None:
@@ -168,16 +190,16 @@ class LoRALinear(AdapterLayer):
     def _stack(self, names: list[str]):
         if len(names) == 1:
             n = names[0]
-            return self.lora_A[n], self.lora_B[n], getattr(self.lora_scale, n)
+            return self.lora_A[n], self.lora_B[n], self.rank_scale(n)
         a = torch.cat([self.lora_A[n] for n in names], dim=0)
         b = torch.cat([self.lora_B[n] for n in names], dim=1)
-        s = torch.cat([getattr(self.lora_scale, n) for n in names])
+        s = torch.cat([self.rank_scale(n) for n in names])
         return a, b, s
 
     # ---------------------------------------------------------------------------------------------- merging
     def delta_weight(self, name: str) -> torch.Tensor:
-        """s·B·A in float32, in the base weight's layout."""
-        delta = (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scaling[name]
+        """B diag(s) A in float32, in the base weight's layout."""
+        delta = (self.lora_B[name].float() * self.rank_scale(name).detach()) @ self.lora_A[name].float()
         return delta.t() if self.fan_in_fan_out else delta
 
     @torch.no_grad()

@@ -479,7 +479,7 @@ def test_bias_key_without_bias_config(target_model, saved_llama):
 
 
 @pytest.mark.parametrize("change, pattern", [
-    (dict(peft_type="ADALORA"), "peft_type='ADALORA'"),
+    (dict(peft_type="VERA"), "peft_type='VERA'"),
     (dict(peft_type=None), "peft_type=None"),
     (dict(lora_bias=True), "lora_B"),
     (dict(layer_replication=[[0, 1]]), "layer replication"),
