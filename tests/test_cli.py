@@ -50,7 +50,8 @@ def test_bench_unknown_family():
 def test_bench_help_lists_families():
     result = fastpeft("bench", "--help")
     assert result.returncode == 0, result.stderr
-    assert "available families: ia3, lora" in result.stdout and "common" not in result.stdout.split("families:")[1]
+    assert "available families: dora, ia3, lora" in result.stdout
+    assert "common" not in result.stdout.split("families:")[1]
 
 
 def test_bench_lora_help():
