@@ -14,8 +14,9 @@ from ..config import AdaLoRAConfig
 from ..errors import CheckpointError
 from ..inject import adalora as ada_inject
 from ..modules.lora import is_conv1d
-from .files import (add_and_fill, check_fields, clean_module_names, few, fill_saved, in_out, peft_modules_to_save,
-                    plan_for_checkpoint, present_modules_to_save, read_tensors, saved_requirements, short_names)
+from .files import (add_and_fill, check_fields, check_tensors, clean_module_names, fill_saved, in_out,
+                    peft_modules_to_save, plan_for_checkpoint, present_modules_to_save, read_tensors,
+                    saved_requirements, short_names)
 
 _FIELDS = {name: name for name in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
                                    "orth_reg_weight", "total_step", "rank_pattern", "target_modules",
@@ -88,20 +89,8 @@ def load(model: nn.Module, name: str, raw: dict, config_path: str, weights_path:
         in_f, out_f = in_out(model.get_submodule(path))
         for kind, shape in (("lora_A", (kept, in_f)), ("lora_B", (out_f, kept)), ("lora_E", (kept, 1))):
             required[f"{path}.{kind}"] = (kind, (path, keep), shape, f"{kind} of {path} ({kept} kept ranks)", None)
-    unexpected = sorted(set(tensors) - set(required))
-    if unexpected:
-        raise CheckpointError(f"load_adapter: {weights_path} has {len(unexpected)} tensor(s) that match no module "
-                              f"this adapter wraps or saves in {type(model).__name__}: {few(unexpected, prefix)}; "
-                              "the weights and the config come from different adapters or base models.")
-    missing = [k for k in required if k not in tensors]
-    if missing:
-        raise CheckpointError(f"load_adapter: {weights_path} lacks {len(missing)} tensor(s) its config calls for: "
-                              f"{few(missing, prefix)}; the file is incomplete or belongs to another adapter.")
-    for key, (_, _, shape, what, _) in required.items():
-        if tuple(tensors[key].shape) != shape:
-            raise CheckpointError(f"load_adapter: {weights_path}: tensor {prefix + key!r} has shape "
-                                  f"{tuple(tensors[key].shape)} but {what} is {shape}: the adapter was saved from a "
-                                  "base model with other layer sizes, or with another rank_pattern.")
+    check_tensors(tensors, required, weights_path, prefix, model,
+                  "the adapter was saved from a base model with other layer sizes, or with another rank_pattern")
 
     def fill(undo):
         for key, (kind, where, _, _, _) in required.items():

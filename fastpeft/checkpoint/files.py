@@ -231,3 +231,21 @@ def present_modules_to_save(model: nn.Module, saved):
         return saved
     present = clean_module_names(model)
     return [m for m in saved if not isinstance(m, str) or any(n == m or n.endswith("." + m) for n in present)] or None
+
+
+def check_tensors(tensors: dict, required: dict[str, tuple], weights_path: str, prefix: str, model: nn.Module,
+                  shape_hint: str) -> None:
+    """Every required tensor present with its shape, nothing else: else a CheckpointError naming the keys."""
+    unexpected = sorted(set(tensors) - set(required))
+    if unexpected:
+        raise CheckpointError(f"load_adapter: {weights_path} has {len(unexpected)} tensor(s) that match no module "
+                              f"this adapter adapts or saves in {type(model).__name__}: {few(unexpected, prefix)}; "
+                              "the weights and the config come from different adapters or base models.")
+    missing = [k for k in required if k not in tensors]
+    if missing:
+        raise CheckpointError(f"load_adapter: {weights_path} lacks {len(missing)} tensor(s) its config calls for: "
+                              f"{few(missing, prefix)}; the file is incomplete or belongs to another adapter.")
+    for key, (_, _, shape, what, _) in required.items():
+        if tuple(tensors[key].shape) != shape:
+            raise CheckpointError(f"load_adapter: {weights_path}: tensor {prefix + key!r} has shape "
+                                  f"{tuple(tensors[key].shape)} but {what} is {shape}: {shape_hint}.")

@@ -13,7 +13,7 @@ from ..config import IA3Config
 from ..errors import CheckpointError
 from ..inject import ia3 as ia3_inject
 from ..modules.lora import is_conv1d
-from .files import (add_and_fill, check_fields, clean_module_names, few, fill_saved, in_out,
+from .files import (add_and_fill, check_fields, check_tensors, clean_module_names, fill_saved, in_out,
                     peft_modules_to_save, plan_for_checkpoint, present_modules_to_save, read_tensors,
                     saved_requirements, short_names)
 
@@ -79,20 +79,8 @@ def load(model: nn.Module, name: str, raw: dict, config_path: str, weights_path:
         shape, what = ((1, in_f), f"(1, in_features) of feed-forward {path}") if ff else (
             (out_f, 1), f"(out_features, 1) of {path}")
         required[f"{path}.ia3_l"] = ("ia3_l", path, shape, what, None)
-    unexpected = sorted(set(tensors) - set(required))
-    if unexpected:
-        raise CheckpointError(f"load_adapter: {weights_path} has {len(unexpected)} tensor(s) that match no module "
-                              f"this adapter scales or saves in {type(model).__name__}: {few(unexpected, prefix)}; "
-                              "the weights and the config come from different adapters or base models.")
-    missing = [k for k in required if k not in tensors]
-    if missing:
-        raise CheckpointError(f"load_adapter: {weights_path} lacks {len(missing)} tensor(s) its config calls for: "
-                              f"{few(missing, prefix)}; the file is incomplete or belongs to another adapter.")
-    for key, (_, _, shape, what, _) in required.items():
-        if tuple(tensors[key].shape) != shape:
-            raise CheckpointError(f"load_adapter: {weights_path}: tensor {prefix + key!r} has shape "
-                                  f"{tuple(tensors[key].shape)} but {what} is {shape}: the adapter was saved from a "
-                                  "base model with other layer sizes, or with other feedforward_modules.")
+    check_tensors(tensors, required, weights_path, prefix, model,
+                  "the adapter was saved from a base model with other layer sizes, or with other feedforward_modules")
 
     def fill(undo):
         for key, (kind, where, _, _, _) in required.items():

@@ -13,7 +13,7 @@ from fastpeft.reference import dora as reference
 peft = pytest.importorskip("peft")
 from tests.harness import rel_err  # noqa: E402
 from tests.models.test_lora_models import HEADS  # noqa: E402
-from tests.models.tiny import BUILDERS, IDS, assert_same_state, batch, model, out, snapshot  # noqa: E402
+from tests.models.tiny import BUILDERS, IDS, assert_same_state, model, out, snapshot, train  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 FAMILIES = list(BUILDERS)
@@ -56,15 +56,7 @@ def test_training_steps_reduce_the_loss(kind):
     fp.add_adapter(m, "a", fp.LoRAConfig(r=4, use_dora=True, target_modules="all-linear",
                                          modules_to_save=[HEADS.get(kind, "lm_head")]))
     magnitudes = {id(x): x.lora_magnitude_vector["a"].detach().clone() for x in _dora_layers(m)}
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-    inputs = batch(m)
-    losses = []
-    for _ in range(10):
-        loss = m(**inputs).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(m)
     assert losses[-1] < 0.5 * losses[0], losses
     assert all(not torch.equal(x.lora_magnitude_vector["a"], magnitudes[id(x)]) for x in _dora_layers(m))
     fp.unload(m)

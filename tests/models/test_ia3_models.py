@@ -11,7 +11,7 @@ from fastpeft.modules import IA3Linear
 pytest.importorskip("transformers")
 from tests.harness import rel_err  # noqa: E402
 from tests.models.test_lora_models import HEADS  # noqa: E402
-from tests.models.tiny import BUILDERS, IDS, assert_same_state, batch, model, out, snapshot  # noqa: E402
+from tests.models.tiny import BUILDERS, IDS, assert_same_state, model, out, snapshot, train  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 FAMILIES = list(BUILDERS)
@@ -31,15 +31,7 @@ def test_training_steps_reduce_the_loss(kind):
     m = model(kind)
     frozen = snapshot(m)
     fp.add_adapter(m, "a", fp.IA3Config(modules_to_save=[HEADS.get(kind, "lm_head")]))
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-    inputs = batch(m)
-    losses = []
-    for _ in range(10):
-        loss = m(**inputs).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(m)
     assert losses[-1] < 0.8 * losses[0], losses  # a few thousand parameters: slower than LoRA, still clear
     moved = [x.ia3_l["a"] for x in m.modules() if isinstance(x, IA3Linear)]
     assert all(not torch.equal(v, torch.ones_like(v)) for v in moved)

@@ -13,7 +13,7 @@ from fastpeft.modules import LoRALinear
 
 pytest.importorskip("transformers")
 from tests.harness import rel_err  # noqa: E402
-from tests.models.tiny import BUILDERS, assert_same_state, batch, model, out, snapshot, trainable  # noqa: E402
+from tests.models.tiny import BUILDERS, assert_same_state, model, out, snapshot, train, trainable  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 FAMILIES = list(BUILDERS)
@@ -39,15 +39,7 @@ def test_training_steps_reduce_the_loss(kind):
     head = HEADS.get(kind, "lm_head")
     fp.add_adapter(m, "a", fp.LoRAConfig(r=4, alpha=8, target_modules="all-linear", modules_to_save=[head]))
     assert trainable(m) and all(".lora_" in n or ".modules_to_save.a." in n for n in trainable(m))
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-    inputs = batch(m)
-    losses = []
-    for _ in range(10):
-        loss = m(**inputs).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(m)
     assert losses[-1] < 0.5 * losses[0], losses
     assert all(B.abs().sum() > 0 for x in m.modules() if isinstance(x, LoRALinear) for B in x.lora_B.values())
     fp.unload(m)

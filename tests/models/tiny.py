@@ -114,3 +114,17 @@ def structure(m: nn.Module) -> list[tuple[str, type, tuple[bool, ...]]]:
     """Every module's path, type and parameters' requires_grad flags: what a failed call must not change."""
     return [(n, type(mod), tuple(p.requires_grad for p in mod.parameters(recurse=False)))
             for n, mod in m.named_modules()]
+
+
+def train(m: nn.Module, steps: int = 10, lr: float = 1e-2) -> list[float]:
+    """AdamW on m's trainable parameters over one fixed batch; the loss of each step."""
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
+    inputs = batch(m)
+    losses = []
+    for _ in range(steps):
+        loss = m(**inputs).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
