@@ -12,6 +12,7 @@ from fastpeft.reference import dora as reference
 
 peft = pytest.importorskip("peft")
 from tests.harness import rel_err  # noqa: E402
+from tests.inject.test_errors import unchanged  # noqa: E402
 from tests.models.test_lora_models import HEADS  # noqa: E402
 from tests.models.tiny import BUILDERS, IDS, assert_same_state, model, out, snapshot, train  # noqa: E402
 
@@ -144,3 +145,10 @@ def test_compiled_dora_llama_matches_eager():
     assert rel_err(compiled, eager) < 1e-5
     for name, g in eager_grads.items():
         assert rel_err(m.get_parameter(name).grad, g) < 1e-4, name
+
+
+@pytest.mark.parametrize("target", ["embed_tokens", "input_layernorm"])
+def test_dora_on_a_layer_that_is_not_linear(target):
+    m = model()
+    with unchanged(m), pytest.raises(fp.TargetError, match=target):
+        fp.add_adapter(m, "a", fp.LoRAConfig(use_dora=True, target_modules=[target]))

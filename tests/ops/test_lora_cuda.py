@@ -1,4 +1,5 @@
-"""GPU tier: the compiled Triton LoRA kernels on CUDA tensors against the float64 reference (skipped without CUDA).
+"""GPU tier: the compiled Triton kernels of LoRA, IA3 and DoRA on CUDA tensors against the float64 reference
+(skipped without CUDA).
 
 The same comparison as the interpreter tests, on shapes where autotuning picks the large tiles: LLaMA-sized
 linears, several token counts including partial tiles, ranks around the fused-shrink limit, dropout, Conv1D.
@@ -60,3 +61,36 @@ def test_automatic_dispatch_on_cuda():
     assert lora_op._backend(x[:lora_op.TINY_M]) == "torch"
     with fp.ops.use_backend("triton"):
         assert lora_op._backend(x[:1]) == "triton"
+
+
+IA3_CASES = [(17, 4096, 4096, "out"), (1000, 4096, 11008, "in"), (3000, 11008, 4096, "both")]  # M, K, N, mode
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case", IA3_CASES, ids=lambda c: "M{}_K{}_N{}_{}".format(*c))
+def test_ia3_kernels_match_reference_on_cuda(case, dtype):
+    M, K, N, mode = case
+
+    def make(dt):
+        return dict(
+            x=torch.randn(M, K, device="cuda", dtype=dt, requires_grad=True),
+            weight=torch.randn(N, K, device="cuda", dtype=dt) / K ** 0.5,
+            bias=torch.randn(N, device="cuda", dtype=dt, requires_grad=True),
+            in_scale=(torch.rand(K, device="cuda") + 0.5).requires_grad_() if mode != "out" else None,
+            out_scale=(torch.rand(N, device="cuda") + 0.5).requires_grad_() if mode != "in" else None)
+    check_op(fp.ops.ia3_linear, make, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case", CASES[:4], ids=lambda c: "M{}_K{}_N{}_r{}".format(*c[:4]))
+def test_dora_kernels_match_reference_on_cuda(case, dtype):
+    M, K, N, R, bias, _, _ = case
+    make_lora = _inputs(M, K, N, R, bias, 0.0, False)
+
+    def make(dt):
+        inputs = make_lora(dt)
+        for key in ("seed", "dropout_p"):
+            inputs.pop(key)
+        inputs["magnitude"] = (torch.rand(N, device="cuda") + 0.5).requires_grad_()
+        return inputs
+    check_op(fp.ops.dora_linear, make, dtype)
