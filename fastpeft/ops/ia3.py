@@ -150,7 +150,7 @@ def _triton_backward(dy, x, weight, in_scale, out_scale, z, fan_in_fan_out, need
     if M == 0:
         zeros = (dy.new_zeros((0, K)), torch.zeros_like(in_scale) if need_du else du,
                  torch.zeros_like(out_scale) if need_dv else dv, dy.new_zeros((N,)) if need_db else db)
-        return tuple(z if need else e for z, need, e in zip(zeros, needs, (dx, du, dv, db)))
+        return tuple(zero if need else e for zero, need, e in zip(zeros, needs, (dx, du, dv, db)))
     if need_dx or need_du:
         dx = dispatch.new_output((M, K), like=dy)
         w_nk = weight.t() if fan_in_fan_out else weight
