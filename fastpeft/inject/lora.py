@@ -66,7 +66,7 @@ def wrap(model: nn.Module, path: str, make: Callable[[nn.Module], nn.Module], wr
     module = model.get_submodule(path)
     if isinstance(module, wrapper_type):
         return module
-    wrapper = make(module)
+    wrapper = make(module).train(module.training)  # a new module starts in training mode: follow the model's
     parent, attr = parent_of(model, path)
     setattr(parent, attr, wrapper)
     undo.append(lambda: setattr(parent, attr, module))

@@ -69,6 +69,7 @@ class LoRALinear(AdapterLayer):
         self.lora_E = nn.ParameterDict()  # AdaLoRA adapters: the singular values E (r,)
         self._original_weight: torch.Tensor | None = None
         self._weight_sq_norm: tuple[tuple, torch.Tensor] | None = None  # ‖W_n‖², valid while W is unchanged
+        self._weight_norms: dict[str, tuple[tuple, torch.Tensor]] = {}  # DoRA ‖W + sBA‖ per adapter, with its key
 
     # ---------------------------------------------------------------------------------------------- adapters
     def add_adapter(self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
@@ -118,6 +119,7 @@ class LoRALinear(AdapterLayer):
         for table in (self.lora_magnitude_vector, self.lora_E):
             if name in table:
                 del table[name]
+        self._weight_norms.pop(name, None)
         for table in (self.r, self.alpha, self.scaling, self.dropout):
             table.pop(name)
         if name in self.active_adapters:
@@ -163,21 +165,36 @@ class LoRALinear(AdapterLayer):
             raise AdapterError(f"adapters {names} are active on one layer, and DoRA adapter {dora!r} runs alone on "
                                "its layer: activate only it there (fp.set_active_adapters), or merge the others.")
         n = names[0]
-        weight = self.base_layer.weight
+        weight, scale = self.base_layer.weight, self.rank_scale(n)
         p = self.dropout[n] if self.training else 0.0
-        return ops.dora_linear(x, weight, self.base_layer.bias, self.lora_A[n], self.lora_B[n],
-                               self.rank_scale(n), self.lora_magnitude_vector[n], dropout_p=p,
-                               fan_in_fan_out=self.fan_in_fan_out, weight_sq_norm=self._cached_weight_sq_norm())
+        return ops.dora_linear(x, weight, self.base_layer.bias, self.lora_A[n], self.lora_B[n], scale,
+                               self.lora_magnitude_vector[n], dropout_p=p, fan_in_fan_out=self.fan_in_fan_out,
+                               weight_norm=self._cached_weight_norm(n, scale))
 
-    def _cached_weight_sq_norm(self) -> torch.Tensor | None:
-        """‖W_n‖², recomputed only when the base weight changes (it is frozen while adapters train)."""
-        if torch.compiler.is_compiling():
+    def _cached_weight_norm(self, name: str, scale: torch.Tensor) -> torch.Tensor | None:
+        """In eval mode, ‖W + s B A‖ (and ‖W_n‖²) kept while W, A and B are unchanged: decode steps reuse them.
+        Training recomputes them every call (edits through `.data` would not show in the version counters)."""
+        if self.training or torch.compiler.is_compiling():
             return None
-        weight = self.base_layer.weight
-        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
-        if self._weight_sq_norm is None or self._weight_sq_norm[0] != key:
-            self._weight_sq_norm = (key, ops.dora_weight_sq_norm(weight.detach(), fan_in_fan_out=self.fan_in_fan_out))
-        return self._weight_sq_norm[1]
+        w, a, b = self.base_layer.weight, self.lora_A[name], self.lora_B[name]
+
+        def version(t):
+            return (t._version, t.data_ptr(), t.dtype, t.device)
+
+        w_key = version(w)
+        if self._weight_sq_norm is None or self._weight_sq_norm[0] != w_key:
+            self._weight_sq_norm = (w_key, ops.dora_weight_sq_norm(w.detach(), fan_in_fan_out=self.fan_in_fan_out))
+        key = (w_key, version(a), version(b), self.scaling[name])
+        cached = self._weight_norms.get(name)
+        if cached is None or cached[0] != key:
+            norm = ops.dora_weight_norm(w, a, b, scale.detach(), fan_in_fan_out=self.fan_in_fan_out,
+                                        weight_sq_norm=self._weight_sq_norm[1])
+            self._weight_norms[name] = cached = (key, norm)
+        return cached[1]
+
+    def train(self, mode: bool = True):
+        self._weight_sq_norm, self._weight_norms = None, {}  # like PEFT's DoRA cache: eval mode only
+        return super().train(mode)
 
     def _group_by_dropout(self, names: list[str]) -> tuple[list[str], list[str]]:
         """Adapters without active dropout share one fused call; each one with dropout needs its own mask."""

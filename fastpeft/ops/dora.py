@@ -47,13 +47,18 @@ def dora_weight_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: floa
 
 def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
                 scale: float | Tensor, magnitude: Tensor, *, dropout_p: float = 0.0, seed: Tensor | None = None,
-                fan_in_fan_out: bool = False, weight_sq_norm: Tensor | None = None) -> Tensor:
-    """y = m / ‖W + s B A‖ ⊙ (x Wᵀ + s drop(x) Aᵀ Bᵀ) + b for x of shape (..., K); magnitude m: (N,)."""
+                fan_in_fan_out: bool = False, weight_sq_norm: Tensor | None = None,
+                weight_norm: Tensor | None = None) -> Tensor:
+    """y = m / ‖W + s B A‖ ⊙ (x Wᵀ + s drop(x) Aᵀ Bᵀ) + b for x of shape (..., K); magnitude m: (N,).
+
+    weight_norm: ‖W + s B A‖ (N,) when already known (unchanged W, A, B since it was computed); else computed,
+    with `weight_sq_norm` (‖W_n‖²) saving the pass over W.
+    """
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     if magnitude.shape != (N,):
         raise ValueError(f"dora_linear: magnitude has shape {tuple(magnitude.shape)}; expected ({N},), one entry per "
                          "output feature.")
-    norm = dora_weight_norm(weight, lora_a, lora_b, scale, fan_in_fan_out=fan_in_fan_out,
-                            weight_sq_norm=weight_sq_norm)
+    norm = weight_norm if weight_norm is not None else dora_weight_norm(
+        weight, lora_a, lora_b, scale, fan_in_fan_out=fan_in_fan_out, weight_sq_norm=weight_sq_norm)
     return lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=dropout_p, seed=seed,
                        fan_in_fan_out=fan_in_fan_out, out_scale=magnitude / norm.to(magnitude.dtype))

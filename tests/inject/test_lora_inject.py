@@ -506,3 +506,15 @@ def test_training_step_moves_only_adapters():
     assert torch.count_nonzero(b) > 0
     fp.unload(m)
     assert_same_state(m, before)
+
+
+def test_wrappers_follow_the_models_train_or_eval_mode():
+    """An adapter added to a model in eval mode must not run dropout."""
+    m = model()
+    fp.add_adapter(m, "a", fp.LoRAConfig(r=4, dropout=0.5, target_modules=["q_proj"], init_weights=False,
+                                         modules_to_save=["lm_head"]))
+    assert not any(x.training for x in m.modules())
+    assert torch.equal(out(m), out(m))
+    m.train()
+    fp.add_adapter(m, "b", fp.LoRAConfig(r=2, target_modules=["k_proj"]))
+    assert all(x.training for x in m.modules())

@@ -152,3 +152,26 @@ def test_dora_on_a_layer_that_is_not_linear(target):
     m = model()
     with unchanged(m), pytest.raises(fp.TargetError, match=target):
         fp.add_adapter(m, "a", fp.LoRAConfig(use_dora=True, target_modules=[target]))
+
+
+def test_eval_cache_of_the_norm_follows_the_weights():
+    """In eval mode the norm is cached; an optimizer-style update, a merge or train() invalidates it."""
+    m = model()
+    fp.add_adapter(m, "a", fp.LoRAConfig(r=3, use_dora=True, target_modules=["q_proj"], init_weights=False))
+    layer = m.model.layers[0].self_attn.q_proj
+    x = torch.randn(4, 32)
+
+    def formula():
+        return reference.dora_linear(x.double(), layer.weight.double(), None, layer.lora_A["a"].double(),
+                                     layer.lora_B["a"].double(), layer.scaling["a"],
+                                     layer.lora_magnitude_vector["a"].double(), False)
+
+    assert rel_err(layer(x), formula()) < 1e-6 and layer._weight_norms  # cached in eval mode
+    with torch.no_grad():
+        layer.lora_B["a"].mul_(1.5)  # what optimizer.step() does
+    assert rel_err(layer(x), formula()) < 1e-6
+    m.train()
+    assert not layer._weight_norms
+    with torch.no_grad():
+        layer.lora_B["a"].data.mul_(2.0)  # invisible to version counters: training never caches
+    assert rel_err(layer(x), formula()) < 1e-6 and not layer._weight_norms
