@@ -33,10 +33,8 @@ fwd+bwd; base: y and dX) against the formula in float64, checked once per case o
 """
 from __future__ import annotations
 
-import argparse
-import math
+import functools
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -44,23 +42,16 @@ import torch.nn.functional as F
 from torch import nn
 
 try:  # imported as benchmarks.adalora (repo root on sys.path)
-    from . import lora
-    from .common import (RESULTS_DIR, InputPool, Row, TablePrinter, dtype_name, environment, fill_metrics,
-                         free_memory, int_list, is_oom, measure_peaks, parse_dtype, pick_device, plot_ratio_to_base,
-                         print_pivot, result_path, shape_list, str_list, time_ms, write_json)
-    from .ia3 import load
+    from . import _driver, lora
+    from ._driver import Family, Run, time_case
+    from .common import Row, frozen_linear, int_list
 except ImportError:  # run as a script: python benchmarks/adalora.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks import lora
-    from benchmarks.common import (RESULTS_DIR, InputPool, Row, TablePrinter, dtype_name, environment, fill_metrics,
-                                   free_memory, int_list, is_oom, measure_peaks, parse_dtype, pick_device,
-                                   plot_ratio_to_base, print_pivot, result_path, shape_list, str_list, time_ms,
-                                   write_json)
-    from benchmarks.ia3 import load
+    from benchmarks import _driver, lora
+    from benchmarks._driver import Family, Run, time_case
+    from benchmarks.common import Row, frozen_linear, int_list
 
-BENCH = "adalora"
 IMPLS = ("base", "fastpeft", "peft", "torch")
-FULL, QUICK, MODES, TOLERANCE, COLUMNS = lora.FULL, lora.QUICK, lora.MODES, lora.TOLERANCE, lora.COLUMNS
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -100,9 +91,7 @@ def build_peft_layer(svd_linear, w, a, b, e, r: int) -> nn.Module:
     """
     from peft import AdaLoraConfig
 
-    N, K = w.shape
-    base = nn.utils.skip_init(nn.Linear, K, N, bias=False, device=w.device, dtype=w.dtype)
-    base.weight = nn.Parameter(w.detach(), requires_grad=False)
+    base = frozen_linear(w)
     config = AdaLoraConfig(init_r=r, lora_alpha=2 * r, lora_dropout=0.0, total_step=1)
     layer = svd_linear(base, adapter_name="default", config=config, r=r, lora_alpha=2 * r)
     layer.lora_A["default"] = nn.Parameter(a.detach())
@@ -146,14 +135,6 @@ def grad_inputs(impl: str, item: dict) -> list[torch.Tensor]:
     return [item[k] for k in ("x", "a", "b", "e")]
 
 
-def step(impl: str, item: dict, mode: str, c: float, lora_linear=None) -> list[torch.Tensor]:
-    """One timed call: [y], or [y, *gradients] through autograd.grad (no .grad accumulation, for every impl)."""
-    y = forward(impl, item, c, lora_linear)
-    if mode == "fwd":
-        return [y]
-    return [y, *torch.autograd.grad(y, grad_inputs(impl, item), item["dy"])]
-
-
 def reference_outputs(item: dict, c: float) -> dict:
     """The formula in float64: base (y, dX) from benchmarks/lora.py and AdaLoRA (y, dX, dA, dB, dE); grads with
     a dY."""
@@ -168,188 +149,34 @@ def reference_outputs(item: dict, c: float) -> dict:
     return refs
 
 
-def check(impl: str, item: dict, mode: str, c: float, refs: dict, lora_linear=None) -> float:
-    """Largest relative Frobenius error of impl's outputs against the reference (nan if any output is nan)."""
-    with torch.enable_grad() if mode != "fwd" else torch.no_grad():
-        outs = step(impl, item, mode, c, lora_linear)
-    errs = []
-    for o, r in zip(outs, refs["base" if impl == "base" else "adalora"]):
-        o = o.detach().to(r.dtype)
-        errs.append(float(torch.linalg.vector_norm(o - r) / torch.linalg.vector_norm(r).clamp_min(1e-30)))
-    return max(errs, key=lambda e: math.inf if math.isnan(e) else e)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------------------
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="benchmarks/adalora.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None,
-                   help="small shapes and fewer repetitions (default: on without CUDA, off with it)")
-    p.add_argument("--shapes", type=shape_list, help="KxN list, e.g. 4096x4096,4096x11008 (in x out features)")
-    p.add_argument("--m", type=int_list, help="token counts M, e.g. 1,16,4096")
-    p.add_argument("--ranks", type=int_list, help="ranks r (= init_r = ranknum), e.g. 8,16,64 (alpha = 2r)")
-    p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--modes", type=lora.parse_modes, default=list(MODES), help="fwd,fwdbwd (default: both)")
-    p.add_argument("--impls", type=str_list, default=list(IMPLS), help="subset of base,fastpeft,peft,torch")
-    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="result directory (default: benchmarks/results)")
-    p.add_argument("--warmup-ms", type=float, help="warm-up budget per timing in ms")
-    p.add_argument("--rep-ms", type=float, help="measurement budget per timing in ms")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="CUDA: time CUDA-graph replays (kernel time without host launch overhead)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-check", action="store_true", help="skip the per-case correctness check")
-    p.add_argument("--no-plot", action="store_true", help="write the JSON only")
-    args = p.parse_args(argv)
-    unknown = [i for i in args.impls if i not in IMPLS]
-    if unknown:
-        p.error(f"unknown implementation(s) {', '.join(unknown)}; choose from {', '.join(IMPLS)}")
-    return args
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Run
 # ------------------------------------------------------------------------------------------------------------
 
-def run_case(K, N, M, r, *, args, device, dtype, impls, timer, peaks, lora_linear, peft_linear) -> list[Row]:
-    """Time every (mode, impl) of one (shape, M, r) on one shared input pool."""
-    case = {"shape": f"{K}x{N}", "K": K, "N": N, "M": M, "r": r, "dtype": dtype_name(dtype)}
+def run_case(run: Run, K: int, N: int, M: int, r: int) -> list[Row]:
+    """Check and time every (mode, impl) of one (shape, M, r) on one shared input pool."""
     c = ada_scale(r)
-    elem = torch.empty((), dtype=dtype).element_size()
-    rows = []
+    return time_case(
+        run, K, N, M, r,
+        make_item=lambda: make_item(M, K, N, r, run.dtype, run.device, need_dy=run.need_dy, peft_linear=run.peft),
+        reference=lambda item: reference_outputs(item, c),
+        forward=functools.partial(forward, c=c, lora_linear=run.fast), grad_inputs=grad_inputs,
+        cost=lambda mode, impl: (adalora_flops(M, K, N, r, mode, impl),
+                                 adalora_bytes(M, K, N, r, mode, impl, run.elem)))
 
-    def new_row(mode, impl, ms=None, note="", rel_err=None, extra=None):
-        return Row(BENCH, case, mode, impl, ms, adalora_flops(M, K, N, r, mode, impl),
-                   adalora_bytes(M, K, N, r, mode, impl, elem), rel_err=rel_err, note=note, extra=extra or {})
 
-    try:
-        pool = InputPool.build(lambda: make_item(M, K, N, r, dtype, device, need_dy="fwd+bwd" in args.modes,
-                                                 peft_linear=peft_linear if "peft" in impls else None), device)
-    except Exception as exc:  # typically out of memory for the largest cases: record and go on
-        free_memory(device)
-        note = f"inputs failed: {type(exc).__name__}: {str(exc)[:160]}"
-        return [new_row(mode, impl, note=note) for mode in args.modes for impl in impls]
-    refs = None
-    if not args.no_check:
-        try:
-            refs = reference_outputs(pool.first, c)
-        except Exception as exc:
-            print(f"  check skipped for {case}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
-            free_memory(device)
-    for mode in args.modes:
-        grad_mode = torch.no_grad if mode == "fwd" else torch.enable_grad
-        for impl in impls:
-            err, note = None, ""
-            try:
-                if refs is not None:
-                    err = check(impl, pool.first, mode, c, refs, lora_linear)
-                    if not err <= TOLERANCE.get(dtype, 1e-2):  # also true for nan
-                        note = "MISMATCH"
-                        print(f"  WARNING: {impl} {mode} {case}: rel_err {err:.2e} exceeds {TOLERANCE.get(dtype)}",
-                              flush=True)
-                with grad_mode():
-                    ms = time_ms(lambda: step(impl, pool.next(), mode, c, lora_linear), device, timer)
-            except Exception as exc:
-                ms = None
-                note = ("OOM" if is_oom(exc) else "error") + f": {type(exc).__name__}: {str(exc)[:160]}"
-                print(f"  {impl} {mode} {case}: {note}", flush=True)
-                free_memory(device)
-            rows.append(new_row(mode, impl, ms, note, err, {"pool_copies": len(pool)}))
-    fill_metrics(rows, peaks, base="base", peer="peft")
-    return rows
+FAMILY = Family(
+    bench="adalora", title="AdaLoRA", doc=__doc__, impls=IMPLS, full=lora.FULL, quick=lora.QUICK, axis="r",
+    axis_arg=("--ranks", {"type": int_list, "help": "ranks r (= init_r = ranknum), e.g. 8,16,64 (alpha = 2r)"}),
+    config={"alpha": "2r",
+            "scale": "E * alpha / (r + 1e-5) per rank (fastpeft: float32, computed in the timed step)",
+            "singular_values": "E (r, 1) ~ U[0.5, 1.5) in the benchmark dtype"},
+    fast=("fastpeft.ops", "lora_linear"), peft=("peft.tuners.adalora.layer", "SVDLinear"), run_case=run_case,
+    label="fastpeft AdaLoRA")
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    device = pick_device(args.device)
-    cuda = device.type == "cuda"
-    quick = (not cuda) if args.quick is None else args.quick
-    preset = QUICK if quick else FULL
-    shapes, ms_list, ranks = args.shapes or preset["shapes"], args.m or preset["m"], args.ranks or preset["ranks"]
-    dtype = parse_dtype(args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    timer = lora.timer_config(cuda, quick, args)
-    torch.manual_seed(args.seed)
-
-    notes = []
-    impls = list(args.impls)
-    ops, why = load("fastpeft", "ops") if "fastpeft" in impls else (None, None)
-    if why:
-        notes.append(f"fastpeft skipped: {why}")
-        impls.remove("fastpeft")
-    peft_linear, why = load("peft.tuners.adalora.layer", "SVDLinear") if "peft" in impls else (None, None)
-    if why:
-        notes.append(f"peft skipped: {why}")
-        impls.remove("peft")
-    for n in notes:
-        print(f"NOTE: {n}", flush=True)
-
-    when = datetime.now(timezone.utc)
-    env = environment(device, ["benchmarks/adalora.py", *argv], when=when)
-    json_path = result_path(args.out, device, BENCH, when)
-    print(f"AdaLoRA benchmark on {env['device']['name']} ({device.type}), {dtype_name(dtype)}, "
-          f"{'quick' if quick else 'full'} preset; timer: {timer.method(device)}", flush=True)
-    print(f"shapes {', '.join(f'{k}x{n}' for k, n in shapes)}; M {ms_list}; r {ranks}; modes {args.modes}; "
-          f"impls {impls}", flush=True)
-
-    peaks = measure_peaks(device, dtype, timer)
-    print(f"measured peaks: matmul {peaks.matmul_tflops:.2f} TFLOP/s (mm {peaks.matmul_n}^3, {peaks.dtype}), "
-          f"bandwidth {peaks.bandwidth_gbps:.1f} GB/s (copy {peaks.copy_bytes / 2**20:.0f} MiB); "
-          f"ridge {peaks.ridge_flops_per_byte:.1f} flop/byte", flush=True)
-
-    backends = {}
-    if ops is not None:
-        try:
-            backends = ops.explain(str(device))
-        except Exception as exc:
-            backends = {"error": str(exc)}
-    payload = {
-        "benchmark": BENCH, **env, "complete": False, "notes": notes,
-        "config": {"shapes": [f"{k}x{n}" for k, n in shapes], "m": ms_list, "ranks": ranks, "alpha": "2r",
-                   "scale": "E * alpha / (r + 1e-5) per rank (fastpeft: float32, computed in the timed step)",
-                   "singular_values": "E (r, 1) ~ U[0.5, 1.5) in the benchmark dtype", "dtype": dtype_name(dtype),
-                   "modes": args.modes, "impls": impls, "quick": quick, "seed": args.seed,
-                   "timer": {"method": timer.method(device), **vars(timer)}, "check": not args.no_check},
-        "fastpeft_backends": backends,
-        "peaks": peaks.to_dict(),
-        "rows": [],
-    }
-
-    table = TablePrinter(COLUMNS)
-    table.header()
-    rows: list[Row] = []
-    lora_linear = ops and ops.lora_linear
-    for K, N in shapes:
-        for M in ms_list:
-            for r in ranks:
-                case_rows = run_case(K, N, M, r, args=args, device=device, dtype=dtype, impls=impls, timer=timer,
-                                     peaks=peaks, lora_linear=lora_linear, peft_linear=peft_linear)
-                for row in case_rows:
-                    table.row(row.flat())
-                rows += case_rows
-                payload["rows"] = [row.flat() for row in rows]
-                write_json(json_path, payload)  # after every case: a cut-off run keeps what it measured
-    payload["complete"] = True
-    write_json(json_path, payload)
-
-    flat = [row.flat() for row in rows]
-    fast = [f for f in flat if f["impl"] == "fastpeft"]
-    pivots = [("peft", "vs_peer", "fastpeft AdaLoRA speed-up over peft (peft ms / fastpeft ms), by M:"),
-              ("base", "vs_base", "fastpeft AdaLoRA time / base time (1.00 = free adapter), by M:")]
-    for other, key, title in pivots:
-        if fast and other in impls:
-            print()
-            print_pivot(fast, row_keys=("mode", "shape", "r"), col_key="M", value_key=key, title=title)
-    print(f"\nwrote {json_path}")
-    if not args.no_plot:
-        png = plot_ratio_to_base(flat, json_path.with_suffix(".png"), style_key="r",
-                                 title=f"AdaLoRA vs frozen base linear: {env['device']['name']}, {dtype_name(dtype)}")
-        if png:
-            print(f"wrote {png}")
-    return 0
+    return _driver.main(FAMILY, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Shared pieces of the fastpeft microbenchmarks (benchmarks/<family>.py).
 
-A benchmark script builds its cases and the callables to time; this module does the rest the same way for
-every op family:
+A benchmark script builds its cases and the callables to time; `_driver.py` runs them (command line, case
+loop, checks, JSON, pivots, plot) and this module holds the pieces, the same way for every op family:
 
 * timing:       `time_ms(fn, device)`: median milliseconds. CUDA: device events through
                 `triton.testing.do_bench` (which also clears L2 before every call), after explicit warm-up calls
@@ -14,6 +14,7 @@ every op family:
                 (2 x bytes: read + write), both timed like everything else, in the benchmark dtype.
                 `Row` + `fill_metrics`: TFLOP/s, GB/s, ratio to the base op, speed-up over a peer, and % of
                 the roofline bound that applies (below).
+* PEFT layers:  `frozen_linear(w)`, the base layer around w's storage; `takes_config(cls)`, config= or keywords.
 * records:      `environment` (device, versions, git commit, command, UTC date), `result_path`, `write_json`,
                 `TablePrinter`, `print_pivot`, `plot_ratio_to_base`.
 
@@ -125,6 +126,27 @@ def is_oom(exc: BaseException) -> bool:
 def free_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# PEFT layers
+# ------------------------------------------------------------------------------------------------------------
+
+def frozen_linear(w: torch.Tensor) -> torch.nn.Linear:
+    """nn.Linear(K, N, bias=False) of w's dtype and device, its frozen weight sharing w's storage (PEFT's base)."""
+    N, K = w.shape
+    base = torch.nn.utils.skip_init(torch.nn.Linear, K, N, bias=False, device=w.device, dtype=w.dtype)
+    base.weight = torch.nn.Parameter(w.detach(), requires_grad=False)
+    return base
+
+
+def takes_config(peft_class: type) -> bool:
+    """Whether a PEFT layer class takes its hyperparameters as a config (`config=`, recent PEFT) rather than as
+    keyword arguments (older releases)."""
+    try:
+        return "config" in inspect.signature(peft_class.__init__).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 # ------------------------------------------------------------------------------------------------------------

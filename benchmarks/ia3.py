@@ -32,12 +32,8 @@ pool item.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
-import inspect
-import math
+import functools
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -45,24 +41,19 @@ import torch.nn.functional as F
 from torch import nn
 
 try:  # imported as benchmarks.ia3 (repo root on sys.path)
-    from .common import (RESULTS_DIR, Column, InputPool, Row, TablePrinter, dtype_name, environment, fill_metrics,
-                         free_memory, int_list, is_oom, measure_peaks, parse_dtype, pick_device, plot_ratio_to_base,
-                         print_pivot, result_path, shape_list, str_list, time_ms, write_json)
-    from .lora import COLUMNS as LORA_COLUMNS, MODES, parse_modes, timer_config
+    from . import _driver
+    from ._driver import Family, Run, time_case
+    from .common import Row, frozen_linear, str_list, takes_config
 except ImportError:  # run as a script: python benchmarks/ia3.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks.common import (RESULTS_DIR, Column, InputPool, Row, TablePrinter, dtype_name, environment,
-                                   fill_metrics, free_memory, int_list, is_oom, measure_peaks, parse_dtype,
-                                   pick_device, plot_ratio_to_base, print_pivot, result_path, shape_list, str_list,
-                                   time_ms, write_json)
-    from benchmarks.lora import COLUMNS as LORA_COLUMNS, MODES, parse_modes, timer_config
+    from benchmarks import _driver
+    from benchmarks._driver import Family, Run, time_case
+    from benchmarks.common import Row, frozen_linear, str_list, takes_config
 
-BENCH = "ia3"
 IMPLS = ("base", "fastpeft", "peft", "torch")
 IA3_MODES = ("out", "in")
 FULL = {"shapes": [(4096, 4096), (4096, 11008), (11008, 4096)], "m": [1, 16, 128, 512, 2048, 4096, 8192, 16384]}
 QUICK = {"shapes": [(1024, 1024), (1024, 2816)], "m": [1, 64, 512, 2048]}
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}  # flags a row, never fails the run
 VEC_BYTES = 4  # the IA3 vector is float32 (PEFT's adapter dtype after get_peft_model, fastpeft's scales)
 
 
@@ -100,14 +91,6 @@ def ia3_bytes(M: int, K: int, N: int, ia3: str, mode: str, impl: str, elem: int)
 # Implementations
 # ------------------------------------------------------------------------------------------------------------
 
-def load(module: str, name: str):
-    """(module.name, None) or (None, why it cannot be imported)."""
-    try:
-        return getattr(importlib.import_module(module), name), None
-    except Exception as exc:
-        return None, f"{type(exc).__name__}: {exc}"
-
-
 def scales(ia3: str, vec: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(in_scale, out_scale) of ia3_linear for one IA3 mode."""
     return (None, vec) if ia3 == "out" else (vec, None)
@@ -121,13 +104,8 @@ def build_peft_layer(peft_linear, w: torch.Tensor, vec: torch.Tensor, ia3: str) 
     """
     N, K = w.shape
     feedforward = ia3 == "in"
-    base = nn.utils.skip_init(nn.Linear, K, N, bias=False, device=w.device, dtype=w.dtype)
-    base.weight = nn.Parameter(w.detach(), requires_grad=False)
-    try:
-        takes_config = "config" in inspect.signature(peft_linear.__init__).parameters
-    except (TypeError, ValueError):
-        takes_config = False
-    if takes_config:
+    base = frozen_linear(w)
+    if takes_config(peft_linear):
         from peft import IA3Config
         layer = peft_linear(base, adapter_name="default", config=IA3Config(), is_feedforward=feedforward)
     else:
@@ -174,14 +152,6 @@ def grad_inputs(impl: str, item: dict) -> list[torch.Tensor]:
     return [item["x"], item["vec_lp" if impl == "torch" else "vec"]]
 
 
-def step(impl: str, item: dict, mode: str, ia3: str, ia3_linear=None):
-    """One timed call: the forward, or forward + autograd.grad (no .grad accumulation, for every impl alike)."""
-    y = forward(impl, item, ia3, ia3_linear)
-    if mode == "fwd":
-        return y
-    return torch.autograd.grad(y, grad_inputs(impl, item), item["dy"])
-
-
 def reference_outputs(item: dict, ia3: str) -> dict:
     """The formula in float64: (y, dX, dvec) for IA3 and (y, dX) for the base op; grads only with a dY."""
     from fastpeft.reference.ia3 import ia3_linear as formula  # here: without fastpeft, peft and torch still run
@@ -200,20 +170,8 @@ def reference_outputs(item: dict, ia3: str) -> dict:
     return out
 
 
-def check(impl: str, item: dict, mode: str, ia3: str, refs: dict, ia3_linear=None) -> float:
-    """Largest relative Frobenius error of impl's outputs against the reference (nan if any output is nan)."""
-    with torch.enable_grad() if mode != "fwd" else torch.no_grad():
-        y = forward(impl, item, ia3, ia3_linear)
-        outs = [y] + (list(torch.autograd.grad(y, grad_inputs(impl, item), item["dy"])) if mode != "fwd" else [])
-    errs = []
-    for o, r in zip(outs, refs["base" if impl == "base" else "ia3"]):
-        o = o.detach().reshape(r.shape).to(r.dtype)  # PEFT's vector gradient is (N, 1) or (1, K)
-        errs.append(float(torch.linalg.vector_norm(o - r) / torch.linalg.vector_norm(r).clamp_min(1e-30)))
-    return max(errs, key=lambda e: math.inf if math.isnan(e) else e)
-
-
 # ------------------------------------------------------------------------------------------------------------
-# Command line
+# Command line and run
 # ------------------------------------------------------------------------------------------------------------
 
 def parse_ia3_modes(text: str) -> list[str]:
@@ -224,177 +182,26 @@ def parse_ia3_modes(text: str) -> list[str]:
     return list(dict.fromkeys(modes))
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="benchmarks/ia3.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None,
-                   help="small shapes and fewer repetitions (default: on without CUDA, off with it)")
-    p.add_argument("--shapes", type=shape_list, help="KxN list, e.g. 4096x4096,4096x11008 (in x out features)")
-    p.add_argument("--m", type=int_list, help="token counts M, e.g. 1,16,4096")
-    p.add_argument("--ia3-modes", type=parse_ia3_modes, default=list(IA3_MODES),
-                   help="out (y = (x W^T) * v) and/or in (y = (x * u) W^T) (default: out,in)")
-    p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--modes", type=parse_modes, default=list(MODES), help="fwd,fwdbwd (default: both)")
-    p.add_argument("--impls", type=str_list, default=list(IMPLS), help="subset of base,fastpeft,peft,torch")
-    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="result directory (default: benchmarks/results)")
-    p.add_argument("--warmup-ms", type=float, help="warm-up budget per timing in ms")
-    p.add_argument("--rep-ms", type=float, help="measurement budget per timing in ms")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="CUDA: time CUDA-graph replays (kernel time without host launch overhead)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-check", action="store_true", help="skip the per-case correctness check")
-    p.add_argument("--no-plot", action="store_true", help="write the JSON only")
-    args = p.parse_args(argv)
-    unknown = [i for i in args.impls if i not in IMPLS]
-    if unknown:
-        p.error(f"unknown implementation(s) {', '.join(unknown)}; choose from {', '.join(IMPLS)}")
-    return args
+def run_case(run: Run, K: int, N: int, M: int, ia3: str) -> list[Row]:
+    """Check and time every (mode, impl) of one (shape, M, IA3 mode) on one shared input pool."""
+    return time_case(
+        run, K, N, M, ia3,
+        make_item=lambda: make_item(M, K, N, ia3, run.dtype, run.device, need_dy=run.need_dy, peft_linear=run.peft),
+        reference=lambda item: reference_outputs(item, ia3),
+        forward=functools.partial(forward, ia3=ia3, ia3_linear=run.fast), grad_inputs=grad_inputs,
+        cost=lambda mode, impl: (ia3_flops(M, K, N, ia3, mode, impl), ia3_bytes(M, K, N, ia3, mode, impl, run.elem)))
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Run
-# ------------------------------------------------------------------------------------------------------------
-
-COLUMNS = [Column("ia3", "ia3", 3) if c.key == "r" else c for c in LORA_COLUMNS]
-
-
-def run_case(K, N, M, ia3, *, args, device, dtype, impls, timer, peaks, ia3_linear, peft_linear) -> list[Row]:
-    """Time every (mode, impl) of one (shape, M, IA3 mode) on one shared input pool."""
-    case = {"shape": f"{K}x{N}", "K": K, "N": N, "M": M, "ia3": ia3, "dtype": dtype_name(dtype)}
-    elem = torch.empty((), dtype=dtype).element_size()
-    rows = []
-
-    def new_row(mode, impl, ms=None, note="", rel_err=None, extra=None):
-        return Row(BENCH, case, mode, impl, ms, ia3_flops(M, K, N, ia3, mode, impl),
-                   ia3_bytes(M, K, N, ia3, mode, impl, elem), rel_err=rel_err, note=note, extra=extra or {})
-
-    try:
-        pool = InputPool.build(lambda: make_item(M, K, N, ia3, dtype, device, need_dy="fwd+bwd" in args.modes,
-                                                 peft_linear=peft_linear if "peft" in impls else None), device)
-    except Exception as exc:  # typically out of memory for the largest cases: record and go on
-        free_memory(device)
-        note = f"inputs failed: {type(exc).__name__}: {str(exc)[:160]}"
-        return [new_row(mode, impl, note=note) for mode in args.modes for impl in impls]
-    refs = None
-    if not args.no_check:
-        try:
-            refs = reference_outputs(pool.first, ia3)
-        except Exception as exc:
-            print(f"  check skipped for {case}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
-            free_memory(device)
-    for mode in args.modes:
-        grad_mode = torch.no_grad if mode == "fwd" else torch.enable_grad
-        for impl in impls:
-            err, note = None, ""
-            try:
-                if refs is not None:
-                    err = check(impl, pool.first, mode, ia3, refs, ia3_linear)
-                    if not err <= TOLERANCE.get(dtype, 1e-2):  # also true for nan
-                        note = "MISMATCH"
-                        print(f"  WARNING: {impl} {mode} {case}: rel_err {err:.2e} exceeds {TOLERANCE.get(dtype)}",
-                              flush=True)
-                with grad_mode():
-                    ms = time_ms(lambda: step(impl, pool.next(), mode, ia3, ia3_linear), device, timer)
-            except Exception as exc:
-                ms = None
-                note = ("OOM" if is_oom(exc) else "error") + f": {type(exc).__name__}: {str(exc)[:160]}"
-                print(f"  {impl} {mode} {case}: {note}", flush=True)
-                free_memory(device)
-            rows.append(new_row(mode, impl, ms, note, err, {"pool_copies": len(pool)}))
-    fill_metrics(rows, peaks, base="base", peer="peft")
-    return rows
+FAMILY = Family(
+    bench="ia3", title="IA3", doc=__doc__, impls=IMPLS, full=FULL, quick=QUICK, axis="ia3",
+    axis_arg=("--ia3-modes", {"type": parse_ia3_modes, "default": list(IA3_MODES),
+                              "help": "out (y = (x W^T) * v) and/or in (y = (x * u) W^T) (default: out,in)"}),
+    config={"vector_dtype": "fp32 (torch: the benchmark dtype)"}, fast=("fastpeft.ops.ia3", "ia3_linear"),
+    peft=("peft.tuners.ia3.layer", "Linear"), run_case=run_case)
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    device = pick_device(args.device)
-    cuda = device.type == "cuda"
-    quick = (not cuda) if args.quick is None else args.quick
-    preset = QUICK if quick else FULL
-    shapes, ms_list = args.shapes or preset["shapes"], args.m or preset["m"]
-    dtype = parse_dtype(args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    timer = timer_config(cuda, quick, args)
-    torch.manual_seed(args.seed)
-
-    notes = []
-    impls = list(args.impls)
-    ia3_linear, why = load("fastpeft.ops.ia3", "ia3_linear") if "fastpeft" in impls else (None, None)
-    if why:
-        notes.append(f"fastpeft skipped: {why}")
-        impls.remove("fastpeft")
-    peft_linear, why = load("peft.tuners.ia3.layer", "Linear") if "peft" in impls else (None, None)
-    if why:
-        notes.append(f"peft skipped: {why}")
-        impls.remove("peft")
-    for n in notes:
-        print(f"NOTE: {n}", flush=True)
-
-    when = datetime.now(timezone.utc)
-    env = environment(device, ["benchmarks/ia3.py", *argv], when=when)
-    json_path = result_path(args.out, device, BENCH, when)
-    print(f"IA3 benchmark on {env['device']['name']} ({device.type}), {dtype_name(dtype)}, "
-          f"{'quick' if quick else 'full'} preset; timer: {timer.method(device)}", flush=True)
-    print(f"shapes {', '.join(f'{k}x{n}' for k, n in shapes)}; M {ms_list}; ia3 {args.ia3_modes}; "
-          f"modes {args.modes}; impls {impls}", flush=True)
-
-    peaks = measure_peaks(device, dtype, timer)
-    print(f"measured peaks: matmul {peaks.matmul_tflops:.2f} TFLOP/s (mm {peaks.matmul_n}^3, {peaks.dtype}), "
-          f"bandwidth {peaks.bandwidth_gbps:.1f} GB/s (copy {peaks.copy_bytes / 2**20:.0f} MiB); "
-          f"ridge {peaks.ridge_flops_per_byte:.1f} flop/byte", flush=True)
-
-    backends = {}
-    if ia3_linear is not None:
-        try:
-            from fastpeft.ops import explain
-            backends = explain(str(device))
-        except Exception as exc:
-            backends = {"error": str(exc)}
-    payload = {
-        "benchmark": BENCH, **env, "complete": False, "notes": notes,
-        "config": {"shapes": [f"{k}x{n}" for k, n in shapes], "m": ms_list, "ia3_modes": args.ia3_modes,
-                   "vector_dtype": "fp32 (torch: the benchmark dtype)", "dtype": dtype_name(dtype),
-                   "modes": args.modes, "impls": impls, "quick": quick, "seed": args.seed,
-                   "timer": {"method": timer.method(device), **vars(timer)}, "check": not args.no_check},
-        "fastpeft_backends": backends,
-        "peaks": peaks.to_dict(),
-        "rows": [],
-    }
-
-    table = TablePrinter(COLUMNS)
-    table.header()
-    rows: list[Row] = []
-    for K, N in shapes:
-        for M in ms_list:
-            for ia3 in args.ia3_modes:
-                case_rows = run_case(K, N, M, ia3, args=args, device=device, dtype=dtype, impls=impls, timer=timer,
-                                     peaks=peaks, ia3_linear=ia3_linear, peft_linear=peft_linear)
-                for row in case_rows:
-                    table.row(row.flat())
-                rows += case_rows
-                payload["rows"] = [row.flat() for row in rows]
-                write_json(json_path, payload)  # after every case: a cut-off run keeps what it measured
-    payload["complete"] = True
-    write_json(json_path, payload)
-
-    flat = [row.flat() for row in rows]
-    fast = [f for f in flat if f["impl"] == "fastpeft"]
-    if fast and "peft" in impls:
-        print()
-        print_pivot(fast, row_keys=("mode", "shape", "ia3"), col_key="M", value_key="vs_peer",
-                    title="fastpeft speed-up over peft (peft ms / fastpeft ms), by M:")
-    if fast and "base" in impls:
-        print()
-        print_pivot(fast, row_keys=("mode", "shape", "ia3"), col_key="M", value_key="vs_base",
-                    title="fastpeft time / base time (1.00 = free adapter), by M:")
-    print(f"\nwrote {json_path}")
-    if not args.no_plot:
-        png = plot_ratio_to_base(flat, json_path.with_suffix(".png"), style_key="ia3",
-                                 title=f"IA3 vs frozen base linear: {env['device']['name']}, {dtype_name(dtype)}")
-        if png:
-            print(f"wrote {png}")
-    return 0
+    return _driver.main(FAMILY, argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import json
 import math
 
+import benchmarks._driver as driver
 import benchmarks.common as common
 import benchmarks.dora as bench
 from fastpeft.cli import bench_families
@@ -11,7 +12,7 @@ K, N, R = 64, 96, 4
 
 def test_dora_bench_writes_every_row(tmp_path, monkeypatch):
     # the roofline probe on small sizes: the default CPU one (2048^3 matmul, 256 MiB copy) takes seconds
-    monkeypatch.setattr(bench, "measure_peaks", lambda device, dtype, cfg: common.measure_peaks(
+    monkeypatch.setattr(driver, "measure_peaks", lambda device, dtype, cfg: common.measure_peaks(
         device, dtype, cfg, matmul_n=128, copy_bytes=2**20))
     argv = ["--device", "cpu", "--quick", "--shapes", f"{K}x{N}", "--m", "1,8", "--ranks", str(R), "--no-plot",
             "--out", str(tmp_path), "--warmup-ms", "0", "--rep-ms", "1"]
@@ -21,7 +22,7 @@ def test_dora_bench_writes_every_row(tmp_path, monkeypatch):
     result = json.loads(path.read_text())
     assert result["complete"] and result["benchmark"] == "dora" and result["command"].endswith(" ".join(argv))
     rows = {(r["impl"], r["mode"], r["M"]): r for r in result["rows"]}
-    assert set(rows) == {(i, m, M) for i in bench.IMPLS for m in bench.MODES for M in (1, 8)}
+    assert set(rows) == {(i, m, M) for i in bench.IMPLS for m in driver.MODES for M in (1, 8)}
     for key, row in rows.items():
         assert math.isfinite(row["ms"]) and row["ms"] > 0, key
         assert row["rel_err"] < 1e-5 and not row["note"], (key, row["rel_err"], row["note"])
