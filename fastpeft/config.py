@@ -88,6 +88,13 @@ def _check_layers(cfg, name: str, value) -> None:
         _fail(cfg, name, f"got {value!r}", "pass a layer index or a list of non-negative layer indices")
 
 
+def _check_alpha_dropout(cfg) -> None:
+    if isinstance(cfg.alpha, bool) or not isinstance(cfg.alpha, (int, float)) or not math.isfinite(cfg.alpha):
+        _fail(cfg, "alpha", f"must be a finite number, got {cfg.alpha!r}", "use e.g. alpha=16")
+    if not isinstance(cfg.dropout, (int, float)) or not 0.0 <= cfg.dropout < 1.0:
+        _fail(cfg, "dropout", f"must be in [0, 1), got {cfg.dropout!r}", "use e.g. dropout=0.05, or 0.0")
+
+
 @dataclass
 class LoRAConfig(AdapterConfig):
     """LoRA: W' = W + s·B·A with A (r x in), B (out x r), s = alpha/r (or alpha/sqrt(r) with use_rslora).
@@ -127,10 +134,7 @@ class LoRAConfig(AdapterConfig):
     def validate(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             _fail(self, "r", f"rank must be a positive integer, got {self.r!r}", "use e.g. r=8")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            _fail(self, "alpha", f"must be a finite number, got {self.alpha!r}", "use e.g. alpha=16 (scale alpha/r)")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            _fail(self, "dropout", f"must be in [0, 1), got {self.dropout!r}", "use e.g. dropout=0.05, or 0.0")
+        _check_alpha_dropout(self)
         if self.use_dora not in (True, False):
             _fail(self, "use_dora", f"got {self.use_dora!r}", "use True (DoRA) or False (LoRA)")
         if self.bias not in ("none", "all", "lora_only"):
@@ -282,10 +286,7 @@ class AdaLoRAConfig(AdapterConfig):
                 _fail(self, name, f"must be in (0, 1), got {value!r}", f"use e.g. {name}=0.85")
         if not isinstance(self.orth_reg_weight, (int, float)) or self.orth_reg_weight < 0:
             _fail(self, "orth_reg_weight", f"must be >= 0, got {self.orth_reg_weight!r}", "use e.g. 0.5, or 0 for none")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            _fail(self, "alpha", f"must be a finite number, got {self.alpha!r}", "use e.g. alpha=8")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            _fail(self, "dropout", f"must be in [0, 1), got {self.dropout!r}", "use e.g. dropout=0.05, or 0.0")
+        _check_alpha_dropout(self)
         if self.init_weights not in (True, False):
             _fail(self, "init_weights", f"got {self.init_weights!r}", "use True (E = 0: the identity) or False")
         _check_targets(self, "target_modules", self.target_modules)

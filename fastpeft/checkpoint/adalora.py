@@ -14,9 +14,9 @@ from ..config import AdaLoRAConfig
 from ..errors import CheckpointError
 from ..inject import adalora as ada_inject
 from ..modules.lora import is_conv1d
-from .files import (add_and_fill, check_fields, check_tensors, clean_module_names, fill_saved, in_out,
-                    peft_modules_to_save, plan_for_checkpoint, present_modules_to_save, read_tensors,
-                    saved_requirements, short_names)
+from .files import (add_and_fill, check_fields, check_tensors, fill_saved, in_out, peft_modules_to_save,
+                    peft_target_modules, plan_for_checkpoint, present_modules_to_save, read_tensors,
+                    saved_copy_tensors, saved_requirements)
 
 _FIELDS = {name: name for name in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
                                    "orth_reg_weight", "total_step", "rank_pattern", "target_modules",
@@ -41,12 +41,8 @@ def export(model: nn.Module, name: str, config: AdaLoRAConfig, targets: list[str
         tensors[f"{path}.lora_A"] = layer.lora_A[name][keep]
         tensors[f"{path}.lora_B"] = layer.lora_B[name][:, keep]
         tensors[f"{path}.lora_E"] = layer.lora_E[name][keep][:, None]
-    for path in saved:
-        for key, value in model.get_submodule(path).modules_to_save[name].state_dict().items():
-            tensors[f"{path}.{key}"] = value
-    names = [n for n in clean_module_names(model) if n and not any(n == s or n.startswith(s + ".") for s in saved)]
-    target_modules = sorted(targets) if config.layers_to_transform is not None else short_names(
-        targets, names, lambda n, keys: any(n == k or n.endswith("." + k) for k in keys))
+    tensors.update(saved_copy_tensors(model, name, saved))
+    target_modules = peft_target_modules(model, targets, saved, config.layers_to_transform)
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     alpha = config.alpha
     fields = {

@@ -249,3 +249,19 @@ def check_tensors(tensors: dict, required: dict[str, tuple], weights_path: str, 
         if tuple(tensors[key].shape) != shape:
             raise CheckpointError(f"load_adapter: {weights_path}: tensor {prefix + key!r} has shape "
                                   f"{tuple(tensors[key].shape)} but {what} is {shape}: {shape_hint}.")
+
+
+def saved_copy_tensors(model: nn.Module, name: str, saved: list[str]) -> dict[str, torch.Tensor]:
+    """PEFT's keys for adapter `name`'s modules_to_save copies: path + "." + state_dict key."""
+    return {f"{path}.{key}": value for path in saved
+            for key, value in model.get_submodule(path).modules_to_save[name].state_dict().items()}
+
+
+def peft_target_modules(model: nn.Module, targets: list[str], saved: list[str], layers_to_transform) -> list[str]:
+    """target_modules as PEFT's config lists them: the leaf names when they pick exactly these layers (PEFT never
+    targets modules_to_save or layers inside them), else the full paths. With layers_to_transform always full
+    paths: PEFT then targets them as listed, whatever its own layer-index parsing would say."""
+    if layers_to_transform is not None:
+        return sorted(targets)
+    names = [n for n in clean_module_names(model) if n and not any(n == s or n.startswith(s + ".") for s in saved)]
+    return short_names(targets, names, lambda n, keys: any(n == k or n.endswith("." + k) for k in keys))

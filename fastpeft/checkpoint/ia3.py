@@ -13,9 +13,9 @@ from ..config import IA3Config
 from ..errors import CheckpointError
 from ..inject import ia3 as ia3_inject
 from ..modules.lora import is_conv1d
-from .files import (add_and_fill, check_fields, check_tensors, clean_module_names, fill_saved, in_out,
-                    peft_modules_to_save, plan_for_checkpoint, present_modules_to_save, read_tensors,
-                    saved_requirements, short_names)
+from .files import (add_and_fill, check_fields, check_tensors, fill_saved, in_out, peft_modules_to_save,
+                    peft_target_modules, plan_for_checkpoint, present_modules_to_save, read_tensors,
+                    saved_copy_tensors, saved_requirements, short_names)
 
 _FIELDS = {"target_modules": "target_modules", "feedforward_modules": "feedforward_modules",
            "exclude_modules": "exclude_modules", "modules_to_save": "modules_to_save",
@@ -40,12 +40,8 @@ def export(model: nn.Module, name: str, config: IA3Config, targets: list[str], s
         tensors[f"{path}.ia3_l"] = vector[None, :] if layer.is_feedforward else vector[:, None]
         if layer.is_feedforward:
             feedforward.append(path)
-    for path in saved:
-        for key, value in model.get_submodule(path).modules_to_save[name].state_dict().items():
-            tensors[f"{path}.{key}"] = value
-    names = [n for n in clean_module_names(model) if n and not any(n == s or n.startswith(s + ".") for s in saved)]
-    target_modules = sorted(targets) if config.layers_to_transform is not None else short_names(
-        targets, names, lambda n, keys: any(n == k or n.endswith("." + k) for k in keys))
+    tensors.update(saved_copy_tensors(model, name, saved))
+    target_modules = peft_target_modules(model, targets, saved, config.layers_to_transform)
     ff_modules = short_names(feedforward, targets, _peft_suffix) if feedforward else []
     if not set(ff_modules) <= set(target_modules):  # PEFT requires feedforward_modules ⊆ target_modules
         target_modules, ff_modules = sorted(targets), sorted(feedforward)

@@ -16,11 +16,10 @@ from torch import nn
 from ..config import LoRAConfig
 from ..errors import CheckpointError
 from ..inject import lora as lora_inject
-from ..inject.targets import name_matches
 from ..modules.lora import is_conv1d
-from .files import (add_and_fill, base_state, check_fields, clean_module_names, few, fill_saved, in_out,
-                    peft_modules_to_save, plan_for_checkpoint, present_modules_to_save, read_tensors,
-                    saved_requirements, short_names)
+from .files import (add_and_fill, base_state, check_fields, few, fill_saved, in_out, peft_modules_to_save,
+                    peft_target_modules, plan_for_checkpoint, present_modules_to_save, read_tensors,
+                    saved_requirements)
 
 # adapter_config.json fields -> LoRAConfig fields
 _FIELDS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
@@ -72,12 +71,7 @@ def export(model: nn.Module, name: str, config: LoRAConfig, targets: list[str], 
 
 def _peft_config(model: nn.Module, config: LoRAConfig, targets: list[str], saved: list[str]) -> dict:
     """The adapter_config.json PEFT writes for an equivalent LoraConfig."""
-    names = [n for n in clean_module_names(model)  # PEFT never targets modules_to_save or layers inside them
-             if n and not any(n == s or n.startswith(s + ".") for s in saved)]
-    if config.layers_to_transform is None:
-        target_modules = short_names(targets, names, name_matches)
-    else:  # full paths: PEFT then targets them as listed, whatever its own layer-index parsing would say
-        target_modules = sorted(targets)
+    target_modules = peft_target_modules(model, targets, saved, config.layers_to_transform)
     modules_to_save = peft_modules_to_save(model, saved)
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     alpha = config.alpha
