@@ -9,4 +9,5 @@ from .dora import dora_linear, dora_weight_norm, dora_weight_sq_norm
 from .ia3 import ia3_linear
 from .lora import lora_linear
 
-__all__ = ["lora_linear", "ia3_linear", "dora_linear", "dora_weight_norm", "dora_weight_sq_norm", "use_backend", "requested_backend", "poison_outputs", "explain"]
+__all__ = ["lora_linear", "ia3_linear", "dora_linear", "dora_weight_norm", "dora_weight_sq_norm", "use_backend",
+           "requested_backend", "poison_outputs", "explain"]

@@ -4,9 +4,10 @@
 
 The output column scale c is optional (DoRA's m / ‖W + s B A‖, fastpeft/ops/dora.py). `fastpeft::lora_linear`
 returns (y, T, Z) with T = drop(x) Aᵀ (float32, M x R) and, when c is trained, Z (the output before c and b)
-kept for the backward pass, which is `fastpeft::lora_linear_backward`. Both are `torch.library.triton_op`s: on CUDA they launch the kernels of
-fastpeft/kernels/lora.py, elsewhere they run the reference, and torch.compile traces them without graph breaks.
-Saved for backward: x and T; the dropout mask is regenerated from the seed.
+kept for the backward pass, which is `fastpeft::lora_linear_backward`. Both are `torch.library.triton_op`s: on
+CUDA they launch the kernels of fastpeft/kernels/lora.py, elsewhere they run the reference, and torch.compile
+traces them without graph breaks. Saved for backward: x and T (and Z with a trained c); the dropout mask is
+regenerated from the seed.
 """
 from __future__ import annotations
 
