@@ -3,11 +3,13 @@
     fp.ops.lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, seed=None, fan_in_fan_out=False)
     fp.ops.ia3_linear(x, weight, bias, in_scale=None, out_scale=None, fan_in_fan_out=False)
     fp.ops.dora_linear(x, weight, bias, lora_a, lora_b, scale, magnitude, dropout_p=0.0, seed=None, ...)
+    fp.ops.phm_linear(x, rule, w, bias=None, w_right=None)
 """
 from .dispatch import explain, poison_outputs, requested_backend, use_backend
 from .dora import dora_linear, dora_weight_norm, dora_weight_sq_norm
 from .ia3 import ia3_linear
 from .lora import lora_linear
+from .phm import phm_linear
 
-__all__ = ["lora_linear", "ia3_linear", "dora_linear", "dora_weight_norm", "dora_weight_sq_norm", "use_backend",
-           "requested_backend", "poison_outputs", "explain"]
+__all__ = ["lora_linear", "ia3_linear", "dora_linear", "phm_linear", "dora_weight_norm", "dora_weight_sq_norm",
+           "use_backend", "requested_backend", "poison_outputs", "explain"]
