@@ -36,6 +36,9 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
                           f"got {type(config).__name__}.")
     config.validate()  # again: fields may have been changed since the config was made
     _check_new_name(model, name)
+    if config.method not in HANDLERS:
+        raise ConfigError(f"add_adapter: {type(config).__name__} adapters cannot be injected yet (methods: "
+                          f"{', '.join(sorted(HANDLERS))}).")
     handler = HANDLERS[config.method]
     plan = handler.plan(model, name, config)
     fresh = get_state(model) is None

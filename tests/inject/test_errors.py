@@ -214,3 +214,11 @@ def test_failure_half_way_through_add_adapter_is_undone(existing, monkeypatch):
     monkeypatch.undo()
     fp.add_adapter(m, "b", fp.LoRAConfig(target_modules=["q_proj", "k_proj"]))  # and the model is still usable
     assert "b" in fp.adapters(m)
+
+
+def test_a_method_without_injection_yet():
+    from fastpeft.config import SeqBnConfig
+
+    m = model()
+    with unchanged(m), pytest.raises(fp.ConfigError, match="SeqBnConfig adapters cannot be injected yet"):
+        fp.add_adapter(m, "a", SeqBnConfig())
