@@ -34,6 +34,7 @@ class Launch:
     args: tuple
     kwargs: dict
     label: str = ""
+    every_config: bool = True  # False: only the first config (a variant whose tiles another launch covers)
 
     @property
     def jit(self):
@@ -51,7 +52,8 @@ class Launch:
         return configs
 
 
-def capture(module: str, launcher: str, *args, label: str = "", **kwargs) -> list[Launch]:
+def capture(module: str, launcher: str, *args, label: str = "", every_config: bool = True,
+            **kwargs) -> list[Launch]:
     """Call `fastpeft.kernels.<module>.<launcher>(*args, **kwargs)`, recording its launches instead of running."""
     mod = importlib.import_module(f"fastpeft.kernels.{module}")
     launches: list[Launch] = []
@@ -59,7 +61,7 @@ def capture(module: str, launcher: str, *args, label: str = "", **kwargs) -> lis
     def fake_launch(kernel):
         class Grid:
             def __getitem__(self, grid):
-                return lambda *a, **kw: launches.append(Launch(kernel, a, kw, label))
+                return lambda *a, **kw: launches.append(Launch(kernel, a, kw, label, every_config))
 
         return Grid()
 
@@ -111,7 +113,19 @@ def ia3_launches(dtype: torch.dtype) -> list[Launch]:
     ]
 
 
-CATALOG = {"lora": lora_launches, "ia3": ia3_launches}
+def bottleneck_launches(dtype: torch.dtype) -> list[Launch]:
+    """The bottleneck adapter's expand: the GEMM kernel with no base product, f(S + b) and the residual."""
+    M, d, m = 256, 512, 32
+    x, y = torch.empty(M, d, dtype=dtype), torch.empty(M, d, dtype=dtype)
+    w_up, s = torch.empty(d, m, dtype=dtype), torch.empty(M, m)
+    return [launch for act in (1, 2, 3)
+            for launch in capture("lora", "gemm", x[:, :0], w_up.t()[:0], torch.empty(d, dtype=dtype), w_up.t(),
+                                  torch.empty(m), y, s=s, s_act=act, s_bias=torch.empty(m, dtype=dtype),
+                                  residual=torch.empty(M, d, dtype=dtype), label=f"bottleneck act {act}",
+                                  every_config=act == 2)]  # the activation only changes the epilogue's math
+
+
+CATALOG = {"lora": lora_launches, "ia3": ia3_launches, "bottleneck": bottleneck_launches}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -161,7 +175,8 @@ def compile_all(arch: str) -> list[dict]:
     for family, make in CATALOG.items():
         for dtype in DTYPES:
             for launch in make(dtype):
-                configs = launch.configs if dtype != torch.float16 else launch.configs[:1]
+                every = launch.every_config and dtype != torch.float16
+                configs = launch.configs if every else launch.configs[:1]
                 for config in configs:
                     row = compile_launch(launch, config, arch)
                     rows.append({"family": family, "dtype": str(dtype)[6:], **row})

@@ -118,15 +118,16 @@ def _prune_reduce(configs, named_args, **kwargs):
 @triton.jit
 def lora_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, u_ptr, scale_ptr, e_ptr, out_ptr, seed_ptr,
-    in_scale_ptr, out_scale_ptr, z_ptr, q_ptr, p_ptr, in_dot_ptr, in_sum_ptr, out_dot_ptr,
+    in_scale_ptr, out_scale_ptr, z_ptr, q_ptr, p_ptr, in_dot_ptr, in_sum_ptr, out_dot_ptr, s_bias_ptr, res_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr, stride_uk, stride_ur,
     stride_er, stride_en, stride_om, stride_on,
-    stride_zm, stride_zn, stride_qm, stride_qk, stride_pm, stride_pn,
+    stride_zm, stride_zn, stride_qm, stride_qk, stride_pm, stride_pn, stride_rm, stride_rn,
     threshold, inv_keep, M_BUCKET,
     HAS_BIAS: tl.constexpr, FUSED_SHRINK: tl.constexpr, WRITE_S: tl.constexpr, MASK_LORA: tl.constexpr,
     IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, SCALE_BIAS: tl.constexpr, WRITE_Z: tl.constexpr,
     IN_DOT: tl.constexpr, IN_SUM: tl.constexpr, OUT_DOT: tl.constexpr,
+    S_ACT: tl.constexpr, S_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -193,11 +194,13 @@ def lora_gemm_kernel(
                 tl.store(s_ptrs, acc_s, mask=(rm[:, None] < M) & (rr[None, :] < R))
         sc = tl.load(scale_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)
         e = tl.load(e_ptr + rr[:, None] * stride_er + rn_in[None, :] * stride_en, mask=rr[:, None] < R, other=0.0)
-        lora = tl.dot((acc_s * sc[None, :]).to(dtype), e.to(dtype), lora, input_precision=DOT_PRECISION)
+        act_s = _bottleneck(acc_s, s_bias_ptr, rr, R, S_ACT, S_BIAS)
+        lora = tl.dot((act_s * sc[None, :]).to(dtype), e.to(dtype), lora, input_precision=DOT_PRECISION)
     else:
         for r0 in range(0, R, BLOCK_R):
             r = r0 + rr
             s = tl.load(s_ptr + rm_in[:, None] * stride_sm + r[None, :] * stride_sr, mask=r[None, :] < R, other=0.0)
+            s = _bottleneck(s, s_bias_ptr, r, R, S_ACT, S_BIAS)
             sc = tl.load(scale_ptr + r, mask=r < R, other=0.0).to(tl.float32)
             e = tl.load(e_ptr + r[:, None] * stride_er + rn_in[None, :] * stride_en, mask=r[:, None] < R, other=0.0)
             lora = tl.dot((s * sc[None, :]).to(dtype), e.to(dtype), lora, input_precision=DOT_PRECISION)
@@ -219,8 +222,33 @@ def lora_gemm_kernel(
         acc = acc * tl.load(out_scale_ptr + rn_in).to(tl.float32)[None, :]
         if HAS_BIAS and not SCALE_BIAS:
             acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
+    if RESIDUAL:  # a bottleneck adapter's residual connection: out = r + ...
+        acc += tl.load(res_ptr + rm_in[:, None] * stride_rm + rn_in[None, :] * stride_rn).to(tl.float32)
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+ACTIVATIONS = {"linear": 0, "relu": 1, "gelu": 2, "gelu_new": 3, "gelu_pytorch_tanh": 3, "swish": 4, "silu": 4,
+               "tanh": 5}  # the non-linearities the epilogue computes (S_ACT codes)
+
+
+@triton.jit
+def _bottleneck(s, s_bias_ptr, r, R, S_ACT: tl.constexpr, S_BIAS: tl.constexpr):
+    """f(S + b) on a float32 (rows, ranks) tile: the bottleneck adapter's non-linearity (identity when S_ACT = 0)."""
+    if S_BIAS:
+        s = s + tl.load(s_bias_ptr + r, mask=r < R, other=0.0).to(tl.float32)[None, :]
+    if S_ACT == 1:
+        s = tl.maximum(s, 0.0)
+    elif S_ACT == 2:
+        s = 0.5 * s * (1.0 + tl.math.erf(s * 0.7071067811865476))
+    elif S_ACT == 3:
+        inner = 0.7978845608028654 * (s + 0.044715 * s * s * s)
+        s = s * tl.sigmoid(2.0 * inner)  # 0.5 (1 + tanh(u)) = sigmoid(2u)
+    elif S_ACT == 4:
+        s = s * tl.sigmoid(s)
+    elif S_ACT == 5:
+        s = 2.0 * tl.sigmoid(2.0 * s) - 1.0
+    return s
 
 
 @triton.autotune(configs=shrink_configs(), key=["M_BUCKET", "K", "R", "DROPOUT"],
@@ -312,7 +340,7 @@ FUSED_SHRINK_MAX_RANK = 64
 
 def gemm(x, w_kn, bias, e_rn, scale, out, *, s=None, u_kr=None, write_s=False, seed=None, threshold=0,
          inv_keep=1.0, in_scale=None, out_scale=None, scale_bias=False, z=None, in_dot=None, in_sum=None,
-         out_dot=None):
+         out_dot=None, s_act=0, s_bias=None, residual=None):
     """out (M, N) = ((x ⊙ in_scale) @ w_kn + mask ⊙ ((S ⊙ scale) @ e_rn) [+ bias]) ⊙ out_scale [+ bias].
 
     x (M, K), w_kn (K, N), e_rn (R, N) (R may be 0: no low-rank term). S (M, R) float32 is read from `s`, or,
@@ -321,6 +349,8 @@ def gemm(x, w_kn, bias, e_rn, scale, out, *, s=None, u_kr=None, write_s=False, s
     `scale_bias`, after it otherwise. Optional extras, all float32: `z` (M, N) receives the output before
     `out_scale`; `in_dot = (q, dst)` puts Σ_m x ⊙ q (q: M x K) in dst (K,); `in_sum` (K,) gets Σ_m x ⊙ in_scale;
     `out_dot = (p, dst)` puts Σ_m OUT ⊙ p (p: M x N, OUT before out_scale) in dst (N,).
+    Bottleneck adapters: `s_act` (an ACTIVATIONS code) and `s_bias` (R,) make the low-rank term
+    (f(S + s_bias) ⊙ scale) @ e_rn, and `residual` (M, N) is added last; with K = 0 there is no base product.
     """
     M, K = x.shape
     N = w_kn.shape[1]
@@ -348,15 +378,17 @@ def gemm(x, w_kn, bias, e_rn, scale, out, *, s=None, u_kr=None, write_s=False, s
         x, w_kn, bias if bias is not None else x, s_arg, u_arg, scale if scale is not None else out, e_rn, out,
         seed if seed is not None else out,
         ptr(in_scale), ptr(out_scale), ptr(z), ptr(q), ptr(p), ptr(in_dot_buf), ptr(in_sum_buf), ptr(out_dot_buf),
+        ptr(s_bias), ptr(residual),
         M, N, K, R,
         x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1), *s_strides, *u_strides,
         e_rn.stride(0), e_rn.stride(1), out.stride(0), out.stride(1),
-        *(_strides(z)), *(_strides(q)), *(_strides(p)),
+        *(_strides(z)), *(_strides(q)), *(_strides(p)), *(_strides(residual)),
         threshold, inv_keep, bucket(M),
         HAS_BIAS=bias is not None, FUSED_SHRINK=fused, WRITE_S=bool(write_s and fused),
         MASK_LORA=seed is not None, IN_SCALE=in_scale is not None, OUT_SCALE=out_scale is not None,
         SCALE_BIAS=bool(scale_bias), WRITE_Z=z is not None, IN_DOT=in_dot is not None, IN_SUM=in_sum is not None,
-        OUT_DOT=out_dot is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
+        OUT_DOT=out_dot is not None, S_ACT=int(s_act), S_BIAS=s_bias is not None, RESIDUAL=residual is not None,
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
     )
     for buf, dst in ((in_dot_buf, in_dot and in_dot[1]), (in_sum_buf, in_sum), (out_dot_buf, out_dot and out_dot[1])):
         if buf is not None:

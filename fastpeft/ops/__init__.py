@@ -4,12 +4,14 @@
     fp.ops.ia3_linear(x, weight, bias, in_scale=None, out_scale=None, fan_in_fan_out=False)
     fp.ops.dora_linear(x, weight, bias, lora_a, lora_b, scale, magnitude, dropout_p=0.0, seed=None, ...)
     fp.ops.phm_linear(x, rule, w, bias=None, w_right=None)
+    fp.ops.bottleneck_adapter(x, residual, w_down, b_down, w_up, b_up, non_linearity="relu", scaling=1.0, ...)
 """
+from .bottleneck import bottleneck_adapter
 from .dispatch import explain, poison_outputs, requested_backend, use_backend
 from .dora import dora_linear, dora_weight_norm, dora_weight_sq_norm
 from .ia3 import ia3_linear
 from .lora import lora_linear
 from .phm import phm_linear
 
-__all__ = ["lora_linear", "ia3_linear", "dora_linear", "phm_linear", "dora_weight_norm", "dora_weight_sq_norm",
-           "use_backend", "requested_backend", "poison_outputs", "explain"]
+__all__ = ["lora_linear", "ia3_linear", "dora_linear", "phm_linear", "bottleneck_adapter", "dora_weight_norm",
+           "dora_weight_sq_norm", "use_backend", "requested_backend", "poison_outputs", "explain"]
