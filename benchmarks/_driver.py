@@ -40,7 +40,7 @@ class Family:
     axis_arg: tuple[str, dict]  # the option giving the axis values, e.g. ("--ranks", {"type": int_list, ...})
     config: dict  # the JSON config entries after the axis values
     fast: tuple[str, str]  # (module, name) of what the fastpeft impls call
-    peft: tuple[str, str]  # (module, name) of PEFT's layer class
+    peft: tuple[str, str] | None  # (module, name) of PEFT's layer class; None where PEFT lacks the method
     run_case: Callable[..., list[Row]]  # (run, K, N, M, axis value) -> rows, through time_case
     fast_impls: tuple[str, ...] = ("fastpeft",)  # the impls that need `fast`
     wrap_peft: Callable[[type], type] | None = None  # applied to PEFT's class once imported
