@@ -330,3 +330,18 @@ def finish(run: Run, payload: dict, json_path: Path) -> None:
         png = plot_ratio_to_base(flat, json_path.with_suffix(".png"), style_key=family.axis, title=title)
         if png:
             print(f"wrote {png}")
+
+
+def vs_torch(rows: list[Row]) -> None:
+    """extra_metrics for a family PEFT lacks: vs_torch = ms(torch, the eager module) / ms, its "vs peft"."""
+    torch_ms = {row.mode: row.ms for row in rows if row.impl == "torch" and row.ms}
+    for row in rows:
+        row.extra["vs_torch"] = torch_ms[row.mode] / row.ms if row.ms and row.mode in torch_ms else None
+
+
+def positive_ints(text: str) -> list[int]:
+    """An axis option's values: a comma-separated list of positive integers."""
+    values = int_list(text)
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers, e.g. 4,16")
+    return values

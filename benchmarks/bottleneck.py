@@ -49,12 +49,12 @@ from torch import nn
 try:  # imported as benchmarks.bottleneck (repo root on sys.path)
     from . import _driver
     from ._driver import Family, Run, time_case
-    from .common import Column, Row, int_list
+    from .common import Column, Row
 except ImportError:  # run as a script: python benchmarks/bottleneck.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import _driver
     from benchmarks._driver import Family, Run, time_case
-    from benchmarks.common import Column, Row, int_list
+    from benchmarks.common import Column, Row
 
 IMPLS = ("base", "fastpeft", "torch")
 NON_LINEARITY = "relu"
@@ -207,29 +207,15 @@ def run_case(run: Run, K: int, N: int, M: int, rf: int) -> list[Row]:
                                  bottleneck_bytes(M, d, rf, mode, impl, run.elem)))
 
 
-def add_vs_torch(rows: list[Row]) -> None:
-    """vs_torch = ms(torch, the AdapterHub-style module) / ms: the "vs peft" of a family PEFT does not have."""
-    torch_ms = {row.mode: row.ms for row in rows if row.impl == "torch" and row.ms}
-    for row in rows:
-        row.extra["vs_torch"] = torch_ms[row.mode] / row.ms if row.ms and row.mode in torch_ms else None
-
-
-def positive_int_list(text: str) -> list[int]:
-    values = int_list(text)
-    if not values or any(v < 1 for v in values):
-        raise SystemExit(f"bad reduction factors {text!r}: expected positive integers, e.g. 16,64")
-    return values
-
-
 FAMILY = Family(
     bench="bottleneck", title="Bottleneck adapter", doc=__doc__, impls=IMPLS, full=FULL, quick=QUICK, axis="rf",
-    axis_arg=("--reduction-factors", {"type": positive_int_list,
+    axis_arg=("--reduction-factors", {"type": _driver.positive_ints,
                                       "help": "reduction factors rf (bottleneck width m = d // rf), e.g. 16,64"}),
     config={"non_linearity": NON_LINEARITY, "scaling": SCALING, "bottleneck_width": "d // rf",
             "weights": "W_d, b_d, W_u, b_u in the benchmark dtype", "base": "activation copy (floor)"},
     fast=("fastpeft.ops", "bottleneck_adapter"),
     peft=None,  # PEFT has no bottleneck adapters
-    run_case=run_case, label="fastpeft bottleneck", extra_metrics=add_vs_torch,
+    run_case=run_case, label="fastpeft bottleneck", extra_metrics=_driver.vs_torch,
     extra_columns=(Column("vs_torch", "vs torch", 8, ".2f"),),
     extra_pivots=(("torch", "vs_torch",
                    "fastpeft bottleneck speed-up over the AdapterHub-style eager module (torch ms / fastpeft ms), "
