@@ -1,32 +1,18 @@
 """benchmarks/adalora.py end to end on a tiny CPU case: every impl and mode timed, checked and written."""
-import json
-import math
 
 import benchmarks._driver as driver
 import benchmarks.adalora as bench
-import benchmarks.common as common
 from fastpeft.cli import bench_families
+from tests.bench_run import assert_rows_timed_and_checked, run_quick
 
 K, N, R = 64, 96, 4
 
 
 def test_adalora_bench_writes_every_row(tmp_path, monkeypatch):
-    # the roofline probe on small sizes: the default CPU one (2048^3 matmul, 256 MiB copy) takes seconds
-    monkeypatch.setattr(driver, "measure_peaks", lambda device, dtype, cfg: common.measure_peaks(
-        device, dtype, cfg, matmul_n=128, copy_bytes=2**20))
-    argv = ["--device", "cpu", "--quick", "--shapes", f"{K}x{N}", "--m", "1,8", "--ranks", str(R), "--no-plot",
-            "--out", str(tmp_path), "--warmup-ms", "0", "--rep-ms", "1"]
-    assert bench.main(argv) == 0
-
-    (path,) = tmp_path.glob("cpu-*-adalora-*.json")
-    result = json.loads(path.read_text())
-    assert result["complete"] and result["benchmark"] == "adalora" and result["command"].endswith(" ".join(argv))
+    result = run_quick(bench, "adalora", ["--shapes", f"{K}x{N}", "--ranks", str(R)], tmp_path, monkeypatch)
     rows = {(r["impl"], r["mode"], r["M"]): r for r in result["rows"]}
     assert set(rows) == {(i, m, M) for i in bench.IMPLS for m in driver.MODES for M in (1, 8)}
-    for key, row in rows.items():
-        assert math.isfinite(row["ms"]) and row["ms"] > 0, key
-        assert row["rel_err"] < 1e-5 and not row["note"], (key, row["rel_err"], row["note"])
-        assert row["vs_base"] > 0 and row["vs_peer"] > 0 and row["roofline_pct"] > 0, key
+    assert_rows_timed_and_checked(rows)
     # the cost model: AdaLoRA = LoRA + the per-rank scale (Mr; 4Mr with the backward's scaling and dE)
     M = 8
     lora_fwd = 2 * M * N * K + 2 * M * K * R + 2 * M * N * R

@@ -1,37 +1,24 @@
 """benchmarks/phm.py end to end on a tiny CPU case: every impl, mode and phm_dim timed, checked and written."""
-import json
-import math
 
 import pytest
 
 import benchmarks._driver as driver
-import benchmarks.common as common
 import benchmarks.phm as bench
 from fastpeft.cli import bench_families
+from tests.bench_run import assert_rows_timed_and_checked, run_quick
 
 K, N = 64, 32
 DIMS = (2, 4)
 
 
 def test_phm_bench_writes_every_row(tmp_path, monkeypatch):
-    # the roofline probe on small sizes: the default CPU one (2048^3 matmul, 256 MiB copy) takes seconds
-    monkeypatch.setattr(driver, "measure_peaks", lambda device, dtype, cfg: common.measure_peaks(
-        device, dtype, cfg, matmul_n=128, copy_bytes=2**20))
-    argv = ["--device", "cpu", "--quick", "--shapes", f"{K}x{N}", "--m", "1,8", "--phm-dims", "2,4",
-            "--no-plot", "--out", str(tmp_path), "--warmup-ms", "0", "--rep-ms", "1"]
-    assert bench.main(argv) == 0
-
-    (path,) = tmp_path.glob("cpu-*-phm-*.json")
-    result = json.loads(path.read_text())
-    assert result["complete"] and result["benchmark"] == "phm" and result["command"].endswith(" ".join(argv))
+    result = run_quick(bench, "phm", ["--shapes", f"{K}x{N}", "--phm-dims", "2,4"], tmp_path, monkeypatch)
     assert result["config"]["phm_dims"] == list(DIMS) and result["config"]["phm_rank"] == 1
     rows = {(r["impl"], r["mode"], r["n"], r["M"]): r for r in result["rows"]}
     expected = {(i, m, n, M) for i in bench.IMPLS for m in driver.MODES for n in DIMS for M in (1, 8)}
     assert set(rows) == expected
+    assert_rows_timed_and_checked(rows, peer="vs_torch")
     for key, row in rows.items():
-        assert math.isfinite(row["ms"]) and row["ms"] > 0, key
-        assert row["rel_err"] < 1e-5 and not row["note"], (key, row["rel_err"], row["note"])
-        assert row["vs_base"] > 0 and row["vs_torch"] > 0 and row["roofline_pct"] > 0, key
         assert row["vs_peer"] is None, key  # no peft impl: PEFT has no PHM layers
     # the cost model (k = 1): base is the dense GEMM; the op never touches in x out; the eager way forms H
     M, n = 8, 4

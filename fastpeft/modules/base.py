@@ -1,11 +1,13 @@
 """`AdapterLayer`: what every adapter wrapper around one layer shares (the original kept as `base_layer`)."""
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(nn.Module, abc.ABC):
     """A layer wrapper holding named adapters. Subclasses store the adapters and implement forward, merge,
     unmerge and delete_adapter; `adapter_parameters(name)` lists what training an adapter updates."""
 
@@ -33,20 +35,25 @@ class AdapterLayer(nn.Module):
             return getattr(self.base_layer, name)  # model code that reads e.g. `proj.weight.dtype` keeps working
 
     @property
+    @abc.abstractmethod
     def adapter_names(self) -> list[str]:
-        raise NotImplementedError
+        """The adapters this layer holds, in the order they were added."""
 
+    @abc.abstractmethod
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        raise NotImplementedError
+        """What training adapter `name` updates on this layer."""
 
+    @abc.abstractmethod
     def merge(self, name: str) -> None:
-        raise NotImplementedError
+        """Fold adapter `name` into the base weights (after those merged before)."""
 
+    @abc.abstractmethod
     def unmerge(self) -> None:
-        raise NotImplementedError
+        """Restore the base weights as they were before the first merge, bit for bit."""
 
+    @abc.abstractmethod
     def delete_adapter(self, name: str) -> None:
-        raise NotImplementedError
+        """Remove adapter `name` (an error while it is merged)."""
 
     def running_adapters(self) -> list[str]:
         """The adapters this forward applies: active, not merged, unless the layer is disabled."""

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..reference import bottleneck as reference
 from . import dispatch, registry
-from .lora import TINY_M, TRITON_DTYPES
+from .lora import TINY_M, TRITON_DTYPES, _target_programs
 
 registry.describe("bottleneck_adapter", dtypes=TRITON_DTYPES, doc="y = r + s (f(x Wd^T + bd) Wu^T + bu)",
                   note="layer norms, gating and learned scaling run the reference")
@@ -144,7 +144,7 @@ def _bottleneck_backward_op(dy: Tensor, x: Tensor, s: Tensor, w_down: Tensor, b_
         ones = torch.ones((m,), device=dy.device)
         dw_up = dispatch.new_output(tuple(w_up.shape), like=w_up)
         db_up = dispatch.new_output((d,), like=dy, dtype=torch.float32)
-        target = 2 * torch.cuda.get_device_properties(dy.device).multi_processor_count if dy.is_cuda else 4
+        target = _target_programs(dy.device)  # SM count cached: no device query per call
         kern.reduce(dy, f, torch.full((m,), float(scaling), device=dy.device), dw_up, colsum=db_up,
                     splits=kern.reduce_splits(M, d, m, target))
         dw_down = dispatch.new_output(tuple(w_down.shape), like=w_down)

@@ -245,6 +245,11 @@ def _target_programs(device: torch.device) -> int:
     return 2 * _sm_count(device.index) if device.type == "cuda" else 4
 
 
+def _col_scaled_b(lora_b, c):
+    """B for the separate shrink G = (dY ⊙ c) B = dY (B ⊙ c): scaled only on that path (the fused one scales dY)."""
+    return lora_b if c is None else lora_b * c[:, None].to(lora_b.dtype)
+
+
 def _dropout_args(seed, dropout_p):
     if dropout_p == 0.0 or seed is None:
         return {}
@@ -293,7 +298,6 @@ def _triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, f
                  dy.new_zeros((N,)), torch.zeros((N,), device=dy.device, dtype=torch.float32))
         return tuple(zero if need else empty for zero, need, empty in zip(zeros, needs, (dx, da, db, ds, dbias, dc)))
     c = out_scale.contiguous() if out_scale is not None else None
-    b_for_g = lora_b if c is None else lora_b * c[:, None].to(lora_b.dtype)  # G = (dY ⊙ c) B = dY (B ⊙ c)
     g = None
     if need_da or need_ds or need_dx:
         g = dispatch.new_output((M, R), like=dy, dtype=torch.float32)  # G = dY' B
@@ -309,10 +313,10 @@ def _triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, f
         if fuse_shrink(M, N, K, R, dy.element_size(), False):  # the fused shrink sees the scaled dY tiles
             kern.gemm(dy, w_nk, None, lora_a, scale, dx, s=g, u_kr=lora_b, write_s=True, **drop, **extra)
         else:
-            kern.shrink(dy, b_for_g, g)
+            kern.shrink(dy, _col_scaled_b(lora_b, c), g)
             kern.gemm(dy, w_nk, None, lora_a, scale, dx, s=g, **drop, **extra)
     elif g is not None:
-        kern.shrink(dy, b_for_g, g)
+        kern.shrink(dy, _col_scaled_b(lora_b, c), g)
     if need_dc and dc.numel() == 0:  # no dX GEMM to reduce it in
         dc = (dy.float() * z.float()).sum(0)
     target = _target_programs(dy.device)

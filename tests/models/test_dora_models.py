@@ -14,7 +14,8 @@ peft = pytest.importorskip("peft")
 from tests.harness import rel_err  # noqa: E402
 from tests.inject.test_errors import unchanged  # noqa: E402
 from tests.models.test_lora_models import HEADS  # noqa: E402
-from tests.models.tiny import BUILDERS, IDS, assert_same_state, model, out, snapshot, train  # noqa: E402
+from tests.models.tiny import (  # noqa: E402
+    BUILDERS, assert_compiled_matches_eager, assert_same_state, model, out, snapshot, train)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 FAMILIES = list(BUILDERS)
@@ -133,18 +134,7 @@ def test_peft_dora_checkpoint_both_ways(kind, tmp_path):
 
 
 def test_compiled_dora_llama_matches_eager():
-    torch._dynamo.reset()
-    m = _trained("llama")
-    m.zero_grad(set_to_none=True)
-    eager = m(input_ids=IDS).logits
-    eager.pow(2).mean().backward()
-    eager_grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
-    m.zero_grad(set_to_none=True)
-    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")(input_ids=IDS).logits
-    compiled.pow(2).mean().backward()
-    assert rel_err(compiled, eager) < 1e-5
-    for name, g in eager_grads.items():
-        assert rel_err(m.get_parameter(name).grad, g) < 1e-4, name
+    assert_compiled_matches_eager(_trained("llama"), "aot_eager")
 
 
 @pytest.mark.parametrize("target", ["embed_tokens", "input_layernorm"])

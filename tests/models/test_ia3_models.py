@@ -11,7 +11,8 @@ from fastpeft.modules import IA3Linear
 pytest.importorskip("transformers")
 from tests.harness import rel_err  # noqa: E402
 from tests.models.test_lora_models import HEADS  # noqa: E402
-from tests.models.tiny import BUILDERS, IDS, assert_same_state, model, out, snapshot, train  # noqa: E402
+from tests.models.tiny import (  # noqa: E402
+    BUILDERS, assert_compiled_matches_eager, assert_same_state, model, out, snapshot, train)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 FAMILIES = list(BUILDERS)
@@ -72,15 +73,4 @@ def test_unmerge_restores_the_base_weights_bit_for_bit(kind, dtype):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_ia3_llama_matches_eager(backend):
-    torch._dynamo.reset()
-    m = _adapted("llama")
-    m.zero_grad(set_to_none=True)
-    eager = m(input_ids=IDS).logits
-    eager.pow(2).mean().backward()
-    eager_grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
-    m.zero_grad(set_to_none=True)
-    compiled = torch.compile(m, fullgraph=True, backend=backend)(input_ids=IDS).logits
-    compiled.pow(2).mean().backward()
-    assert rel_err(compiled, eager) < 1e-5
-    for name, g in eager_grads.items():
-        assert rel_err(m.get_parameter(name).grad, g) < 1e-4, name
+    assert_compiled_matches_eager(_adapted("llama"), backend)

@@ -128,3 +128,25 @@ def train(m: nn.Module, steps: int = 10, lr: float = 1e-2) -> list[float]:
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def logits_and_grads(run, m: nn.Module, ids: torch.Tensor = IDS):
+    """Logits of run(ids) and the gradients of mean(logits²) on m's trainable parameters (run: m or compiled m)."""
+    m.zero_grad(set_to_none=True)
+    logits = run(input_ids=ids).logits
+    logits.float().pow(2).mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+def assert_compiled_matches_eager(m: nn.Module, backend: str = "aot_eager") -> dict:
+    """torch.compile(m, fullgraph=True) (no graph break allowed) gives eager's logits and gradients."""
+    from tests.harness import rel_err
+
+    torch._dynamo.reset()
+    eager_logits, eager_grads = logits_and_grads(m, m)
+    logits, grads = logits_and_grads(torch.compile(m, fullgraph=True, backend=backend), m)
+    assert rel_err(logits, eager_logits) < 1e-5
+    assert grads.keys() == eager_grads.keys() and grads
+    for name, g in grads.items():
+        assert rel_err(g, eager_grads[name]) < 1e-4, name
+    return grads

@@ -1,0 +1,31 @@
+"""Running a benchmark script end to end in a test: a tiny CPU case, a small roofline probe, the JSON it wrote."""
+from __future__ import annotations
+
+import json
+import math
+
+import benchmarks._driver as driver
+import benchmarks.common as common
+
+QUICK = ["--device", "cpu", "--quick", "--m", "1,8", "--no-plot", "--warmup-ms", "0", "--rep-ms", "1"]
+
+
+def run_quick(bench, family: str, args: list[str], tmp_path, monkeypatch) -> dict:
+    """bench.main on a tiny case (QUICK + args) into tmp_path; the complete JSON result it wrote."""
+    # the default CPU roofline probe (2048^3 matmul, 256 MiB copy) takes seconds: probe small sizes instead
+    monkeypatch.setattr(driver, "measure_peaks", lambda device, dtype, cfg: common.measure_peaks(
+        device, dtype, cfg, matmul_n=128, copy_bytes=2**20))
+    argv = [*QUICK, *args, "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    (path,) = tmp_path.glob(f"cpu-*-{family}-*.json")
+    result = json.loads(path.read_text())
+    assert result["complete"] and result["benchmark"] == family and result["command"].endswith(" ".join(argv))
+    return result
+
+
+def assert_rows_timed_and_checked(rows: dict, peer: str = "vs_peer") -> None:
+    """Every row: finite time, small error against float64, no note, ratios and roofline filled in."""
+    for key, row in rows.items():
+        assert math.isfinite(row["ms"]) and row["ms"] > 0, key
+        assert row["rel_err"] < 1e-5 and not row["note"], (key, row["rel_err"], row["note"])
+        assert row["vs_base"] > 0 and row[peer] > 0 and row["roofline_pct"] > 0, key
