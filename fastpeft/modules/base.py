@@ -6,6 +6,9 @@ import abc
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+from ..reference.bottleneck import activation
+
 
 class AdapterLayer(nn.Module, abc.ABC):
     """A layer wrapper holding named adapters. Subclasses store the adapters and implement forward, merge,
@@ -58,3 +61,65 @@ class AdapterLayer(nn.Module, abc.ABC):
     def running_adapters(self) -> list[str]:
         """The adapters this forward applies: active, not merged, unless the layer is disabled."""
         return [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
+
+
+class AdapterContainer(nn.Module):
+    """Adapters registered beside model modules rather than wrapping one: bottleneck adapters after a sub-layer,
+    invertible adapters on the embeddings, parameters shared by one adapter's layers. The container is an attribute
+    of a model module (AdapterHub's name, so state-dict keys match its checkpoints) and runs through forward hooks
+    it owns; `detach()` removes them. Adapters are its children by name, or those of `store()`."""
+
+    def __init__(self):
+        super().__init__()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []  # never merged; the lifecycle code asks every layer
+        self.disabled = False
+        self._handles: list = []
+
+    def store(self) -> nn.Module:
+        return self
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.store()._modules)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.store()._modules[name].parameters())
+
+    def add(self, name: str, module: nn.Module) -> None:
+        self.store().add_module(name, module)
+
+    def delete_adapter(self, name: str) -> None:
+        del self.store()._modules[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def running_adapters(self) -> list[str]:
+        return [] if self.disabled else list(self.active_adapters)
+
+    def hook(self, handle) -> None:
+        self._handles.append(handle)
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class Activation(nn.Module):
+    """A named non-linearity (AdapterHub's `non_linearity` names, case-insensitive; None: linear) as a module, for
+    nn.Sequential layouts that match AdapterHub's parameter indices."""
+
+    def __init__(self, name: str | None):
+        super().__init__()
+        self.name = "linear" if name is None else str(name).lower()
+        try:
+            activation(self.name)
+        except ValueError as exc:
+            raise ConfigError(f"non_linearity: {exc}") from None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return activation(self.name)(x)
+
+    def extra_repr(self) -> str:
+        return self.name
