@@ -476,7 +476,7 @@ def _pattern_value(pattern: dict, module_name: str, default):
     return default
 
 
-CONFIGS: dict[str, type[AdapterConfig]] = {cls.method: cls for cls in (LoRAConfig, IA3Config, AdaLoRAConfig)}
+CONFIGS: dict[str, type[AdapterConfig]] = {cls.method: cls for cls in (LoRAConfig, IA3Config, AdaLoRAConfig, BnConfig)}
 
 
 def config_from_dict(data: dict[str, Any]) -> AdapterConfig:

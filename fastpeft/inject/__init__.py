@@ -1,6 +1,6 @@
 """The thin injection layer: target resolution, per-family tables, module swapping, adapter bookkeeping."""
-from .api import (adapters, add_adapter, delete_adapter, disable_adapters, merge_adapter, set_active_adapters,
+from .api import (Stack, adapters, add_adapter, delete_adapter, disable_adapters, merge_adapter, set_active_adapters,
                   trainable_parameters, unload, unmerge_adapter)
 
-__all__ = ["add_adapter", "set_active_adapters", "disable_adapters", "merge_adapter", "unmerge_adapter",
+__all__ = ["Stack", "add_adapter", "set_active_adapters", "disable_adapters", "merge_adapter", "unmerge_adapter",
            "delete_adapter", "unload", "trainable_parameters", "adapters"]

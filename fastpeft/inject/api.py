@@ -12,17 +12,28 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import AdapterError, ConfigError
-from ..modules import AdapterLayer, ModulesToSave
-from . import adalora, ia3, lora
+from ..modules import AdapterContainer, AdapterLayer, ModulesToSave
+from . import adalora, bottleneck, ia3, lora
 from .state import AdapterState, clear_state, get_state, require_state
 from .targets import model_modules, parent_of
 
-HANDLERS = {"lora": lora, "ia3": ia3, "adalora": adalora}
+HANDLERS = {"lora": lora, "ia3": ia3, "adalora": adalora, "bottleneck": bottleneck}
 MERGEABLE = {"lora", "ia3", "adalora"}
 
 
+class Stack(tuple):
+    """Adapters that run one after another in every layer, e.g. MAD-X's language then task adapter:
+    `fp.set_active_adapters(model, fp.Stack("lang", "task"))`. (A plain list of names means the same.)"""
+
+    def __new__(cls, *names: str):
+        return super().__new__(cls, names)
+
+    def __repr__(self) -> str:
+        return f"Stack({', '.join(repr(n) for n in self)})"
+
+
 def wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model_modules(model) if isinstance(m, (AdapterLayer, ModulesToSave))]
+    return [(n, m) for n, m in model_modules(model) if isinstance(m, (AdapterLayer, ModulesToSave, AdapterContainer))]
 
 
 def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module:
@@ -72,7 +83,8 @@ def _check_new_name(model: nn.Module, name) -> None:
 
 
 def set_active_adapters(model: nn.Module, names: str | Iterable[str] | None) -> None:
-    """Activate these adapters (None: none, the base model alone). Their parameters become the trainable ones."""
+    """Activate these adapters (None: none, the base model alone). Their parameters become the trainable ones.
+    Bottleneck adapters at the same site run in the order given (fp.Stack); LoRA-style updates add up."""
     state = require_state(model, "set_active_adapters")
     names = [] if names is None else [names] if isinstance(names, str) else list(names)
     state.check_known(names, "set_active_adapters")
@@ -87,7 +99,7 @@ def _refresh(model: nn.Module, state: AdapterState) -> None:
         p.requires_grad_(False)
     for _, module in wrappers(model):
         module.active_adapters = [n for n in state.active if n in module.adapter_names]
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, (AdapterLayer, AdapterContainer)):
             for n in module.adapter_names:
                 for p in module.adapter_parameters(n):
                     p.requires_grad_(n in active)
@@ -214,8 +226,12 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
 
 
 def _unwrap(model: nn.Module, path: str, wrapper: nn.Module, replacement: nn.Module | None = None) -> None:
-    original = wrapper.base_layer if isinstance(wrapper, AdapterLayer) else wrapper.original_module
     parent, attr = parent_of(model, path)
+    if isinstance(wrapper, AdapterContainer):
+        wrapper.detach()
+        delattr(parent, attr)
+        return
+    original = wrapper.base_layer if isinstance(wrapper, AdapterLayer) else wrapper.original_module
     setattr(parent, attr, replacement if replacement is not None else original)
 
 

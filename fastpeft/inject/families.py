@@ -8,6 +8,36 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class Site:
+    """Where one bottleneck adapter location (after attention, after the feed-forward block) sits in a block.
+
+    Paths are relative to the sub-layer, which is the first of `sublayer` (relative to the block; "" is the block
+    itself) that exists. `output`: the module whose output is the sub-layer's result h, just before the model adds
+    the residual. `residual`: the module whose positional argument `residual_arg` is the residual x. `norm`: in
+    post-LN blocks, the LayerNorm the model applies to h + x (None in pre-LN blocks). `container`: the attribute
+    holding the adapters by name, "layer.dict" for a dict inside a layer (AdapterHub's names, so state-dict keys
+    match its checkpoints).
+    """
+
+    sublayer: tuple[str, ...]
+    output: str
+    residual: str
+    residual_arg: int
+    norm: str | None
+    container: str
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Bottleneck adapter sites of a model family; `embeddings`: the module (relative to the base model) after
+    whose output invertible adapters run."""
+
+    mh_adapter: Site
+    output_adapter: Site
+    embeddings: str | None
+
+
+@dataclass(frozen=True)
 class Family:
     q: tuple[str, ...]            # query projection (GPT-2: the fused qkv projection)
     k: tuple[str, ...]
@@ -19,14 +49,31 @@ class Family:
     attention: tuple[str, ...]    # attention module(s) inside a block
     mlp: tuple[str, ...]          # feed-forward module inside a block
     embeddings: tuple[str, ...]   # input token embeddings
+    bottleneck: Placement | None = None  # where bottleneck adapters go (None: not supported yet)
 
+
+# Pre-LN blocks: x + sublayer(norm(x)); the adapter transforms the sub-layer's output, the model adds x.
+_PRE_LN = Placement(
+    mh_adapter=Site(("",), output="self_attn", residual="input_layernorm", residual_arg=0, norm=None,
+                    container="attention_adapters.adapters"),
+    output_adapter=Site(("",), output="mlp", residual="post_attention_layernorm", residual_arg=0, norm=None,
+                        container="output_adapters.adapters"),
+    embeddings="embed_tokens")
+# Post-LN blocks (BERT): the output sub-module computes LayerNorm(dropout(dense(h)) + x) with x its 2nd argument.
+_POST_LN = Placement(
+    mh_adapter=Site(("attention.output",), output="dropout", residual="", residual_arg=1, norm="LayerNorm",
+                    container="adapters"),
+    output_adapter=Site(("output",), output="dropout", residual="", residual_arg=1, norm="LayerNorm",
+                        container="adapters"),
+    embeddings="embeddings")
 
 _LLAMA = Family(q=("q_proj",), k=("k_proj",), v=("v_proj",), o=("o_proj",), ffn_in=("gate_proj", "up_proj"),
                 ffn_out=("down_proj",), layers="layers", attention=("self_attn",), mlp=("mlp",),
-                embeddings=("embed_tokens",))
+                embeddings=("embed_tokens",), bottleneck=_PRE_LN)
 _BERT = Family(q=("query",), k=("key",), v=("value",), o=("attention.output.dense",),
                ffn_in=("intermediate.dense",), ffn_out=("output.dense",), layers="layer",
-               attention=("attention",), mlp=("intermediate", "output"), embeddings=("word_embeddings",))
+               attention=("attention",), mlp=("intermediate", "output"), embeddings=("word_embeddings",),
+               bottleneck=_POST_LN)
 
 FAMILIES: dict[str, Family] = {
     "llama": _LLAMA,
@@ -39,13 +86,25 @@ FAMILIES: dict[str, Family] = {
                    ffn_out=("down_proj",), layers="layers", attention=("self_attn",), mlp=("mlp",),
                    embeddings=("embed_tokens",)),
     "gpt2": Family(q=("c_attn",), k=("c_attn",), v=("c_attn",), o=("attn.c_proj",), ffn_in=("c_fc",),
-                   ffn_out=("mlp.c_proj",), layers="h", attention=("attn",), mlp=("mlp",), embeddings=("wte",)),
+                   ffn_out=("mlp.c_proj",), layers="h", attention=("attn",), mlp=("mlp",), embeddings=("wte",),
+                   bottleneck=Placement(  # pre-LN; `drop` follows the token + position embeddings
+                       mh_adapter=Site(("",), output="attn", residual="ln_1", residual_arg=0, norm=None,
+                                       container="attention_adapters.adapters"),
+                       output_adapter=Site(("",), output="mlp", residual="ln_2", residual_arg=0, norm=None,
+                                           container="output_adapters.adapters"),
+                       embeddings="drop")),
     "bert": _BERT,
     "roberta": _BERT,
     "xlm-roberta": _BERT,
     "t5": Family(q=("q",), k=("k",), v=("v",), o=("o",), ffn_in=("wi", "wi_0", "wi_1"), ffn_out=("wo",),
                  layers="block", attention=("SelfAttention", "EncDecAttention"), mlp=("DenseReluDense",),
-                 embeddings=("shared",)),
+                 embeddings=("shared",),
+                 bottleneck=Placement(  # pre-LN sub-layers x + dropout(f(layer_norm(x))); the decoder's FF is layer.2
+                     mh_adapter=Site(("layer.0",), output="dropout", residual="layer_norm", residual_arg=0,
+                                     norm=None, container="attention_adapters.adapters"),
+                     output_adapter=Site(("layer.2", "layer.1"), output="dropout", residual="layer_norm",
+                                         residual_arg=0, norm=None, container="output_adapters.adapters"),
+                     embeddings=None)),
     "opt": Family(q=("q_proj",), k=("k_proj",), v=("v_proj",), o=("out_proj",), ffn_in=("fc1",), ffn_out=("fc2",),
                   layers="layers", attention=("self_attn",), mlp=(), embeddings=("embed_tokens",)),
 }

@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterator
 from torch import nn
 
 from ..errors import TargetError, closest
-from ..modules import AdapterLayer, ModulesToSave
+from ..modules import AdapterContainer, AdapterLayer, ModulesToSave
 from ..modules.lora import is_conv1d, is_plain_linear
 from .families import default_lora_targets, family_of
 
-WRAPPERS = (AdapterLayer, ModulesToSave)
+WRAPPERS = (AdapterLayer, ModulesToSave, AdapterContainer)
 CLASSIFIER_HEADS = ("score", "classifier")
 
 
