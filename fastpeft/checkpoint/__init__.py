@@ -1,4 +1,5 @@
-"""Save and load adapters in PEFT's on-disk format, so adapters move between fastpeft and PEFT both ways.
+"""Save and load adapters in PEFT's on-disk format (LoRA, IA3, AdaLoRA) and AdapterHub's (bottleneck, Compacter,
+invertible adapters: adapterhub.py), so adapters move between fastpeft and those libraries both ways.
 
     fp.save_adapter(model, "out/chat", "default")   # PeftModel.from_pretrained(base, "out/chat") reads it
     fp.load_adapter(model, "peft-dir", name="chat")  # reads what PeftModel.save_pretrained wrote
@@ -14,11 +15,11 @@ import os
 
 from torch import nn
 
-from ..config import AdaLoRAConfig, IA3Config, LoRAConfig
+from ..config import AdaLoRAConfig, BnConfig, IA3Config, LoRAConfig
 from ..errors import AdapterError, CheckpointError
 from ..inject import adapters
 from ..inject.state import require_state
-from . import adalora, ia3, lora
+from . import adalora, adapterhub, ia3, lora
 from .files import CONFIG_NAME, WEIGHTS_NAME, check_files, read_json, write_checkpoint
 
 # PEFT's peft_type -> (config class, format)
@@ -26,13 +27,17 @@ FORMATS = {"LORA": (LoRAConfig, lora), "IA3": (IA3Config, ia3), "ADALORA": (AdaL
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> None:
-    """Write adapter `name` of `model` to `directory` (created if needed) in PEFT's format.
+    """Write adapter `name` of `model` to `directory` (created if needed) in PEFT's format (AdapterHub's for
+    bottleneck, Compacter and invertible adapters: adapter_config.json + adapter.safetensors).
 
     Files are replaced atomically (written to a temporary file in `directory`, then renamed).
     """
     state = require_state(model, "save_adapter")
     state.check_known([name], "save_adapter")
     config = state.configs[name]
+    if isinstance(config, BnConfig):
+        adapterhub.export(model, name, config, os.fspath(directory))
+        return
     fmt = next((f for cls, f in FORMATS.values() if type(config) is cls), None)
     if fmt is None:
         raise CheckpointError(f"save_adapter: adapter {name!r} is a {type(config).__name__}; PEFT-format "
@@ -54,6 +59,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
                            f"name=... or fp.delete_adapter(model, {name!r}) first.")
     directory = os.fspath(directory)
     config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isfile(config_path):
+        raw = read_json(config_path)
+        if adapterhub.is_adapterhub(raw):
+            return adapterhub.load(model, name, raw, directory, config_path)
     check_files(directory, config_path, weights_path)
     raw = read_json(config_path)
     peft_type = raw.get("peft_type")
