@@ -13,7 +13,8 @@ from fastpeft.modules import AdapterContainer, BottleneckLayer
 
 pytest.importorskip("transformers")
 from tests.harness import rel_err  # noqa: E402
-from tests.models.tiny import IDS, assert_same_state, batch, model, out, snapshot, structure, train  # noqa: E402
+from tests.models.tiny import (  # noqa: E402
+    IDS, assert_compiled_matches_eager, assert_same_state, batch, model, out, snapshot, structure, train)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "bert", "roberta", "t5"]
@@ -62,7 +63,7 @@ def test_training_reduces_the_loss_and_unload_restores(kind, config):
     assert structure(m) == shape and hooks(m) == 0
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "t5"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "roberta", "t5"])
 @pytest.mark.parametrize("config", [fp.SeqBnConfig(), fp.CompacterPlusPlusConfig(reduction_factor=8),
                                     fp.BnConfig(mh_adapter=True, scaling="channel", use_gating=True, ln_after=True,
                                                 reduction_factor={"0": 4, "default": 8}, non_linearity="tanh")],
@@ -163,6 +164,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert rel_err(grads[1][n], grads[0][n]) < 1e-6, n
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_compiles_without_graph_breaks_and_generates_with_a_cache(kind):
+    m = model(kind)
+    fp.add_adapter(m, "a", fp.CompacterConfig(reduction_factor=4, phm_dim=4))
+    assert_compiled_matches_eager(m)
+    mask = torch.ones_like(IDS)
+    cached = m.generate(IDS, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    uncached = m.generate(IDS, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                          use_cache=False)
+    assert torch.equal(cached, uncached)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
