@@ -31,6 +31,15 @@ def _param(*shape: int, requires_grad: bool = True) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=requires_grad)
 
 
+def _add_rule(module: nn.Module, n: int, factorized: bool, learn: bool) -> None:
+    """The rule parameters: `phm_rule` (n, n, n), or its factors `phm_rule_left` (n, n, 1), `phm_rule_right`."""
+    if factorized:
+        module.phm_rule_left = _param(n, n, 1, requires_grad=learn)
+        module.phm_rule_right = _param(n, 1, n, requires_grad=learn)
+    else:
+        module.phm_rule = _param(n, n, n, requires_grad=learn)
+
+
 @torch.no_grad()
 def _init_w(config: BnConfig, tensors: list[torch.Tensor], gen: torch.Generator | None) -> None:
     """Initialise W (or its factors L, R) block by block per `hypercomplex_nonlinearity`.
@@ -97,12 +106,7 @@ class PHMShared(nn.Module):
             else:
                 self.W_down, self.W_up = _param(n, p, q), _param(n, q, p)
         if self.shared_rule:
-            learn = bool(config.learn_phm)
-            if self.factorized_rule:
-                self.phm_rule_left = _param(n, n, 1, requires_grad=learn)
-                self.phm_rule_right = _param(n, 1, n, requires_grad=learn)
-            else:
-                self.phm_rule = _param(n, n, n, requires_grad=learn)
+            _add_rule(self, n, self.factorized_rule, bool(config.learn_phm))
         self.reset_parameters()
 
     @staticmethod
@@ -180,12 +184,7 @@ class PHMLinear(nn.Module):
         self._shared = (shared,)  # a tuple: not a submodule, so its parameters stay out of this state_dict
         p, q = in_features // n, out_features // n
         if not self.shared_rule:
-            learn = bool(config.learn_phm)
-            if self.factorized_rule:
-                self.phm_rule_left = _param(n, n, 1, requires_grad=learn)
-                self.phm_rule_right = _param(n, 1, n, requires_grad=learn)
-            else:
-                self.phm_rule = _param(n, n, n, requires_grad=learn)
+            _add_rule(self, n, self.factorized_rule, bool(config.learn_phm))
         if not self.shared_W:
             if self.factorized_W:
                 self.W_left, self.W_right = _param(n, p, k), _param(n, k, q)
