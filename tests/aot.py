@@ -114,7 +114,8 @@ def ia3_launches(dtype: torch.dtype) -> list[Launch]:
 
 
 def bottleneck_launches(dtype: torch.dtype) -> list[Launch]:
-    """The bottleneck adapter's expand: the GEMM kernel with no base product, f(S + b) and the residual."""
+    """Wide bottlenecks (m > 256, the two-kernel path): the GEMM kernel with no base product, f(S + b) and the
+    residual in its epilogue."""
     M, d, m = 256, 512, 32
     x, y = torch.empty(M, d, dtype=dtype), torch.empty(M, d, dtype=dtype)
     w_up, s = torch.empty(d, m, dtype=dtype), torch.empty(M, m)
@@ -125,7 +126,38 @@ def bottleneck_launches(dtype: torch.dtype) -> list[Launch]:
                                   every_config=act == 2)]  # the activation only changes the epilogue's math
 
 
-CATALOG = {"lora": lora_launches, "ia3": ia3_launches, "bottleneck": bottleneck_launches}
+def fused_bottleneck_launches(dtype: torch.dtype) -> list[Launch]:
+    """The fused single-pass adapter kernels (fastpeft/kernels/bottleneck.py) at the widest bottleneck they take
+    (m = 256: the largest tiles in registers and shared memory), every config; the variants (layer norm before,
+    per-channel and learned scaling, no residual; a narrow m = 64, where tall row blocks survive the register
+    prune) add a few registers and no shared memory: their first config."""
+    M, d = 256, 512
+    x, r, y = (torch.empty(M, d, dtype=dtype) for _ in range(3))
+    ln_w, b_up, channel = torch.empty(d, dtype=dtype), torch.empty(d, dtype=dtype), torch.empty(d)
+    launches = []
+    for m in (64, 256):  # the variants below use the last, m = 256
+        w_down, w_up, b_down = torch.empty(m, d, dtype=dtype), torch.empty(d, m, dtype=dtype), torch.empty(m)
+        s, f, ds, dsr = (torch.empty(M, m) for _ in range(4))
+        stats, ln = torch.empty(M, 2), (ln_w, torch.empty(m), torch.empty(m))
+        launches += [
+            *capture("bottleneck", "forward", x, r, w_down, b_down, w_up, b_up, y, act=1, s=s,
+                     label=f"fwd m{m}", every_config=m == 256),
+            *capture("bottleneck", "backward", y, s, w_down, b_down, w_up, act=1, f=f, ds=ds, dx=x,
+                     label=f"bwd m{m}", every_config=m == 256),
+        ]
+    launches += [
+        *capture("bottleneck", "forward", x, None, w_down, b_down, w_up, b_up, y, act=3, scale=channel, ln=ln, s=s,
+                 stats=stats, label=f"fwd m{m} ln_before, channel scale", every_config=False),
+        *capture("bottleneck", "backward", y, s, w_down, b_down, w_up, act=3, scale=channel, f=f, ds=ds, dx=x, x=r,
+                 ln=ln, stats=stats, dsr=dsr, label=f"bwd m{m} ln_before, channel scale", every_config=False),
+        *capture("bottleneck", "backward", y, s, w_down, None, w_up, act=2, scale=torch.empty(1), ds=ds, dx=x,
+                 rowdot=torch.empty(M), label=f"bwd m{m} learned scale", every_config=False),
+    ]
+    return launches
+
+
+CATALOG = {"lora": lora_launches, "ia3": ia3_launches, "bottleneck": bottleneck_launches,
+           "fused_bottleneck": fused_bottleneck_launches}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 

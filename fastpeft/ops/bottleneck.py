@@ -1,57 +1,98 @@
 """`fp.ops.bottleneck_adapter`: the bottleneck adapter block (math: fastpeft/reference/bottleneck.py).
 
-    y = r + s · (f(x W_dᵀ + b_d) W_uᵀ + b_u)
+    h = x, or LN_before(x) = x̂ ⊙ γ + β with x̂ = (x − μ) · rstd
+    y = r + s ⊙ (f(h W_dᵀ + b_d) W_uᵀ + b_u)       s: a number, or a (1,) or (d,) tensor (learned / channel)
+    (with ln_after: y = LN_after(s ⊙ (...) + r), or LN_after(s ⊙ (...)) + r)
 
-On CUDA the block runs on the LoRA kernels: the shrink kernel computes S = x W_dᵀ (float32, M x m), and the GEMM
-kernel with no base product (K = 0) forms f(S + b_d) in its epilogue, multiplies by W_uᵀ, adds s·b_u and the
-residual, and stores y once: x and r are read once, y written once, and only S (m = d / reduction_factor
-columns) goes through memory. The backward recomputes f and f' from S (nothing else is saved but x):
-    dF = s · dY W_u,  dS = dF ⊙ f'(S + b_d),  dx = dS W_d,  dW_d = dSᵀ x,  dW_u = s · dYᵀ f(S + b_d),
-    db_d = Σ dS,  db_u = s · Σ dY,  dr = dY
-(the shrink, GEMM and reduction kernels of fastpeft/kernels/lora.py). Layer norms, gating and learned scaling
-run the reference (PyTorch) for now.
+`fastpeft::bottleneck_adapter` returns (y, S, stats): S = h W_dᵀ (float32, M x m) and the rows' (μ, rstd) of the
+layer norm before, kept for the backward pass (nothing else is saved but x and the parameters):
+    dF = (dY ⊙ s) W_u,   dS = dF ⊙ f'(S + b_d),   dh = dS W_d,   dx = dh, or through the layer norm
+    dx = rstd · (γ ⊙ dh − mean_k(γ ⊙ dh) − x̂ · mean_k(γ ⊙ dh ⊙ x̂))
+    dW_u = s ⊙ dYᵀ F (F = f(S + b_d)),  db_u = s ⊙ Σ dY,  ds = Σ dY ⊙ (F W_uᵀ + b_u) (summed to s's shape)
+    dW_d = dSᵀ h,  db_d = Σ dS,  dγ = Σ dh ⊙ x̂,  dβ = Σ dh,  dr = dY
+With the layer norm before, all three come from one reduction over x, Q = (dS ⊙ rstd)ᵀ x − (dS ⊙ rstd)ᵀ μ
+(= Σ_rows dS ⊗ x̂, d x m):  dW_d = (γ ⊙ Q + β ⊗ Σ dS)ᵀ,  dγ = Σ_j W_dᵀ ⊙ Q,  dβ = (Σ dS) W_d.
+On CUDA (m <= 256) one kernel does the forward in one pass over x and r, and one kernel the row-wise backward
+(dF, dS, dx); the weight gradients are the deterministic split reductions of fastpeft/kernels/lora.py
+(fastpeft/kernels/bottleneck.py has the formulas). Wider bottlenecks run the two-kernel path on the LoRA kernels
+(shrink S = x W_dᵀ, then the GEMM kernel with no base product, f(S + b_d) and the residual in its epilogue).
+The layer norm after the adapter is PyTorch's own, on the fused block's output (the row statistics of the
+pre-norm output would need a second pass over the row); gating (a mean over the sequence, across rows) and
+dropout > 0 run the reference. Which path runs is listed in the registry note (`fastpeft info`).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference import bottleneck as reference
 from . import dispatch, registry
 from .lora import TINY_M, TRITON_DTYPES, _target_programs
 
-registry.describe("bottleneck_adapter", dtypes=TRITON_DTYPES, doc="y = r + s (f(x Wd^T + bd) Wu^T + bu)",
-                  note="layer norms, gating and learned scaling run the reference")
+FUSED_MAX_WIDTH = 256  # kernels/bottleneck.py MAX_WIDTH (not imported: triton stays unloaded)
 KERNEL_ACTIVATIONS = {"linear": 0, "relu": 1, "gelu": 2, "gelu_new": 3, "gelu_pytorch_tanh": 3, "swish": 4,
-                      "silu": 4, "tanh": 5}  # kernels/lora.py ACTIVATIONS (not imported: triton stays unloaded)
+                      "silu": 4, "tanh": 5, "sigmoid": 6, "leakyrelu": 7, "leaky_relu": 7}  # kernels/bottleneck.py
+LORA_EPILOGUE_CODES = 6  # codes 0-5 are also computed by the LoRA GEMM epilogue (the wide two-kernel path)
+registry.describe(
+    "bottleneck_adapter", dtypes=TRITON_DTYPES, doc="y = r + s (f(LN?(x) Wd^T + bd) Wu^T + bu), LN after optional",
+    note=(f"fused single-pass kernels (forward and backward) for bottleneck width m <= {FUSED_MAX_WIDTH}, with "
+          "ln_before fused, scaling a number or a (1,)/(d,) tensor; ln_after: PyTorch's layer norm on the fused "
+          f"output; m > {FUSED_MAX_WIDTH}: LoRA shrink + expand kernels (numeric scaling, no ln_before); gating, "
+          f"dropout > 0, and ln_before or tensor scaling with m > {FUSED_MAX_WIDTH} run the reference; inputs of "
+          f"at most {TINY_M} rows run the reference"))
 
 
 def _kernels():
-    from ..kernels import lora
+    from ..kernels import bottleneck, lora  # imported on first CUDA call only: `import fastpeft` never loads triton
 
-    return lora
+    return bottleneck, lora
 
+
+# ------------------------------------------------------------------------------------------------------------
+# Public functional op
+# ------------------------------------------------------------------------------------------------------------
 
 def bottleneck_adapter(x: Tensor, residual: Tensor, w_down: Tensor, b_down: Tensor | None, w_up: Tensor,
                        b_up: Tensor | None, *, non_linearity: str = "relu", scaling: float | Tensor = 1.0,
-                       ln_before=None, ln_after=None, gate=None, adapter_residual_before_ln: bool = False) -> Tensor:
-    """The bottleneck adapter block for x and residual of shape (..., d); w_down (m, d), w_up (d, m)."""
-    _check(x, residual, w_down, b_down, w_up, b_up)
+                       ln_before=None, ln_after=None, gate=None, adapter_residual_before_ln: bool = False,
+                       dropout: float = 0.0, eps: float = 1e-5) -> Tensor:
+    """The bottleneck adapter block for x and residual of shape (..., d); w_down (m, d), w_up (d, m).
+
+    scaling: a number, or a tensor of 1 or d elements (AdapterHub's "learned" and "channel"); ln_before,
+    ln_after, gate: (weight, bias) pairs or None; dropout: AdapterHub's dropout on s · up (pass 0.0 in eval).
+    """
+    _check(x, residual, w_down, b_down, w_up, b_up, scaling, dropout)
     reference.activation(non_linearity)  # a clear error for an unknown name
-    plain = (ln_before is None and ln_after is None and gate is None and not isinstance(scaling, Tensor)
-             and non_linearity.lower() in KERNEL_ACTIVATIONS)
-    d = x.shape[-1]
+    act = non_linearity.lower()
+    d, m = x.shape[-1], w_down.shape[0]
+    wide = m > FUSED_MAX_WIDTH
+    scale = scaling.reshape(-1) if isinstance(scaling, Tensor) else None
+    kernel_ok = gate is None and dropout == 0.0 and not (wide and (ln_before is not None or scale is not None))
     x2, r2 = x.reshape(-1, d), residual.reshape(-1, d)
-    if not plain or (_backend(x2) == "torch" and not torch.compiler.is_compiling()):
+    if not kernel_ok or (_backend(x2) == "torch" and not torch.compiler.is_compiling()):
         return reference.bottleneck_adapter(x, residual, w_down, b_down, w_up, b_up, non_linearity=non_linearity,
                                             scaling=scaling, ln_before=ln_before, ln_after=ln_after, gate=gate,
-                                            adapter_residual_before_ln=adapter_residual_before_ln)
-    y, _ = torch.ops.fastpeft.bottleneck_adapter(x2, r2, w_down, b_down, w_up, b_up, non_linearity.lower(),
-                                                 float(scaling))
+                                            adapter_residual_before_ln=adapter_residual_before_ln, dropout=dropout,
+                                            eps=eps)
+    ln_w = ln_b = None
+    if ln_before is not None:
+        ln_w, ln_b = ln_before
+        ln_w = ln_w if ln_w is not None else torch.ones(d, device=x.device, dtype=x.dtype)
+    params = (x, w_down, b_down, w_up, b_up, scale, ln_w, ln_b)
+    need_s = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+    residual_in = r2 if ln_after is None or adapter_residual_before_ln else None
+    y = torch.ops.fastpeft.bottleneck_adapter(x2, residual_in, w_down, b_down, w_up, b_up, scale,
+                                              float(scaling) if scale is None else 1.0, ln_w, ln_b, act, float(eps),
+                                              need_s)[0]
+    if ln_after is not None:
+        y = F.layer_norm(y, (d,), *ln_after, eps=eps)
+        if not adapter_residual_before_ln:
+            y = y + r2
     return y.reshape(x.shape)
 
 
-def _check(x, residual, w_down, b_down, w_up, b_up) -> None:
+def _check(x, residual, w_down, b_down, w_up, b_up, scaling, dropout) -> None:
     d = x.shape[-1]
     m = w_down.shape[0]
     if residual.shape != x.shape:
@@ -63,7 +104,17 @@ def _check(x, residual, w_down, b_down, w_up, b_up) -> None:
     for name, t, n in (("b_down", b_down, m), ("b_up", b_up, d)):
         if t is not None and t.shape != (n,):
             raise ValueError(f"bottleneck_adapter: {name} has shape {tuple(t.shape)}; expected ({n},).")
-    for name, t in (("residual", residual), ("w_down", w_down), ("w_up", w_up), ("b_down", b_down), ("b_up", b_up)):
+    if isinstance(scaling, Tensor):
+        if scaling.numel() not in (1, d) or (scaling.numel() == d and scaling.shape[-1] != d):
+            raise ValueError(f"bottleneck_adapter: scaling has shape {tuple(scaling.shape)}; use a number, a "
+                             f"1-element tensor (scaling='learned') or a ({d},) tensor (scaling='channel').")
+        residual_tensors = (("scaling", scaling),)
+    else:
+        residual_tensors = ()
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"bottleneck_adapter: dropout={dropout} is outside [0, 1).")
+    for name, t in (("residual", residual), ("w_down", w_down), ("w_up", w_up), ("b_down", b_down), ("b_up", b_up),
+                    *residual_tensors):
         if t is not None and t.device != x.device:
             raise ValueError(f"bottleneck_adapter: {name} is on {t.device} but x is on {x.device}.")
 
@@ -92,91 +143,261 @@ def _act_and_grad(s: Tensor, b_down: Tensor | None, name: str, d_f: Tensor | Non
     elif name in ("swish", "silu"):
         sig = torch.sigmoid(z)
         f, slope = z * sig, sig * (1.0 + z * (1.0 - sig))
-    else:  # tanh
+    elif name == "tanh":
         f = torch.tanh(z)
         slope = 1.0 - f * f
+    elif name == "sigmoid":
+        f = torch.sigmoid(z)
+        slope = f * (1.0 - f)
+    else:  # leaky relu, slope 0.01
+        f = torch.where(z > 0, z, 0.01 * z)
+        slope = torch.where(z > 0, 1.0, 0.01)
     return f, (d_f * slope if d_f is not None else None)
 
 
+def _scale_of(scale: Tensor | None, scale_value: float):
+    """s as something that broadcasts over (..., d) in float32."""
+    return scale.float() if scale is not None else scale_value
+
+
+def _ln_vectors(w_down: Tensor, ln_w: Tensor, ln_b: Tensor | None) -> tuple[Tensor, Tensor]:
+    """γ W_dᵀ and β W_dᵀ (float32 m-vectors) for the layer norm folded into the down projection."""
+    wd = w_down.float()
+    gwd = wd @ ln_w.float()
+    bwd = wd @ ln_b.float() if ln_b is not None else torch.zeros_like(gwd)
+    return gwd, bwd
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Registered ops
+# ------------------------------------------------------------------------------------------------------------
+
 @torch.library.triton_op("fastpeft::bottleneck_adapter", mutates_args=())
-def _bottleneck_op(x: Tensor, residual: Tensor, w_down: Tensor, b_down: Tensor | None, w_up: Tensor,
-                   b_up: Tensor | None, non_linearity: str, scaling: float) -> tuple[Tensor, Tensor]:
-    """(y, S) with S = x W_dᵀ in float32, kept for the backward pass."""
+def _bottleneck_op(x: Tensor, residual: Tensor | None, w_down: Tensor, b_down: Tensor | None, w_up: Tensor,
+                   b_up: Tensor | None, scale: Tensor | None, scale_value: float, ln_weight: Tensor | None,
+                   ln_bias: Tensor | None, non_linearity: str, eps: float, need_s: bool
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, S, stats): S = h W_dᵀ (M x m float32) and stats = (μ, rstd) per row (M x 2, with a layer norm before)
+    when need_s; empty otherwise. No residual: y is the adapter's output alone."""
     M, _ = x.shape
     m = w_down.shape[0]
     if _backend(x) == "torch" or M == 0:
-        s = (x @ w_down.t().to(x.dtype)).float()
-        f, _ = _act_and_grad(s, b_down, non_linearity)
-        up = f.to(x.dtype) @ w_up.t().to(x.dtype)
-        if b_up is not None:
-            up = up + b_up.to(x.dtype)
-        return (residual.float() + scaling * up.float()).to(x.dtype), s
-    kern = _kernels()
-    s = dispatch.new_output((M, m), like=x, dtype=torch.float32)
-    kern.shrink(x, w_down.t(), s)
+        return _torch_forward(x, residual, w_down, b_down, w_up, b_up, scale, scale_value, ln_weight, ln_bias,
+                              non_linearity, eps, need_s)
+    kern, lora = _kernels()
+    b_down, b_up, ln_weight, ln_bias = (_dense(t) for t in (b_down, b_up, ln_weight, ln_bias))
     y = dispatch.new_output(tuple(x.shape), like=x)
+    s = dispatch.new_output((M, m), like=x, dtype=torch.float32) if need_s else _empty(x)
+    if m <= FUSED_MAX_WIDTH:
+        ln = stats = None
+        if ln_weight is not None:
+            ln = (ln_weight, *_ln_vectors(w_down, ln_weight, ln_bias))
+            stats = dispatch.new_output((M, 2), like=x, dtype=torch.float32) if need_s else None
+        kern.forward(x, residual, w_down, b_down, w_up, b_up, y, act=KERNEL_ACTIVATIONS[non_linearity],
+                     scale=scale, scale_value=scale_value, ln=ln, eps=eps, s=s if need_s else None, stats=stats)
+        return y, s, stats if stats is not None else _empty(x)
+    if ln_weight is not None or scale is not None:
+        raise ValueError(f"bottleneck_adapter: a layer norm before the adapter or a tensor scaling needs m <= "
+                         f"{FUSED_MAX_WIDTH} on the Triton path (fp.ops.bottleneck_adapter routes it to the reference)")
+    if not need_s:
+        s = dispatch.new_output((M, m), like=x, dtype=torch.float32)
+    lora.shrink(x, w_down.t(), s)  # the two-kernel path: S, then the GEMM kernel with f(S + b_d) in its epilogue
+    code = KERNEL_ACTIVATIONS[non_linearity]
+    s_in, s_bias = s, b_down.contiguous() if b_down is not None else None
+    if code >= LORA_EPILOGUE_CODES:  # an activation the LoRA epilogue lacks: F formed here
+        s_in, s_bias, code = _act_and_grad(s, b_down, non_linearity)[0], None, 0
     e_rn = w_up.t()  # (m, d)
-    bias = (b_up.float() * scaling).to(x.dtype) if b_up is not None else None
-    kern.gemm(x[:, :0], e_rn[:0], bias, e_rn, torch.full((m,), float(scaling), device=x.device), y, s=s,
-              s_act=KERNEL_ACTIVATIONS[non_linearity], s_bias=b_down.contiguous() if b_down is not None else None,
-              residual=residual)
-    return y, s
+    bias = (b_up.float() * scale_value).to(x.dtype) if b_up is not None else None
+    lora.gemm(x[:, :0], e_rn[:0], bias, e_rn, torch.full((m,), float(scale_value), device=x.device), y, s=s_in,
+              s_act=code, s_bias=s_bias, residual=residual)
+    return y, s if need_s else _empty(x), _empty(x)
+
+
+def _dense(t: Tensor | None) -> Tensor | None:
+    """A vector the kernels index densely (biases, layer-norm weight); a no-op when it already is."""
+    return t.contiguous() if t is not None else None
+
+
+def _empty(like: Tensor) -> Tensor:
+    """A fresh empty float32 output (outputs of a custom op must not alias one another)."""
+    return like.new_empty((0,), dtype=torch.float32)
+
+
+def _torch_forward(x, residual, w_down, b_down, w_up, b_up, scale, scale_value, ln_w, ln_b, act, eps, need_s):
+    dt = x.dtype
+    stats = _empty(x)
+    h = x
+    if ln_w is not None:
+        xf = x.float()
+        mean = xf.mean(1)
+        rstd = torch.rsqrt(xf.var(1, unbiased=False) + eps)
+        h = (xf - mean[:, None]) * rstd[:, None] * ln_w.float()
+        h = (h + ln_b.float() if ln_b is not None else h).to(dt)
+        stats = torch.stack([mean, rstd], 1)
+    s = (h @ w_down.t().to(dt)).float()
+    f, _ = _act_and_grad(s, b_down, act)
+    up = (f.to(dt) @ w_up.t().to(dt)).float()
+    if b_up is not None:
+        up = up + b_up.float()
+    up = up * _scale_of(scale, scale_value)
+    if residual is not None:
+        up = up + residual.float()
+    return up.to(dt), (s if need_s else _empty(x)), (stats if need_s else _empty(x))
 
 
 @torch.library.triton_op("fastpeft::bottleneck_adapter_backward", mutates_args=())
-def _bottleneck_backward_op(dy: Tensor, x: Tensor, s: Tensor, w_down: Tensor, b_down: Tensor | None, w_up: Tensor,
-                            non_linearity: str, scaling: float, need_dx: bool
-                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dW_d, db_d, dW_u, db_u); dx empty unless need_dx."""
+def _bottleneck_backward_op(dy: Tensor, x: Tensor, s: Tensor, stats: Tensor, w_down: Tensor, b_down: Tensor | None,
+                            w_up: Tensor, b_up: Tensor | None, scale: Tensor | None, scale_value: float,
+                            ln_weight: Tensor | None, ln_bias: Tensor | None, non_linearity: str, need_dx: bool,
+                            need_wd: bool, need_bd: bool, need_wu: bool, need_bu: bool, need_scale: bool,
+                            need_lnw: bool, need_lnb: bool
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dW_d, db_d, dW_u, db_u, ds, dγ, dβ); each empty unless asked for."""
+    args = (dy, x, s, stats, w_down, b_down, w_up, b_up, scale, scale_value, ln_weight, ln_bias, non_linearity,
+            (need_dx, need_wd, need_bd, need_wu, need_bu, need_scale, need_lnw, need_lnb))
+    if _backend(dy) == "torch" or dy.shape[0] == 0:
+        return _torch_backward(*args)
+    return _triton_backward(*args)
+
+
+def _torch_backward(dy, x, s, stats, w_down, b_down, w_up, b_up, scale, scale_value, ln_w, ln_b, act, needs):
+    need_dx, need_wd, need_bd, need_wu, need_bu, need_scale, need_lnw, need_lnb = needs
+    dyf = dy.float()
+    dys = dyf * _scale_of(scale, scale_value)
+    f, ds = _act_and_grad(s, b_down, act, dys @ w_up.float())
+    h = xhat = None
+    if ln_w is not None:
+        xhat = (x.float() - stats[:, :1]) * stats[:, 1:]
+        h = xhat * ln_w.float() + (ln_b.float() if ln_b is not None else 0.0)
+    dh = ds @ w_down.float() if (need_dx or need_lnw or need_lnb) else None
+    out = [dy.new_empty((0,)) for _ in range(8)]
+    if need_dx:
+        if ln_w is None:
+            out[0] = dh.to(dy.dtype)
+        else:
+            gdh = dh * ln_w.float()
+            dx = stats[:, 1:] * (gdh - gdh.mean(1, keepdim=True) - xhat * (gdh * xhat).mean(1, keepdim=True))
+            out[0] = dx.to(dy.dtype)
+    if need_wd:
+        out[1] = (ds.t() @ (h if h is not None else x.float())).to(w_down.dtype)
+    if need_bd:
+        out[2] = ds.sum(0).to(b_down.dtype)
+    if need_wu:
+        out[3] = (dys.t() @ f).to(w_up.dtype)
+    if need_bu:
+        out[4] = dys.sum(0).to(b_up.dtype)
+    if need_scale:
+        up = f @ w_up.float().t() + (b_up.float() if b_up is not None else 0.0)
+        out[5] = _fit_scale((dyf * up).sum(0), scale)
+    if need_lnw:
+        out[6] = (dh * xhat).sum(0).to(ln_w.dtype)
+    if need_lnb:
+        out[7] = dh.sum(0).to(ln_b.dtype)
+    return tuple(out)
+
+
+def _fit_scale(ds_per_channel: Tensor, scale: Tensor) -> Tensor:
+    """The per-channel gradient Σ_m dY ⊙ up summed to the shape of s ((1,) or (d,))."""
+    g = ds_per_channel.sum().reshape(1) if scale.numel() == 1 else ds_per_channel
+    return g.to(scale.dtype)
+
+
+def _triton_backward(dy, x, s, stats, w_down, b_down, w_up, b_up, scale, scale_value, ln_w, ln_b, act, needs):
+    need_dx, need_wd, need_bd, need_wu, need_bu, need_scale, need_lnw, need_lnb = needs
     M, d = dy.shape
     m = w_down.shape[0]
-    triton_path = _backend(dy) != "torch" and M > 0
-    if triton_path:
-        kern = _kernels()
-        d_f = dispatch.new_output((M, m), like=dy, dtype=torch.float32)
-        kern.shrink(dy, w_up, d_f)  # dY W_u
-    else:
-        d_f = (dy @ w_up.to(dy.dtype)).float()
-    f, d_s = _act_and_grad(s, b_down, non_linearity, d_f * scaling)
-    db_down = d_s.sum(0).to(b_down.dtype) if b_down is not None else d_s.new_empty((0,))
-    dx = dy.new_empty((0,))
-    if triton_path:
-        ones = torch.ones((m,), device=dy.device)
-        dw_up = dispatch.new_output(tuple(w_up.shape), like=w_up)
-        db_up = dispatch.new_output((d,), like=dy, dtype=torch.float32)
-        target = _target_programs(dy.device)  # SM count cached: no device query per call
-        kern.reduce(dy, f, torch.full((m,), float(scaling), device=dy.device), dw_up, colsum=db_up,
-                    splits=kern.reduce_splits(M, d, m, target))
-        dw_down = dispatch.new_output(tuple(w_down.shape), like=w_down)
-        kern.reduce(x, d_s, ones, dw_down.t(), splits=kern.reduce_splits(M, d, m, target))
+    kern, lora = _kernels()
+    b_down, ln_w = _dense(b_down), _dense(ln_w)
+    out = [dy.new_empty((0,)) for _ in range(8)]
+    target = _target_programs(dy.device)  # SM count cached: no device query per call
+    splits = lora.reduce_splits(M, d, m, target)
+    ones = torch.ones((m,), device=dy.device)
+    scalar_scale = scale is not None and scale.numel() == 1
+    need_f = need_wu or (need_scale and not scalar_scale)
+    need_ds = need_wd or need_bd or need_lnw or need_lnb
+    if m <= FUSED_MAX_WIDTH:
+        ln = None
+        if ln_w is not None:
+            ln = (ln_w, *_ln_vectors(w_down, ln_w, ln_b))
+        f = dispatch.new_output((M, m), like=dy, dtype=torch.float32) if need_f else None
+        ds = dispatch.new_output((M, m), like=dy, dtype=torch.float32) if need_ds else None
+        dsr = dispatch.new_output((M, m), like=dy, dtype=torch.float32) if need_ds and ln is not None else None
+        dx = dispatch.new_output((M, d), like=dy) if need_dx else None
+        rowdot = dispatch.new_output((M,), like=dy, dtype=torch.float32) if need_scale and scalar_scale else None
+        if need_f or need_ds or need_dx or rowdot is not None:
+            kern.backward(dy, s, w_down, b_down, w_up, act=KERNEL_ACTIVATIONS[act], scale=scale,
+                          scale_value=scale_value, f=f, ds=ds, dx=dx, x=x, ln=ln, stats=stats if ln else None,
+                          dsr=dsr, rowdot=rowdot)
+        out[0] = dx if need_dx else out[0]
+    else:  # the two-kernel path: G = dY W_u by the shrink kernel, dS here, dx by the GEMM kernel with K = 0
+        ln = None
+        g = dispatch.new_output((M, m), like=dy, dtype=torch.float32)
+        lora.shrink(dy, w_up, g)
+        f, ds = _act_and_grad(s, b_down, act, g * scale_value)
         if need_dx:
-            dx = dispatch.new_output((M, d), like=dy)
-            kern.gemm(dy[:, :0], w_down[:0], None, w_down, ones, dx, s=d_s)
-        db_up = db_up * scaling
-    else:
-        dw_up = (scaling * (dy.float().t() @ f)).to(w_up.dtype)
-        db_up = scaling * dy.float().sum(0)
-        dw_down = (d_s.t() @ x.float()).to(w_down.dtype)
-        if need_dx:
-            dx = (d_s @ w_down.float()).to(dy.dtype)
-    return dx, dw_down, db_down, dw_up, db_up
+            out[0] = dispatch.new_output((M, d), like=dy)
+            lora.gemm(dy[:, :0], w_down[:0], None, w_down, ones, out[0], s=ds)
+    if need_wu or need_bu or need_scale:
+        sc = _scale_of(scale, scale_value)
+        need_colsum = need_bu or (need_scale and b_up is not None)
+        if need_scale and scalar_scale:  # Σ dY ⊙ (F W_uᵀ + b_u): the kernel's row sums, plus the bias term
+            up_bias = dy.sum(0, dtype=torch.float32) @ b_up.float() if b_up is not None else 0.0
+            out[5] = _fit_scale(rowdot.sum() + up_bias, scale)
+            need_colsum = need_bu
+        colsum = dispatch.new_output((d,), like=dy, dtype=torch.float32) if need_colsum and need_f else None
+        if need_f:
+            dyt_f = dispatch.new_output((d, m), like=dy, dtype=torch.float32)  # dYᵀ F, unscaled
+            lora.reduce(dy, f, ones, dyt_f, colsum=colsum, splits=splits)
+            if need_wu:
+                out[3] = (dyt_f * (sc[:, None] if scale is not None else sc)).to(w_up.dtype)
+            if need_scale and not scalar_scale:
+                per_channel = (w_up.float() * dyt_f).sum(1)
+                out[5] = _fit_scale(per_channel + b_up.float() * colsum if b_up is not None else per_channel, scale)
+        elif need_colsum:
+            colsum = dy.sum(0, dtype=torch.float32)
+        if need_bu:
+            out[4] = (colsum * sc).to(b_up.dtype)
+    if need_ds:
+        col_ds = ds.sum(0)
+        if need_bd:
+            out[2] = col_ds.to(b_down.dtype)
+        if ln is None and need_wd:
+            out[1] = dispatch.new_output(tuple(w_down.shape), like=w_down)
+            lora.reduce(x, ds, ones, out[1].t(), splits=splits)
+        elif ln is not None and (need_wd or need_lnw):
+            # Σ_i dS_ij x̂_ik = (dS ⊙ rstd)ᵀ x − (dS ⊙ rstd)ᵀ μ; the reduction rounds dS ⊙ rstd to the input dtype,
+            # so the μ term uses the same rounded values (the difference then cancels exactly).
+            p_dm = dispatch.new_output((d, m), like=dy, dtype=torch.float32)
+            lora.reduce(x, dsr, ones, p_dm, splits=splits)
+            q_dm = p_dm - (stats[:, 0] @ dsr.to(x.dtype).float())[None, :]
+            if need_wd:
+                dw_t = q_dm * ln_w.float()[:, None]
+                if ln_b is not None:
+                    dw_t = dw_t + ln_b.float()[:, None] * col_ds[None, :]
+                out[1] = dw_t.t().to(w_down.dtype)
+            if need_lnw:
+                out[6] = (w_down.float().t() * q_dm).sum(1).to(ln_w.dtype)
+        if need_lnb:
+            out[7] = (col_ds @ w_down.float()).to(ln_b.dtype)
+    return tuple(out)
 
 
 def _setup_context(ctx, inputs, output):
-    x, _, w_down, b_down, w_up, b_up, non_linearity, scaling = inputs
-    ctx.save_for_backward(x, output[1], w_down, b_down, w_up)
-    ctx.non_linearity, ctx.scaling = non_linearity, scaling
-    ctx.b_up_dtype = b_up.dtype if b_up is not None else None
+    x, _, w_down, b_down, w_up, b_up, scale, scale_value, ln_w, ln_b, non_linearity, _, _ = inputs
+    ctx.save_for_backward(x, output[1], output[2], w_down, b_down, w_up, b_up, scale, ln_w, ln_b)
+    ctx.scale_value, ctx.non_linearity = scale_value, non_linearity
 
 
-def _backward(ctx, dy, _ds):
-    x, s, w_down, b_down, w_up = ctx.saved_tensors
-    need_dx, need_dr, need_wd, need_bd, need_wu, need_bu = ctx.needs_input_grad[:6]
-    dx, dw_down, db_down, dw_up, db_up = torch.ops.fastpeft.bottleneck_adapter_backward(
-        dy, x, s, w_down, b_down, w_up, ctx.non_linearity, ctx.scaling, need_dx)
-    return (dx if need_dx else None, dy if need_dr else None, dw_down if need_wd else None,
-            db_down if need_bd else None, dw_up if need_wu else None,
-            db_up.to(ctx.b_up_dtype) if need_bu else None, None, None)
+def _backward(ctx, dy, _ds, _dstats):
+    x, s, stats, w_down, b_down, w_up, b_up, scale, ln_w, ln_b = ctx.saved_tensors
+    need_dx, need_r, need_wd, need_bd, need_wu, need_bu, need_scale, _, need_lnw, need_lnb = ctx.needs_input_grad[:10]
+    grads = torch.ops.fastpeft.bottleneck_adapter_backward(
+        dy, x, s, stats, w_down, b_down, w_up, b_up, scale, ctx.scale_value, ln_w, ln_b, ctx.non_linearity,
+        need_dx, need_wd, need_bd, need_wu, need_bu, need_scale, need_lnw, need_lnb)
+    dx, dw_down, db_down, dw_up, db_up, dscale, dln_w, dln_b = (
+        g if need else None for g, need in zip(grads, (need_dx, need_wd, need_bd, need_wu, need_bu, need_scale,
+                                                       need_lnw, need_lnb)))
+    return (dx, dy if need_r else None, dw_down, db_down, dw_up, db_up, dscale, None, dln_w, dln_b, None, None, None)
 
 
 torch.library.register_autograd("fastpeft::bottleneck_adapter", _backward, setup_context=_setup_context)
