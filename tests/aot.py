@@ -130,7 +130,8 @@ def fused_bottleneck_launches(dtype: torch.dtype) -> list[Launch]:
     """The fused single-pass adapter kernels (fastpeft/kernels/bottleneck.py) at the widest bottleneck they take
     (m = 256: the largest tiles in registers and shared memory), every config; the variants (layer norm before,
     per-channel and learned scaling, no residual; a narrow m = 64, where tall row blocks survive the register
-    prune) add a few registers and no shared memory: their first config."""
+    prune) add a few registers and no shared memory: their first config. The backward with the layer norm after
+    fused (its own register prune, and the residual's chunk in shared memory) is compiled for every config."""
     M, d = 256, 512
     x, r, y = (torch.empty(M, d, dtype=dtype) for _ in range(3))
     ln_w, b_up, channel = torch.empty(d, dtype=dtype), torch.empty(d, dtype=dtype), torch.empty(d)
@@ -152,6 +153,19 @@ def fused_bottleneck_launches(dtype: torch.dtype) -> list[Launch]:
                  ln=ln, stats=stats, dsr=dsr, label=f"bwd m{m} ln_before, channel scale", every_config=False),
         *capture("bottleneck", "backward", y, s, w_down, None, w_up, act=2, scale=torch.empty(1), ds=ds, dx=x,
                  rowdot=torch.empty(M), label=f"bwd m{m} learned scale", every_config=False),
+        # the layer norm after, fused: a third pass in the forward; in the backward two more dots per chunk (ẑ
+        # recomputed), the residual's chunk when it was added before the norm, dz and the 16-row partial sums
+        *capture("bottleneck", "forward", x, r, w_down, b_down, w_up, b_up, y, act=1, s=s, ln_after=(ln_w, b_up),
+                 astats=stats, label=f"fwd m{m} ln_after, residual before it", every_config=False),
+        *capture("bottleneck", "forward", x, r, w_down, b_down, w_up, b_up, y, act=3, scale=channel, ln=ln, s=s,
+                 stats=stats, ln_after=(ln_w, b_up), residual_after_ln=True, astats=torch.empty(M, 2),
+                 label=f"fwd m{m} ln_before, ln_after, residual after it", every_config=False),
+        *capture("bottleneck", "backward", y, s, w_down, b_down, w_up, act=1, f=f, ds=ds, dx=x, ln_after=ln_w,
+                 b_up=b_up, residual=r, astats=stats, dz=torch.empty(M, d, dtype=dtype),
+                 part=torch.empty((M + 15) // 16, 2, d), label=f"bwd m{m} ln_after, residual before it"),
+        *capture("bottleneck", "backward", y, s, w_down, b_down, w_up, act=3, scale=torch.empty(1), ds=ds, dx=x,
+                 rowdot=torch.empty(M), ln_after=ln_w, b_up=b_up, astats=stats, dz=torch.empty(M, d, dtype=dtype),
+                 label=f"bwd m{m} ln_after, learned scale", every_config=False),
     ]
     return launches
 

@@ -4,21 +4,26 @@
     y = r + s ⊙ (f(h W_dᵀ + b_d) W_uᵀ + b_u)       s: a number, or a (1,) or (d,) tensor (learned / channel)
     (with ln_after: y = LN_after(s ⊙ (...) + r), or LN_after(s ⊙ (...)) + r)
 
-`fastpeft::bottleneck_adapter` returns (y, S, stats): S = h W_dᵀ (float32, M x m) and the rows' (μ, rstd) of the
-layer norm before, kept for the backward pass (nothing else is saved but x and the parameters):
-    dF = (dY ⊙ s) W_u,   dS = dF ⊙ f'(S + b_d),   dh = dS W_d,   dx = dh, or through the layer norm
+`fastpeft::bottleneck_adapter` returns (y, S, stats, astats): S = h W_dᵀ (float32, M x m) and the rows' (μ, rstd)
+of the layer norms before and after, kept for the backward pass (nothing else is saved but x, the parameters and,
+when it is added before the layer norm after, the residual). With the layer norm after, dY is first taken through
+its backward, ẑ = (z − μ_a) rstd_a recomputed from S (z = s ⊙ (F W_uᵀ + b_u) (+ r)):
+    dz = rstd_a · (γ_a ⊙ dY − mean_k(γ_a ⊙ dY) − ẑ · mean_k(γ_a ⊙ dY ⊙ ẑ)),  dγ_a = Σ dY ⊙ ẑ,  dβ_a = Σ dY
+and dz replaces dY below (dz = dY without it):
+    dF = (dz ⊙ s) W_u,   dS = dF ⊙ f'(S + b_d),   dh = dS W_d,   dx = dh, or through the layer norm
     dx = rstd · (γ ⊙ dh − mean_k(γ ⊙ dh) − x̂ · mean_k(γ ⊙ dh ⊙ x̂))
-    dW_u = s ⊙ dYᵀ F (F = f(S + b_d)),  db_u = s ⊙ Σ dY,  ds = Σ dY ⊙ (F W_uᵀ + b_u) (summed to s's shape)
-    dW_d = dSᵀ h,  db_d = Σ dS,  dγ = Σ dh ⊙ x̂,  dβ = Σ dh,  dr = dY
+    dW_u = s ⊙ dzᵀ F (F = f(S + b_d)),  db_u = s ⊙ Σ dz,  ds = Σ dz ⊙ (F W_uᵀ + b_u) (summed to s's shape)
+    dW_d = dSᵀ h,  db_d = Σ dS,  dγ = Σ dh ⊙ x̂,  dβ = Σ dh,  dr = dz (dY when r is added after the norm)
 With the layer norm before, all three come from one reduction over x, Q = (dS ⊙ rstd)ᵀ x − (dS ⊙ rstd)ᵀ μ
 (= Σ_rows dS ⊗ x̂, d x m):  dW_d = (γ ⊙ Q + β ⊗ Σ dS)ᵀ,  dγ = Σ_j W_dᵀ ⊙ Q,  dβ = (Σ dS) W_d.
-On CUDA (m <= 256) one kernel does the forward in one pass over x and r, and one kernel the row-wise backward
-(dF, dS, dx); the weight gradients are the deterministic split reductions of fastpeft/kernels/lora.py
+On CUDA (m <= 256) one kernel does the forward in one pass over x and r (the layer norm after fused in: its row
+statistics accumulated as the pre-norm output is written, then a pass over the row block's own, L2-resident
+output normalizes it), and one kernel the row-wise backward (dz, dF, dS, dx, and the 16-row partial sums of
+dγ_a, dβ_a); the weight gradients are the deterministic split reductions of fastpeft/kernels/lora.py
 (fastpeft/kernels/bottleneck.py has the formulas). Wider bottlenecks run the two-kernel path on the LoRA kernels
-(shrink S = x W_dᵀ, then the GEMM kernel with no base product, f(S + b_d) and the residual in its epilogue).
-The layer norm after the adapter is PyTorch's own, on the fused block's output (the row statistics of the
-pre-norm output would need a second pass over the row); gating (a mean over the sequence, across rows) and
-dropout > 0 run the reference. Which path runs is listed in the registry note (`fastpeft info`).
+(shrink S = x W_dᵀ, then the GEMM kernel with no base product, f(S + b_d) and the residual in its epilogue), with
+PyTorch's layer norm after on that output. Gating (a mean over the sequence, across rows) and dropout > 0 run the
+reference. Which path runs is listed in the registry note (`fastpeft info`).
 """
 from __future__ import annotations
 
@@ -37,10 +42,10 @@ LORA_EPILOGUE_CODES = 6  # codes 0-5 are also computed by the LoRA GEMM epilogue
 registry.describe(
     "bottleneck_adapter", dtypes=TRITON_DTYPES, doc="y = r + s (f(LN?(x) Wd^T + bd) Wu^T + bu), LN after optional",
     note=(f"fused single-pass kernels (forward and backward) for bottleneck width m <= {FUSED_MAX_WIDTH}, with "
-          "ln_before fused, scaling a number or a (1,)/(d,) tensor; ln_after: PyTorch's layer norm on the fused "
-          f"output; m > {FUSED_MAX_WIDTH}: LoRA shrink + expand kernels (numeric scaling, no ln_before); gating, "
-          f"dropout > 0, and ln_before or tensor scaling with m > {FUSED_MAX_WIDTH} run the reference; inputs of "
-          f"at most {TINY_M} rows run the reference"))
+          "ln_before and ln_after (residual before or after it) fused, scaling a number or a (1,)/(d,) tensor; "
+          f"m > {FUSED_MAX_WIDTH}: LoRA shrink + expand kernels (numeric scaling, no ln_before; ln_after: "
+          f"PyTorch's layer norm on their output); gating, dropout > 0, and ln_before or tensor scaling with "
+          f"m > {FUSED_MAX_WIDTH} run the reference; inputs of at most {TINY_M} rows run the reference"))
 
 
 def _kernels():
@@ -75,17 +80,22 @@ def bottleneck_adapter(x: Tensor, residual: Tensor, w_down: Tensor, b_down: Tens
                                             scaling=scaling, ln_before=ln_before, ln_after=ln_after, gate=gate,
                                             adapter_residual_before_ln=adapter_residual_before_ln, dropout=dropout,
                                             eps=eps)
-    ln_w = ln_b = None
+    ln_w = ln_b = la_w = la_b = None
     if ln_before is not None:
         ln_w, ln_b = ln_before
         ln_w = ln_w if ln_w is not None else torch.ones(d, device=x.device, dtype=x.dtype)
-    params = (x, w_down, b_down, w_up, b_up, scale, ln_w, ln_b)
+    fuse_after = ln_after is not None and not wide  # the wide path applies PyTorch's layer norm to its output
+    if fuse_after:
+        la_w, la_b = ln_after
+        la_w = la_w if la_w is not None else torch.ones(d, device=x.device, dtype=x.dtype)
+        la_b = la_b if la_b is not None else torch.zeros(d, device=x.device, dtype=x.dtype)
+    params = (x, w_down, b_down, w_up, b_up, scale, ln_w, ln_b, la_w, la_b, r2 if fuse_after else None)
     need_s = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
-    residual_in = r2 if ln_after is None or adapter_residual_before_ln else None
+    residual_in = r2 if ln_after is None or adapter_residual_before_ln or fuse_after else None
     y = torch.ops.fastpeft.bottleneck_adapter(x2, residual_in, w_down, b_down, w_up, b_up, scale,
-                                              float(scaling) if scale is None else 1.0, ln_w, ln_b, act, float(eps),
-                                              need_s)[0]
-    if ln_after is not None:
+                                              float(scaling) if scale is None else 1.0, ln_w, ln_b, la_w, la_b,
+                                              bool(adapter_residual_before_ln), act, float(eps), need_s)[0]
+    if ln_after is not None and not fuse_after:
         y = F.layer_norm(y, (d,), *ln_after, eps=eps)
         if not adapter_residual_before_ln:
             y = y + r2
@@ -175,27 +185,38 @@ def _ln_vectors(w_down: Tensor, ln_w: Tensor, ln_b: Tensor | None) -> tuple[Tens
 @torch.library.triton_op("fastpeft::bottleneck_adapter", mutates_args=())
 def _bottleneck_op(x: Tensor, residual: Tensor | None, w_down: Tensor, b_down: Tensor | None, w_up: Tensor,
                    b_up: Tensor | None, scale: Tensor | None, scale_value: float, ln_weight: Tensor | None,
-                   ln_bias: Tensor | None, non_linearity: str, eps: float, need_s: bool
-                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, S, stats): S = h W_dᵀ (M x m float32) and stats = (μ, rstd) per row (M x 2, with a layer norm before)
-    when need_s; empty otherwise. No residual: y is the adapter's output alone."""
+                   ln_bias: Tensor | None, ln_after_weight: Tensor | None, ln_after_bias: Tensor | None,
+                   residual_before_ln: bool, non_linearity: str, eps: float, need_s: bool
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, S, stats, astats): S = h W_dᵀ (M x m float32), stats = (μ, rstd) per row (M x 2, with a layer norm
+    before) and astats the same for the layer norm after, when need_s; empty otherwise. No residual: y is the
+    adapter's output alone (then through the layer norm after, when given: both its weight and bias, or neither);
+    with one, it is added before that norm when residual_before_ln, after it otherwise."""
     M, _ = x.shape
     m = w_down.shape[0]
     if _backend(x) == "torch" or M == 0:
         return _torch_forward(x, residual, w_down, b_down, w_up, b_up, scale, scale_value, ln_weight, ln_bias,
-                              non_linearity, eps, need_s)
+                              ln_after_weight, ln_after_bias, residual_before_ln, non_linearity, eps, need_s)
     kern, lora = _kernels()
-    b_down, b_up, ln_weight, ln_bias = (_dense(t) for t in (b_down, b_up, ln_weight, ln_bias))
+    b_down, b_up, ln_weight, ln_bias, ln_after_weight, ln_after_bias = (
+        _dense(t) for t in (b_down, b_up, ln_weight, ln_bias, ln_after_weight, ln_after_bias))
     y = dispatch.new_output(tuple(x.shape), like=x)
     s = dispatch.new_output((M, m), like=x, dtype=torch.float32) if need_s else _empty(x)
     if m <= FUSED_MAX_WIDTH:
-        ln = stats = None
+        ln = stats = ln_after = astats = None
         if ln_weight is not None:
             ln = (ln_weight, *_ln_vectors(w_down, ln_weight, ln_bias))
             stats = dispatch.new_output((M, 2), like=x, dtype=torch.float32) if need_s else None
+        if ln_after_weight is not None:
+            ln_after = (ln_after_weight, ln_after_bias)
+            astats = dispatch.new_output((M, 2), like=x, dtype=torch.float32) if need_s else None
         kern.forward(x, residual, w_down, b_down, w_up, b_up, y, act=KERNEL_ACTIVATIONS[non_linearity],
-                     scale=scale, scale_value=scale_value, ln=ln, eps=eps, s=s if need_s else None, stats=stats)
-        return y, s, stats if stats is not None else _empty(x)
+                     scale=scale, scale_value=scale_value, ln=ln, eps=eps, s=s if need_s else None, stats=stats,
+                     ln_after=ln_after, residual_after_ln=not residual_before_ln, astats=astats)
+        return (y, s, stats if stats is not None else _empty(x), astats if astats is not None else _empty(x))
+    if ln_after_weight is not None:
+        raise ValueError(f"bottleneck_adapter: the fused layer norm after needs m <= {FUSED_MAX_WIDTH} "
+                         "(fp.ops.bottleneck_adapter applies PyTorch's layer norm to the wide path's output)")
     if ln_weight is not None or scale is not None:
         raise ValueError(f"bottleneck_adapter: a layer norm before the adapter or a tensor scaling needs m <= "
                          f"{FUSED_MAX_WIDTH} on the Triton path (fp.ops.bottleneck_adapter routes it to the reference)")
@@ -210,7 +231,7 @@ def _bottleneck_op(x: Tensor, residual: Tensor | None, w_down: Tensor, b_down: T
     bias = (b_up.float() * scale_value).to(x.dtype) if b_up is not None else None
     lora.gemm(x[:, :0], e_rn[:0], bias, e_rn, torch.full((m,), float(scale_value), device=x.device), y, s=s_in,
               s_act=code, s_bias=s_bias, residual=residual)
-    return y, s if need_s else _empty(x), _empty(x)
+    return y, s if need_s else _empty(x), _empty(x), _empty(x)
 
 
 def _dense(t: Tensor | None) -> Tensor | None:
@@ -223,9 +244,10 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,), dtype=torch.float32)
 
 
-def _torch_forward(x, residual, w_down, b_down, w_up, b_up, scale, scale_value, ln_w, ln_b, act, eps, need_s):
+def _torch_forward(x, residual, w_down, b_down, w_up, b_up, scale, scale_value, ln_w, ln_b, la_w, la_b,
+                   residual_before_ln, act, eps, need_s):
     dt = x.dtype
-    stats = _empty(x)
+    stats, astats = _empty(x), _empty(x)
     h = x
     if ln_w is not None:
         xf = x.float()
@@ -240,29 +262,68 @@ def _torch_forward(x, residual, w_down, b_down, w_up, b_up, scale, scale_value, 
     if b_up is not None:
         up = up + b_up.float()
     up = up * _scale_of(scale, scale_value)
-    if residual is not None:
+    if residual is not None and (la_w is None or residual_before_ln):
         up = up + residual.float()
-    return up.to(dt), (s if need_s else _empty(x)), (stats if need_s else _empty(x))
+    if la_w is not None:
+        mean = up.mean(1)
+        rstd = torch.rsqrt(up.var(1, unbiased=False) + eps)
+        up = (up - mean[:, None]) * rstd[:, None] * la_w.float() + la_b.float()
+        astats = torch.stack([mean, rstd], 1)
+        if residual is not None and not residual_before_ln:
+            up = up + residual.float()
+    return (up.to(dt), (s if need_s else _empty(x)), (stats if need_s else _empty(x)),
+            (astats if need_s else _empty(x)))
 
 
 @torch.library.triton_op("fastpeft::bottleneck_adapter_backward", mutates_args=())
-def _bottleneck_backward_op(dy: Tensor, x: Tensor, s: Tensor, stats: Tensor, w_down: Tensor, b_down: Tensor | None,
-                            w_up: Tensor, b_up: Tensor | None, scale: Tensor | None, scale_value: float,
-                            ln_weight: Tensor | None, ln_bias: Tensor | None, non_linearity: str, need_dx: bool,
-                            need_wd: bool, need_bd: bool, need_wu: bool, need_bu: bool, need_scale: bool,
-                            need_lnw: bool, need_lnb: bool
-                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dW_d, db_d, dW_u, db_u, ds, dγ, dβ); each empty unless asked for."""
-    args = (dy, x, s, stats, w_down, b_down, w_up, b_up, scale, scale_value, ln_weight, ln_bias, non_linearity,
-            (need_dx, need_wd, need_bd, need_wu, need_bu, need_scale, need_lnw, need_lnb))
+def _bottleneck_backward_op(dy: Tensor, x: Tensor, residual: Tensor | None, s: Tensor, stats: Tensor,
+                            astats: Tensor, w_down: Tensor, b_down: Tensor | None, w_up: Tensor, b_up: Tensor | None,
+                            scale: Tensor | None, scale_value: float, ln_weight: Tensor | None,
+                            ln_bias: Tensor | None, ln_after_weight: Tensor | None, non_linearity: str,
+                            need_dx: bool, need_dz: bool, need_wd: bool, need_bd: bool, need_wu: bool, need_bu: bool,
+                            need_scale: bool, need_lnw: bool, need_lnb: bool, need_law: bool, need_lab: bool
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                       Tensor]:
+    """(dx, dz, dW_d, db_d, dW_u, db_u, ds, dγ, dβ, dγ_after, dβ_after); each empty unless asked for. With the
+    layer norm after (ln_after_weight and the forward's astats), dY is first taken through its backward:
+    dz = rstd_a · (γ_a ⊙ dY − mean_k(γ_a ⊙ dY) − ẑ · mean_k(γ_a ⊙ dY ⊙ ẑ)), ẑ recomputed from S (and the
+    residual, given when it was added before that norm); dz (the residual's gradient in that case) then replaces
+    dY in the formulas of the module docstring."""
+    args = (dy, x, residual, s, stats, astats, w_down, b_down, w_up, b_up, scale, scale_value, ln_weight, ln_bias,
+            ln_after_weight, non_linearity, (need_dx, need_dz, need_wd, need_bd, need_wu, need_bu, need_scale,
+                                             need_lnw, need_lnb, need_law, need_lab))
     if _backend(dy) == "torch" or dy.shape[0] == 0:
         return _torch_backward(*args)
     return _triton_backward(*args)
 
 
-def _torch_backward(dy, x, s, stats, w_down, b_down, w_up, b_up, scale, scale_value, ln_w, ln_b, act, needs):
-    need_dx, need_wd, need_bd, need_wu, need_bu, need_scale, need_lnw, need_lnb = needs
-    dyf = dy.float()
+def _ln_after_backward(dy, s, astats, b_down, w_up, b_up, scale, scale_value, residual, la_w, act):
+    """dz (float32) through the layer norm after, ẑ recomputed from S as the forward formed it; and ẑ."""
+    f, _ = _act_and_grad(s, b_down, act)
+    up = (f.to(dy.dtype) @ w_up.t().to(dy.dtype)).float()
+    up = (up + b_up.float() if b_up is not None else up) * _scale_of(scale, scale_value)
+    up = up + residual.float() if residual is not None else up
+    zhat = (up - astats[:, :1]) * astats[:, 1:]
+    gdy = dy.float() * la_w.float()
+    dz = astats[:, 1:] * (gdy - gdy.mean(1, keepdim=True) - zhat * (gdy * zhat).mean(1, keepdim=True))
+    return dz, zhat
+
+
+def _torch_backward(dy, x, residual, s, stats, astats, w_down, b_down, w_up, b_up, scale, scale_value, ln_w, ln_b,
+                    la_w, act, needs):
+    need_dx, need_dz, need_wd, need_bd, need_wu, need_bu, need_scale, need_lnw, need_lnb, need_law, need_lab = needs
+    out = [dy.new_empty((0,)) for _ in range(11)]
+    if la_w is not None:
+        dz, zhat = _ln_after_backward(dy, s, astats, b_down, w_up, b_up, scale, scale_value, residual, la_w, act)
+        if need_law:
+            out[9] = (dy.float() * zhat).sum(0).to(la_w.dtype)
+        if need_lab:
+            out[10] = dy.float().sum(0).to(la_w.dtype)
+        if need_dz:
+            out[1] = dz.to(dy.dtype)
+        dyf = dz
+    else:
+        dyf = dy.float()
     dys = dyf * _scale_of(scale, scale_value)
     f, ds = _act_and_grad(s, b_down, act, dys @ w_up.float())
     h = xhat = None
@@ -270,7 +331,6 @@ def _torch_backward(dy, x, s, stats, w_down, b_down, w_up, b_up, scale, scale_va
         xhat = (x.float() - stats[:, :1]) * stats[:, 1:]
         h = xhat * ln_w.float() + (ln_b.float() if ln_b is not None else 0.0)
     dh = ds @ w_down.float() if (need_dx or need_lnw or need_lnb) else None
-    out = [dy.new_empty((0,)) for _ in range(8)]
     if need_dx:
         if ln_w is None:
             out[0] = dh.to(dy.dtype)
@@ -279,20 +339,20 @@ def _torch_backward(dy, x, s, stats, w_down, b_down, w_up, b_up, scale, scale_va
             dx = stats[:, 1:] * (gdh - gdh.mean(1, keepdim=True) - xhat * (gdh * xhat).mean(1, keepdim=True))
             out[0] = dx.to(dy.dtype)
     if need_wd:
-        out[1] = (ds.t() @ (h if h is not None else x.float())).to(w_down.dtype)
+        out[2] = (ds.t() @ (h if h is not None else x.float())).to(w_down.dtype)
     if need_bd:
-        out[2] = ds.sum(0).to(b_down.dtype)
+        out[3] = ds.sum(0).to(b_down.dtype)
     if need_wu:
-        out[3] = (dys.t() @ f).to(w_up.dtype)
+        out[4] = (dys.t() @ f).to(w_up.dtype)
     if need_bu:
-        out[4] = dys.sum(0).to(b_up.dtype)
+        out[5] = dys.sum(0).to(b_up.dtype)
     if need_scale:
         up = f @ w_up.float().t() + (b_up.float() if b_up is not None else 0.0)
-        out[5] = _fit_scale((dyf * up).sum(0), scale)
+        out[6] = _fit_scale((dyf * up).sum(0), scale)
     if need_lnw:
-        out[6] = (dh * xhat).sum(0).to(ln_w.dtype)
+        out[7] = (dh * xhat).sum(0).to(ln_w.dtype)
     if need_lnb:
-        out[7] = dh.sum(0).to(ln_b.dtype)
+        out[8] = dh.sum(0).to(ln_b.dtype)
     return tuple(out)
 
 
@@ -302,13 +362,14 @@ def _fit_scale(ds_per_channel: Tensor, scale: Tensor) -> Tensor:
     return g.to(scale.dtype)
 
 
-def _triton_backward(dy, x, s, stats, w_down, b_down, w_up, b_up, scale, scale_value, ln_w, ln_b, act, needs):
-    need_dx, need_wd, need_bd, need_wu, need_bu, need_scale, need_lnw, need_lnb = needs
+def _triton_backward(dy, x, residual, s, stats, astats, w_down, b_down, w_up, b_up, scale, scale_value, ln_w, ln_b,
+                     la_w, act, needs):
+    need_dx, need_dz, need_wd, need_bd, need_wu, need_bu, need_scale, need_lnw, need_lnb, need_law, need_lab = needs
     M, d = dy.shape
     m = w_down.shape[0]
     kern, lora = _kernels()
-    b_down, ln_w = _dense(b_down), _dense(ln_w)
-    out = [dy.new_empty((0,)) for _ in range(8)]
+    b_down, ln_w, la_w = _dense(b_down), _dense(ln_w), _dense(la_w)
+    out = [dy.new_empty((0,)) for _ in range(11)]
     target = _target_programs(dy.device)  # SM count cached: no device query per call
     splits = lora.reduce_splits(M, d, m, target)
     ones = torch.ones((m,), device=dy.device)
@@ -324,12 +385,26 @@ def _triton_backward(dy, x, s, stats, w_down, b_down, w_up, b_up, scale, scale_v
         dsr = dispatch.new_output((M, m), like=dy, dtype=torch.float32) if need_ds and ln is not None else None
         dx = dispatch.new_output((M, d), like=dy) if need_dx else None
         rowdot = dispatch.new_output((M,), like=dy, dtype=torch.float32) if need_scale and scalar_scale else None
-        if need_f or need_ds or need_dx or rowdot is not None:
+        dz = part = None
+        if la_w is not None:  # dz for the upward gradients and the residual's; 16-row sums for dγ_after, dβ_after
+            if need_wu or need_bu or need_scale or need_dz:
+                dz = dispatch.new_output((M, d), like=dy)
+            if need_law or need_lab:
+                part = dispatch.new_output(((M + 15) // 16, 2, d), like=dy, dtype=torch.float32)
+        if need_f or need_ds or need_dx or rowdot is not None or dz is not None or part is not None:
             kern.backward(dy, s, w_down, b_down, w_up, act=KERNEL_ACTIVATIONS[act], scale=scale,
                           scale_value=scale_value, f=f, ds=ds, dx=dx, x=x, ln=ln, stats=stats if ln else None,
-                          dsr=dsr, rowdot=rowdot)
+                          dsr=dsr, rowdot=rowdot, ln_after=la_w, b_up=_dense(b_up), residual=residual,
+                          astats=astats if la_w is not None else None, dz=dz, part=part)
         out[0] = dx if need_dx else out[0]
+        if part is not None:
+            col = part.sum(0)
+            out[9], out[10] = (c.to(la_w.dtype, copy=True) for c in col)  # copies: outputs may not alias
+        if dz is not None:
+            out[1] = dz if need_dz else out[1]
+            dy = dz  # the gradient of the pre-norm output, from here on
     else:  # the two-kernel path: G = dY W_u by the shrink kernel, dS here, dx by the GEMM kernel with K = 0
+        assert la_w is None, "the layer norm after is fused for m <= FUSED_MAX_WIDTH only"
         ln = None
         g = dispatch.new_output((M, m), like=dy, dtype=torch.float32)
         lora.shrink(dy, w_up, g)
@@ -342,28 +417,28 @@ def _triton_backward(dy, x, s, stats, w_down, b_down, w_up, b_up, scale, scale_v
         need_colsum = need_bu or (need_scale and b_up is not None)
         if need_scale and scalar_scale:  # Σ dY ⊙ (F W_uᵀ + b_u): the kernel's row sums, plus the bias term
             up_bias = dy.sum(0, dtype=torch.float32) @ b_up.float() if b_up is not None else 0.0
-            out[5] = _fit_scale(rowdot.sum() + up_bias, scale)
+            out[6] = _fit_scale(rowdot.sum() + up_bias, scale)
             need_colsum = need_bu
         colsum = dispatch.new_output((d,), like=dy, dtype=torch.float32) if need_colsum and need_f else None
         if need_f:
             dyt_f = dispatch.new_output((d, m), like=dy, dtype=torch.float32)  # dYᵀ F, unscaled
             lora.reduce(dy, f, ones, dyt_f, colsum=colsum, splits=splits)
             if need_wu:
-                out[3] = (dyt_f * (sc[:, None] if scale is not None else sc)).to(w_up.dtype)
+                out[4] = (dyt_f * (sc[:, None] if scale is not None else sc)).to(w_up.dtype)
             if need_scale and not scalar_scale:
                 per_channel = (w_up.float() * dyt_f).sum(1)
-                out[5] = _fit_scale(per_channel + b_up.float() * colsum if b_up is not None else per_channel, scale)
+                out[6] = _fit_scale(per_channel + b_up.float() * colsum if b_up is not None else per_channel, scale)
         elif need_colsum:
             colsum = dy.sum(0, dtype=torch.float32)
         if need_bu:
-            out[4] = (colsum * sc).to(b_up.dtype)
+            out[5] = (colsum * sc).to(b_up.dtype)
     if need_ds:
         col_ds = ds.sum(0)
         if need_bd:
-            out[2] = col_ds.to(b_down.dtype)
+            out[3] = col_ds.to(b_down.dtype)
         if ln is None and need_wd:
-            out[1] = dispatch.new_output(tuple(w_down.shape), like=w_down)
-            lora.reduce(x, ds, ones, out[1].t(), splits=splits)
+            out[2] = dispatch.new_output(tuple(w_down.shape), like=w_down)
+            lora.reduce(x, ds, ones, out[2].t(), splits=splits)
         elif ln is not None and (need_wd or need_lnw):
             # Σ_i dS_ij x̂_ik = (dS ⊙ rstd)ᵀ x − (dS ⊙ rstd)ᵀ μ; the reduction rounds dS ⊙ rstd to the input dtype,
             # so the μ term uses the same rounded values (the difference then cancels exactly).
@@ -374,30 +449,40 @@ def _triton_backward(dy, x, s, stats, w_down, b_down, w_up, b_up, scale, scale_v
                 dw_t = q_dm * ln_w.float()[:, None]
                 if ln_b is not None:
                     dw_t = dw_t + ln_b.float()[:, None] * col_ds[None, :]
-                out[1] = dw_t.t().to(w_down.dtype)
+                out[2] = dw_t.t().to(w_down.dtype)
             if need_lnw:
-                out[6] = (w_down.float().t() * q_dm).sum(1).to(ln_w.dtype)
+                out[7] = (w_down.float().t() * q_dm).sum(1).to(ln_w.dtype)
         if need_lnb:
-            out[7] = (col_ds @ w_down.float()).to(ln_b.dtype)
+            out[8] = (col_ds @ w_down.float()).to(ln_b.dtype)
     return tuple(out)
 
 
 def _setup_context(ctx, inputs, output):
-    x, _, w_down, b_down, w_up, b_up, scale, scale_value, ln_w, ln_b, non_linearity, _, _ = inputs
-    ctx.save_for_backward(x, output[1], output[2], w_down, b_down, w_up, b_up, scale, ln_w, ln_b)
+    (x, residual, w_down, b_down, w_up, b_up, scale, scale_value, ln_w, ln_b, la_w, la_b, residual_before_ln,
+     non_linearity, _, _) = inputs
+    z_residual = residual if la_w is not None and residual_before_ln else None  # part of ẑ, recomputed
+    ctx.save_for_backward(x, z_residual, output[1], output[2], output[3], w_down, b_down, w_up, b_up, scale, ln_w,
+                          ln_b, la_w, la_b)
     ctx.scale_value, ctx.non_linearity = scale_value, non_linearity
+    ctx.residual_before_ln = residual_before_ln
 
 
-def _backward(ctx, dy, _ds, _dstats):
-    x, s, stats, w_down, b_down, w_up, b_up, scale, ln_w, ln_b = ctx.saved_tensors
-    need_dx, need_r, need_wd, need_bd, need_wu, need_bu, need_scale, _, need_lnw, need_lnb = ctx.needs_input_grad[:10]
+def _backward(ctx, dy, _ds, _dstats, _dastats):
+    x, z_residual, s, stats, astats, w_down, b_down, w_up, b_up, scale, ln_w, ln_b, la_w, la_b = ctx.saved_tensors
+    (need_dx, need_r, need_wd, need_bd, need_wu, need_bu, need_scale, _, need_lnw, need_lnb, need_law,
+     need_lab) = ctx.needs_input_grad[:12]
+    need_dz = need_r and la_w is not None and ctx.residual_before_ln  # dr = dz; otherwise dr = dY
     grads = torch.ops.fastpeft.bottleneck_adapter_backward(
-        dy, x, s, stats, w_down, b_down, w_up, b_up, scale, ctx.scale_value, ln_w, ln_b, ctx.non_linearity,
-        need_dx, need_wd, need_bd, need_wu, need_bu, need_scale, need_lnw, need_lnb)
-    dx, dw_down, db_down, dw_up, db_up, dscale, dln_w, dln_b = (
-        g if need else None for g, need in zip(grads, (need_dx, need_wd, need_bd, need_wu, need_bu, need_scale,
-                                                       need_lnw, need_lnb)))
-    return (dx, dy if need_r else None, dw_down, db_down, dw_up, db_up, dscale, None, dln_w, dln_b, None, None, None)
+        dy, x, z_residual, s, stats, astats, w_down, b_down, w_up, b_up, scale, ctx.scale_value, ln_w, ln_b, la_w,
+        ctx.non_linearity, need_dx, need_dz, need_wd, need_bd, need_wu, need_bu, need_scale, need_lnw, need_lnb,
+        need_law, need_lab)
+    dx, dz, dw_down, db_down, dw_up, db_up, dscale, dln_w, dln_b, dla_w, dla_b = (
+        g if need else None for g, need in zip(grads, (need_dx, need_dz, need_wd, need_bd, need_wu, need_bu,
+                                                       need_scale, need_lnw, need_lnb, need_law, need_lab)))
+    dr = dz if need_dz else (dy if need_r else None)
+    dla_b = dla_b.to(la_b.dtype) if dla_b is not None else None
+    return (dx, dr, dw_down, db_down, dw_up, db_up, dscale, None, dln_w, dln_b, dla_w, dla_b, None, None, None,
+            None)
 
 
 torch.library.register_autograd("fastpeft::bottleneck_adapter", _backward, setup_context=_setup_context)

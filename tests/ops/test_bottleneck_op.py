@@ -1,7 +1,8 @@
 """`fp.ops.bottleneck_adapter`: its Triton paths (interpreter on CPU) against the float64 reference, forward and
 every gradient, outputs poisoned: the fused single-pass kernels for each activation and dtype, odd shapes, scalar,
-learned and per-channel scaling, the layer norm before (fused) and after, partial gradients; the two-kernel path
-of wide bottlenecks; the reference for gating and dropout; the PyTorch op body under torch.compile; input checks.
+learned and per-channel scaling, the layer norms before and after (both fused, the residual before or after the
+norm), partial gradients; the two-kernel path of wide bottlenecks; the reference for gating and dropout; the
+PyTorch op body under torch.compile; input checks.
 Every Triton test also checks which kernels ran, so a silent fallback to the reference fails."""
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def _no_forced_backend(monkeypatch):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Names of the kernel launchers called during the test ("fused fwd", "fused bwd", "shrink", ...)."""
+    """Names of the kernel launchers called during the test ("fused fwd", "fused bwd", "shrink", ...; the fused
+    kernels with the layer norm after fused are "fused fwd+ln_after", "fused bwd+ln_after")."""
     if not HAS_TRITON:
         return []
     kern, lora = op._kernels()
@@ -39,7 +41,7 @@ def launches(monkeypatch):
         original = getattr(module, name)
 
         def wrapper(*args, **kwargs):
-            seen.append(label)
+            seen.append(label + ("+ln_after" if kwargs.get("ln_after") is not None else ""))
             return original(*args, **kwargs)
 
         monkeypatch.setattr(module, name, wrapper)
@@ -131,14 +133,53 @@ def test_fused_layer_norm_before(kw, dtype, launches):
     assert launches == FUSED
 
 
+FUSED_LN_AFTER = ["fused fwd+ln_after", "fused bwd+ln_after"]
+
+
+@needs_triton
+@pytest.mark.parametrize("kw", [{}, {"ln_before": True, "scaling": "channel", "act": "swish"}],
+                         ids=["plain", "ln_before_channel"])
+@pytest.mark.parametrize("residual_before_ln", [True, False], ids=["res_before_ln", "res_after_ln"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_layer_norm_after(dtype, residual_before_ln, kw, launches):
+    make = _make(37, 24, 6, ln_after=True, residual_before_ln=residual_before_ln, **kw)
+    errors = check_op(fn, make, dtype)
+    assert {"output", "dx", "dresidual", "dw_down", "db_down", "dw_up", "db_up", "dln_after_w",
+            "dln_after_b"} <= set(errors)
+    assert launches == FUSED_LN_AFTER
+
+
+@needs_triton
+@pytest.mark.parametrize("M, d, m, kw", [
+    (37, 19, 5, {"scaling": "learned", "bias": False}), (5, 40, 3, {"scaling": 2.0, "act": "gelu"}),
+], ids=["learned_odd_d_no_bias", "M5_3_chunks"])
+@pytest.mark.parametrize("residual_before_ln", [True, False], ids=["res_before_ln", "res_after_ln"])
+def test_fused_layer_norm_after_shapes(M, d, m, kw, residual_before_ln, launches):
+    errors = check_op(fn, _make(M, d, m, ln_after=True, residual_before_ln=residual_before_ln, **kw), torch.float32)
+    assert {"dln_after_w", "dln_after_b", "dresidual", "dw_up"} <= set(errors)
+    assert launches == FUSED_LN_AFTER
+
+
+@needs_triton
+@pytest.mark.parametrize("frozen", [("x", "w_down", "b_down", "w_up", "b_up", "ln_after_w", "ln_after_b"),
+                                    ("residual", "ln_after_w", "ln_after_b"), ("x", "residual", "w_up", "b_up")],
+                         ids=["residual_only", "no_ln_after_params", "no_up"])
+def test_fused_layer_norm_after_partial_gradients(frozen, launches):
+    make = _make(21, 24, 5, ln_after=True, scaling="channel", frozen=frozen)
+    errors = check_op(fn, make, torch.float32)
+    assert not {f"d{name}" for name in frozen} & set(errors)
+    assert launches == FUSED_LN_AFTER
+
+
 @needs_triton
 @pytest.mark.parametrize("residual_before_ln", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_layer_norm_after_on_the_fused_output(residual_before_ln, dtype, launches):
-    make = _make(21, 24, 6, ln_before=True, ln_after=True, residual_before_ln=residual_before_ln, scaling="channel")
-    errors = check_op(fn, make, dtype)
-    assert {"dln_after_w", "dln_after_b", "dln_before_w", "dresidual"} <= set(errors)
-    assert launches == FUSED
+def test_no_grad_forward_with_layer_norm_after(residual_before_ln, launches):
+    t = _make(21, 24, 5, ln_after=True, residual_before_ln=residual_before_ln)(torch.float32)
+    with torch.no_grad(), fp.ops.use_backend("triton"), fp.ops.poison_outputs():
+        y = fn(**t)
+    assert rel_err(y, reference.bottleneck_adapter(**{k: v for k, v in t.items() if "ln_after" not in k},
+                                                   ln_after=(t["ln_after_w"], t["ln_after_b"]))) < 1e-5
+    assert launches == ["fused fwd+ln_after"]
 
 
 @needs_triton
@@ -208,8 +249,10 @@ def test_gating_runs_the_reference(launches):
     assert launches == []
 
 
-@pytest.mark.parametrize("kw", [{"act": "gelu"}, {"act": "sigmoid", "ln_before": True, "scaling": "channel"}],
-                         ids=["plain", "ln_channel"])
+@pytest.mark.parametrize("kw", [
+    {"act": "gelu"}, {"act": "sigmoid", "ln_before": True, "scaling": "channel"},
+    {"ln_after": True, "scaling": "learned"}, {"ln_after": True, "residual_before_ln": False, "ln_before": True},
+], ids=["plain", "ln_channel", "ln_after_res_before", "ln_after_res_after"])
 def test_compiled_op_body_matches_eager(kw):
     t = _make(9, 12, 3, **kw)(torch.float32)
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
