@@ -203,7 +203,8 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
 
     merge=False: merged weights are first restored, so the model is bit-identical to before add_adapter.
     merge=True: active adapters are merged and kept in the weights (PEFT's merge_and_unload), and the active
-    modules_to_save copies replace their originals.
+    modules_to_save copies replace their originals. Adapters that cannot be merged (bottleneck, Compacter,
+    invertible) are removed either way.
     """
     state = require_state(model, "unload")
     if merge:
