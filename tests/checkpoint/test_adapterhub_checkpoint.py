@@ -1,5 +1,5 @@
-"""AdapterHub checkpoints: `fp.load_adapter` on directories AdapterHub `adapters` 1.3.0 wrote (tests/fixtures/adapterhub)
-gives AdapterHub's outputs for the same base weights, for every fixture case of BERT, GPT-2 and Llama (bottleneck,
+"""AdapterHub checkpoints: `fp.load_adapter` on directories AdapterHub `adapters` 1.3.0 wrote
+(tests/fixtures/adapterhub) gives AdapterHub's outputs for the same base weights, for every fixture case of BERT, GPT-2 and Llama (bottleneck,
 Compacter, invertible adapters; pickle and safetensors files); `fp.save_adapter` writes the same keys back; bad
 checkpoints leave the model unchanged."""
 from __future__ import annotations
