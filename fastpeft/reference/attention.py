@@ -1,0 +1,45 @@
+"""Attention over a learned prefix and the real keys, in plain PyTorch: the oracle of the prefix-attention kernel.
+
+    O = softmax(Q [P_K; K]ᵀ · scale + mask) [P_V; V]                         (Li & Liang 2021, prefix tuning)
+
+Q: (B, H, L_q, D); K, V: (B, H_kv, L_k, D); P_K, P_V: (B or 1, H_kv, P, D), a prefix shared by the batch when its
+first dimension is 1. H is a multiple of H_kv (grouped-query attention; H_kv = 1 is multi-query): query head h
+reads key/value head h // (H / H_kv). The mask applies to the real keys only — the prefix is visible to every
+query: with `causal`, query i sits at position `query_offset` + i (by default L_k − L_q: the queries are the last
+L_q tokens, as in a decode step with a KV cache) and sees real keys j ≤ that position; `key_padding_mask` (B, L_k),
+True for real tokens, hides padded keys. A query row that sees no key at all (possible only with P = 0) gives 0.
+The prefix is concatenated here for clarity; the kernel reads it from its own tensors and never copies K or V.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None = None,
+                     prefix_v: torch.Tensor | None = None, *, scale: float | None = None, causal: bool = False,
+                     key_padding_mask: torch.Tensor | None = None, query_offset: int | None = None) -> torch.Tensor:
+    """The formula above, differentiable by autograd; softmax in float32 (float64 for float64 inputs)."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    group = H // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if prefix_k is None:
+        prefix_k = k.new_zeros((1, Hkv, 0, D))
+        prefix_v = v.new_zeros((1, Hkv, 0, v.shape[-1]))
+    P = prefix_k.shape[2]
+    keys = torch.cat([prefix_k.expand(B, -1, -1, -1), k], dim=2).repeat_interleave(group, dim=1)
+    values = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=2).repeat_interleave(group, dim=1)
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (q.to(work) @ keys.to(work).transpose(-1, -2)) * scale          # (B, H, Lq, P + Lk)
+    visible = torch.ones((B, 1, Lq, P + Lk), dtype=torch.bool, device=q.device)
+    if causal:
+        offset = Lk - Lq if query_offset is None else query_offset
+        rows = torch.arange(Lq, device=q.device)[:, None] + offset
+        visible[..., P:] &= torch.arange(Lk, device=q.device)[None, :] <= rows
+    if key_padding_mask is not None:
+        visible[..., P:] &= key_padding_mask[:, None, None, :].to(torch.bool)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)                   # a row with no visible key: zeros
+    return (probs @ values.to(work)).to(q.dtype)
