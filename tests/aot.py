@@ -170,8 +170,28 @@ def fused_bottleneck_launches(dtype: torch.dtype) -> list[Launch]:
     return launches
 
 
+def prefix_attention_launches(dtype: torch.dtype) -> list[Launch]:
+    """The prefix-attention forward (fastpeft/kernels/attention.py) at head dims 64 and 128 (BLOCK_D = 64 and 128:
+    the largest tiles), causal with the key padding mask and a per-row prefix, and plain with a shared prefix;
+    every config for the causal variant, the first for the plain one (the mask only adds a load per key tile)."""
+    B, H, Hkv, Lq, Lk, P = 2, 8, 2, 256, 512, 32
+    launches = []
+    for D in (64, 128):
+        q, o = torch.empty(B, H, Lq, D, dtype=dtype), torch.empty(B, H, Lq, D, dtype=dtype)
+        k, v = torch.empty(B, Hkv, Lk, D, dtype=dtype), torch.empty(B, Hkv, Lk, D, dtype=dtype)
+        lse, mask = torch.empty(B, H, Lq), torch.empty(B, Lk, dtype=torch.int8)
+        for causal in (True, False):
+            Bp = B if causal else 1
+            pk, pv = torch.empty(Bp, Hkv, P, D, dtype=dtype), torch.empty(Bp, Hkv, P, D, dtype=dtype)
+            launches += capture("attention", "forward", q, k, v, pk, pv, o, lse, scale=D ** -0.5, causal=causal,
+                                key_padding_mask=mask if causal else None, query_offset=Lk - Lq,
+                                label=f"fwd D{D}" + (" causal, mask, per-row prefix" if causal else ""),
+                                every_config=causal)
+    return launches
+
+
 CATALOG = {"lora": lora_launches, "ia3": ia3_launches, "bottleneck": bottleneck_launches,
-           "fused_bottleneck": fused_bottleneck_launches}
+           "fused_bottleneck": fused_bottleneck_launches, "prefix_attention": prefix_attention_launches}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 

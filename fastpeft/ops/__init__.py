@@ -5,7 +5,10 @@
     fp.ops.dora_linear(x, weight, bias, lora_a, lora_b, scale, magnitude, dropout_p=0.0, seed=None, ...)
     fp.ops.phm_linear(x, rule, w, bias=None, w_right=None)
     fp.ops.bottleneck_adapter(x, residual, w_down, b_down, w_up, b_up, non_linearity="relu", scaling=1.0, ...)
+    fp.ops.prefix_attention(q, k, v, prefix_k=None, prefix_v=None, scale=None, causal=False, key_padding_mask=None,
+                            query_offset=None)
 """
+from .attention import prefix_attention
 from .bottleneck import bottleneck_adapter
 from .dispatch import explain, poison_outputs, requested_backend, use_backend
 from .dora import dora_linear, dora_weight_norm, dora_weight_sq_norm
@@ -13,5 +16,5 @@ from .ia3 import ia3_linear
 from .lora import lora_linear
 from .phm import phm_linear
 
-__all__ = ["lora_linear", "ia3_linear", "dora_linear", "phm_linear", "bottleneck_adapter", "dora_weight_norm",
-           "dora_weight_sq_norm", "use_backend", "requested_backend", "poison_outputs", "explain"]
+__all__ = ["lora_linear", "ia3_linear", "dora_linear", "phm_linear", "bottleneck_adapter", "prefix_attention",
+           "dora_weight_norm", "dora_weight_sq_norm", "use_backend", "requested_backend", "poison_outputs", "explain"]

@@ -1,0 +1,192 @@
+"""Triton forward kernel of attention over a learned prefix and the real keys (oracle:
+fastpeft/reference/attention.py), and its launcher.
+
+    O = softmax(Q [P_K; K]ᵀ · scale + mask) [P_V; V],      LSE_i = log Σ_j exp(scale · q_i·k_j)  (visible j)
+
+One program owns BLOCK_M query rows of one (batch, head) and keeps, per row, the running maximum m_i, the running
+sum l_i and a float32 (BLOCK_M x BLOCK_D) accumulator (online softmax, flash-attention style). It walks two key
+sources one after the other, never concatenating them:
+
+* the prefix P_K, P_V (B_p, H_kv, P, D), B_p = 1 (read with batch stride 0) or B: BLOCK_N keys a tile, every key
+  visible to every query;
+* the real keys K, V (B, H_kv, L_k, D): key j is visible to query i iff j <= query_offset + i (with `causal`) and
+  key_padding_mask[b, j] != 0 (when given). With `causal` the loop stops after the block's last visible key
+  (query_offset + the block's last row), so tiles wholly in the future are never read.
+
+For each tile of scores s = (q · kᵀ) · scale · log₂e (base-2 exponents: exp2 is the fast instruction)
+    m' = max(m, rowmax s),  p = 2^(s − m'),  l = l · 2^(m − m') + Σ p,  acc = acc · 2^(m − m') + p V
+(with m' = −∞, a row with nothing visible yet, replaced by 0 so that no ∞ − ∞ appears). At the end
+O = acc / l and LSE = (m + log₂ l) · ln 2, the natural log-sum-exp of the scaled scores, kept for the backward
+pass; a row with no visible key (possible only with P = 0) gets O = 0 and LSE = +∞ (so exp(s − LSE) = 0 there).
+Query head h reads key/value head h // GROUP (grouped-query attention; GROUP = H / H_kv). The head dimension D
+(64, 80, 96 or 128) is padded to BLOCK_D, the next power of two, with masked loads. Accumulation is float32; the
+probabilities are cast to the input dtype for the tensor-core dot with V (float32 inputs: tf32 or ieee, following
+torch's float32 matmul setting).
+"""
+from __future__ import annotations
+
+from ._compat import dot_precision, interpreting, launch, tl, triton
+from .lora import _fit_shared, bucket
+
+HEAD_DIMS = (64, 80, 96, 128)  # the head dimensions the kernel takes (padded to BLOCK_D = 64 or 128)
+LOG2E = 1.4426950408889634
+
+# ----------------------------------------------------------------------------------------------------------
+# Autotune configurations: (BLOCK_M, BLOCK_N, warps, stages); pruned per launch by the query length and by the
+# shared memory that the pipelined K and V tiles take.
+# ----------------------------------------------------------------------------------------------------------
+
+_SHAPES = [(bm, bn, 4 if bm == 64 else 8, 3) for bm in (64, 128) for bn in (32, 64, 128)]
+
+
+def configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _SHAPES]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop row blocks much taller than the query length (decode: Lq = 1 takes the shortest), and fit the K and V
+    tiles of each pipeline stage in shared memory."""
+    args = {**named_args, **kwargs}
+    el, block_d = args["q_ptr"].element_size(), args["BLOCK_D"]
+    short = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, 2 * args["LQ_BUCKET"])] or configs[:1]
+
+    def stage_bytes(c):
+        return 2 * c.kwargs["BLOCK_N"] * block_d * el
+
+    return _fit_shared(short, stage_bytes) or _fit_shared(configs[:1], stage_bytes) or configs[:1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _online_tile(q, kt_ptrs, v_ptrs, kt_ok, v_ok, visible, m_i, l_i, acc, qk_scale,
+                 DOT_PRECISION: tl.constexpr):
+    """One tile of keys through the online softmax: kt_ptrs the (BLOCK_D x BLOCK_N) pointers of Kᵀ, v_ptrs the
+    (BLOCK_N x BLOCK_D) pointers of V, with their load masks; `visible` (BLOCK_M x BLOCK_N) the scores kept."""
+    k = tl.load(kt_ptrs, mask=kt_ok, other=0.0)
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_ptrs, mask=v_ok, other=0.0)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(q.dtype), v, acc, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.autotune(configs=configs(), key=["BLOCK_D", "LQ_BUCKET", "LK_BUCKET", "P_BUCKET", "CAUSAL", "HAS_MASK"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def prefix_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, o_ptr, lse_ptr,
+    H, Lq, Lk, P, D, GROUP, query_offset, qk_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pkb, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvb, stride_pvh, stride_pvn, stride_pvd,
+    stride_mb, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    LQ_BUCKET, LK_BUCKET, P_BUCKET,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Lq
+    rd = tl.arange(0, BLOCK_D)
+    d_ok = rd < D
+    rn = tl.arange(0, BLOCK_N)
+
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + rd[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+
+    # The prefix: every key visible, masked only by P.
+    pk_base = pk_ptr + b * stride_pkb + hk * stride_pkh
+    pv_base = pv_ptr + b * stride_pvb + hk * stride_pvh
+    for n0 in range(0, P, BLOCK_N):
+        cols = n0 + rn
+        col_ok = cols < P
+        m_i, l_i, acc = _online_tile(q, pk_base + cols[None, :] * stride_pkn + rd[:, None] * stride_pkd,
+                                     pv_base + cols[:, None] * stride_pvn + rd[None, :] * stride_pvd,
+                                     d_ok[:, None] & col_ok[None, :], col_ok[:, None] & d_ok[None, :],
+                                     col_ok[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
+
+    # The real keys: causal rule and padding mask; with `causal`, none past the block's last visible key.
+    hi = Lk
+    if CAUSAL:
+        last_row = tl.minimum((pid_m + 1) * BLOCK_M, Lq) - 1
+        hi = tl.maximum(tl.minimum(Lk, query_offset + last_row + 1), 0)
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    for n0 in range(0, hi, BLOCK_N):
+        cols = n0 + rn
+        col_ok = cols < Lk
+        visible = col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= query_offset + rows[:, None])
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b * stride_mb + cols * stride_mn, mask=col_ok, other=0)
+            visible = visible & (keep != 0)[None, :]
+        m_i, l_i, acc = _online_tile(q, k_base + cols[None, :] * stride_kn + rd[:, None] * stride_kd,
+                                     v_base + cols[:, None] * stride_vn + rd[None, :] * stride_vd,
+                                     d_ok[:, None] & col_ok[None, :], col_ok[:, None] & d_ok[None, :],
+                                     visible, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+
+    # O = acc / l (0 for a row that saw no key); LSE in natural log of the scaled scores (+inf for such a row).
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + rd[None, :] * stride_od,
+             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + pid_bh * Lq + rows, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------------
+
+def forward(q, k, v, prefix_k, prefix_v, o, lse, *, scale, causal=False, key_padding_mask=None, query_offset=0):
+    """O (B, H, Lq, D) and LSE (B, H, Lq) float32 (contiguous) for q (B, H, Lq, D), k and v (B, H_kv, Lk, D),
+    prefix_k and prefix_v (1 or B, H_kv, P, D) or None, key_padding_mask (B, Lk) int8 (nonzero: keep) or None.
+    Shapes are checked by the caller (fastpeft/ops/attention.py); D must be one of HEAD_DIMS."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    assert D in HEAD_DIMS and H % Hkv == 0 and lse.is_contiguous()
+    if prefix_k is None:
+        pk, pv, P, pk_strides, pv_strides = k, v, 0, (0, 0, 0, 0), (0, 0, 0, 0)
+    else:
+        pk, pv, P = prefix_k, prefix_v, prefix_k.shape[2]
+        shared = prefix_k.shape[0] == 1
+        pk_strides = (0 if shared else prefix_k.stride(0), *prefix_k.stride()[1:])
+        pv_strides = (0 if shared else prefix_v.stride(0), *prefix_v.stride()[1:])
+    mask = key_padding_mask if key_padding_mask is not None else lse
+    mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+
+    def grid(meta):
+        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
+
+    launch(prefix_attention_fwd_kernel)[grid](
+        q, k, v, pk, pv, mask, o, lse,
+        H, Lq, Lk, P, D, H // Hkv, int(query_offset), float(scale) * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides, *mask_strides, *o.stride(),
+        bucket(Lq), bucket(Lk), bucket(P),
+        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_D=triton.next_power_of_2(D),
+    )
+    return o, lse

@@ -1,0 +1,221 @@
+"""`fp.ops.prefix_attention`: its Triton forward kernel (interpreter on CPU) against the float64 reference, outputs
+poisoned: causal and not, with and without key padding, a shared and a per-row prefix, no prefix, decode (Lq = 1),
+grouped- and multi-query heads, no real keys, rows that see no key, odd lengths, head dims 64/80/96/128, every
+dtype; the log-sum-exp it keeps for the backward. The reference paths (inputs that require grad, head dims the
+kernel does not take, CPU tensors without a forced backend), the op body under torch.compile, input checks.
+Every Triton test checks that the kernel ran, so a silent fallback to the reference fails."""
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import pytest
+import torch
+
+import fastpeft as fp
+from fastpeft.ops import attention as op
+from fastpeft.reference.attention import prefix_attention as reference
+from tests.harness import TOLERANCE, rel_err
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _no_forced_backend(monkeypatch):
+    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """One entry per launch of the forward kernel during the test."""
+    if not HAS_TRITON:
+        return []
+    kern = op._kernels()
+    seen, original = [], kern.forward
+
+    def spy(*args, **kwargs):
+        seen.append("fwd")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kern, "forward", spy)
+    return seen
+
+
+def _inputs(B, H, Hkv, Lq, Lk, P, D, dtype, *, Bp=1, mask=None, seed=0):
+    """Random q, k, v, prefix (None when P is None) and key padding mask ("random" or a given bool tensor)."""
+    g = torch.Generator().manual_seed(seed + 7 * Lq + Lk + (P or 0))
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+
+    t = dict(q=rnd(B, H, Lq, D), k=rnd(B, Hkv, Lk, D), v=rnd(B, Hkv, Lk, D), prefix_k=None, prefix_v=None,
+             key_padding_mask=None)
+    if P is not None:
+        t["prefix_k"], t["prefix_v"] = rnd(Bp, Hkv, P, D), rnd(Bp, Hkv, P, D)
+    if isinstance(mask, str):
+        keep = torch.rand(B, Lk, generator=g) > 0.3
+        keep[:, -1] = True  # the last key, visible to every causal row with the default offset
+        t["key_padding_mask"] = keep.to(DEVICE)
+    elif mask is not None:
+        t["key_padding_mask"] = mask.to(DEVICE)
+    return t
+
+
+def _check_kernel(t, dtype, launches, **kw):
+    """The kernel (forced, poisoned outputs) against the float64 reference: O, and LSE against the op body's."""
+    B, H, Lq, D = t["q"].shape
+    scale = kw.get("scale") or D ** -0.5
+    causal = kw.get("causal", False)
+    offset = kw.get("query_offset")
+    offset = t["k"].shape[2] - Lq if offset is None else offset
+    t64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in t.items()}
+    ref = reference(**t64, **kw)
+    with torch.no_grad(), fp.ops.use_backend("triton"), fp.ops.poison_outputs():
+        out = fp.ops.prefix_attention(**t, **kw)
+        o, lse = torch.ops.fastpeft.prefix_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"],
+                                                     t["key_padding_mask"], scale, causal, offset)
+    assert launches == ["fwd", "fwd"]
+    assert out.dtype == dtype and out.shape == (B, H, Lq, D)
+    err = rel_err(out, ref)
+    assert err <= TOLERANCE[dtype], f"relative error {err:.3e} ({dtype})"
+    assert torch.equal(out, o)
+    _, lse64 = op._torch_forward(t64["q"], t64["k"], t64["v"], t64["prefix_k"], t64["prefix_v"],
+                                 t["key_padding_mask"], scale, causal, offset)
+    finite = torch.isfinite(lse64)
+    assert lse.dtype == torch.float32 and lse.shape == (B, H, Lq)
+    assert torch.equal(torch.isinf(lse), ~finite) and not torch.isnan(lse).any()
+    assert (lse[finite].double() - lse64[finite]).abs().max().item() < (1e-5 if dtype == torch.float32 else 1e-2)
+    return err
+
+
+CASES = {  # (B, H, Hkv, Lq, Lk, P, D, dtype, extra)
+    "plain": (2, 2, 2, 19, 23, 5, 64, torch.float32, {}),
+    "causal_mask_per_row_prefix": (2, 2, 2, 13, 29, 6, 80, torch.float32,
+                                   {"Bp": 2, "mask": "random", "causal": True}),
+    "causal_shared_prefix_fp16": (1, 2, 2, 17, 17, 3, 80, torch.float16, {"causal": True}),
+    "mask_not_causal_bf16": (2, 2, 1, 11, 21, 4, 64, torch.bfloat16, {"mask": "random"}),
+    "no_prefix_causal_mask": (2, 2, 2, 9, 9, None, 64, torch.float32, {"mask": "random", "causal": True}),
+    "prefix_of_zero_keys": (1, 2, 2, 7, 11, 0, 80, torch.float32, {"causal": True}),
+    "decode_fp16": (2, 2, 1, 1, 33, 7, 64, torch.float16, {"causal": True, "mask": "random"}),
+    "decode_no_prefix": (1, 2, 2, 1, 5, None, 80, torch.float32, {"causal": True}),
+    "gqa_bf16": (1, 4, 2, 17, 29, 5, 80, torch.bfloat16, {"causal": True, "mask": "random"}),
+    "gqa_fp32": (2, 4, 2, 10, 10, 3, 64, torch.float32, {"causal": True}),
+    "mqa_offset": (1, 4, 1, 21, 21, 2, 64, torch.float32, {"causal": True, "query_offset": 3}),
+    "no_real_keys": (2, 2, 2, 5, 0, 9, 64, torch.float16, {"causal": True}),
+    "more_queries_than_keys": (1, 2, 2, 12, 5, 3, 80, torch.float32, {"causal": True}),
+    "d96": (1, 2, 2, 8, 8, 3, 96, torch.float32, {"causal": True}),
+    "d128_bf16": (1, 2, 1, 7, 7, 2, 128, torch.bfloat16, {"mask": "random"}),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_matches_reference(case, launches):
+    B, H, Hkv, Lq, Lk, P, D, dtype, extra = CASES[case]
+    extra = dict(extra)
+    t = _inputs(B, H, Hkv, Lq, Lk, P, D, dtype, Bp=extra.pop("Bp", 1), mask=extra.pop("mask", None))
+    _check_kernel(t, dtype, launches, **extra)
+
+
+@needs_triton
+def test_rows_that_see_no_key_give_zero(launches):
+    """No prefix, causal, the first keys padded: the first query rows see nothing (O = 0, LSE = +inf)."""
+    keep = torch.ones(2, 12, dtype=torch.bool)
+    keep[0, :4] = False
+    t = _inputs(2, 2, 2, 12, 12, None, 64, torch.float32, mask=keep)
+    _check_kernel(t, torch.float32, launches, causal=True)
+    with torch.no_grad(), fp.ops.use_backend("triton"), fp.ops.poison_outputs():
+        out = fp.ops.prefix_attention(**t, causal=True)
+    assert (out[0, :, :4] == 0).all() and (out[0, :, 4:] != 0).any()
+
+
+@needs_triton
+def test_scale_and_integer_mask(launches):
+    t = _inputs(1, 2, 2, 6, 14, 3, 64, torch.float32)
+    t["key_padding_mask"] = (torch.arange(14) % 3 != 0).to(torch.int64)[None].to(DEVICE)
+    _check_kernel(t, torch.float32, launches, scale=0.3, causal=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The reference paths
+# ------------------------------------------------------------------------------------------------------------
+
+@needs_triton
+def test_inputs_that_require_grad_run_the_reference(launches):
+    t = _inputs(1, 2, 2, 5, 7, 3, 64, torch.float32)
+    t["prefix_k"].requires_grad_()
+    t["q"].requires_grad_()
+    with fp.ops.use_backend("triton"):
+        out = fp.ops.prefix_attention(**t, causal=True)
+    assert launches == []
+    out.sum().backward()
+    assert t["prefix_k"].grad is not None and t["q"].grad is not None
+    assert rel_err(out, reference(**t, causal=True)) == 0.0
+    with torch.no_grad(), fp.ops.use_backend("triton"):
+        fp.ops.prefix_attention(**t, causal=True)
+    assert launches == ["fwd"]  # no grad mode: the kernel
+
+
+@needs_triton
+def test_unsupported_head_dim_warns_once_and_runs_the_reference(launches, monkeypatch):
+    monkeypatch.setattr(op, "_warned_head_dims", set())
+    t = _inputs(1, 2, 2, 5, 7, 3, 48, torch.float32)
+    with torch.no_grad(), fp.ops.use_backend("triton"):
+        with pytest.warns(UserWarning, match="head dim 48"):
+            out = fp.ops.prefix_attention(**t)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fp.ops.prefix_attention(**t)
+    assert launches == []
+    assert rel_err(out, reference(**t)) == 0.0
+
+
+def test_cpu_tensors_run_the_reference(launches):
+    t = _inputs(1, 2, 2, 5, 7, 3, 64, torch.float32)
+    out = fp.ops.prefix_attention(**t, causal=True)
+    if DEVICE == "cpu":
+        assert launches == []
+    assert rel_err(out, reference(**t, causal=True)) < 1e-6
+
+
+def test_compiled_op_body_matches_eager():
+    t = _inputs(2, 4, 2, 5, 9, 3, 64, torch.float32, mask="random")
+    fn = torch.compile(fp.ops.prefix_attention, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        y = fn(**t, causal=True)
+    assert rel_err(y, reference(**t, causal=True)) < 1e-6
+
+
+def test_op_body_lse_matches_float64_logsumexp():
+    t = _inputs(1, 2, 1, 4, 6, 2, 64, torch.float64)
+    _, lse = op._torch_forward(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], None, 0.125, False, 0)
+    keys = torch.cat([t["prefix_k"], t["k"]], 2).expand(1, 2, -1, -1)
+    expect = torch.logsumexp(t["q"] @ keys.transpose(-1, -2) * 0.125, -1)
+    assert (lse.double() - expect).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Input checks
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, match", [
+    (lambda t: t.update(q=t["q"][0]), "q has shape"),
+    (lambda t: t.update(v=t["v"][:, :, :3]), "same shape"),
+    (lambda t: t.update(k=t["k"][..., :32], v=t["v"][..., :32]), "same batch and head dim"),
+    (lambda t: t.update(k=t["k"].repeat(1, 3, 1, 1)[:, :3], v=t["v"].repeat(1, 3, 1, 1)[:, :3]), "multiple"),
+    (lambda t: t.update(prefix_v=None), "both prefix_k and prefix_v"),
+    (lambda t: t.update(prefix_k=t["prefix_k"].repeat(3, 1, 1, 1), prefix_v=t["prefix_v"].repeat(3, 1, 1, 1)),
+     "shared by the batch"),
+    (lambda t: t.update(key_padding_mask=torch.ones(2, 3, dtype=torch.bool)), "key_padding_mask has shape"),
+    (lambda t: t.update(key_padding_mask=torch.ones(2, 7)), "dtype"),
+    (lambda t: t.update(k=t["k"].half(), v=t["v"].half()), "cast them"),
+    (lambda t: t.update(query_offset=1.5), "query_offset"),
+], ids=["q_3d", "kv_mismatch", "head_dim", "heads", "half_prefix", "prefix_batch", "mask_shape", "mask_dtype",
+        "dtype", "offset"])
+def test_input_checks(change, match):
+    t = _inputs(2, 4, 2, 5, 7, 3, 64, torch.float32)
+    change(t)
+    with pytest.raises(ValueError, match=match):
+        fp.ops.prefix_attention(**t)
