@@ -171,22 +171,34 @@ def fused_bottleneck_launches(dtype: torch.dtype) -> list[Launch]:
 
 
 def prefix_attention_launches(dtype: torch.dtype) -> list[Launch]:
-    """The prefix-attention forward (fastpeft/kernels/attention.py) at head dims 64 and 128 (BLOCK_D = 64 and 128:
-    the largest tiles), causal with the key padding mask and a per-row prefix, and plain with a shared prefix;
-    every config for the causal variant, the first for the plain one (the mask only adds a load per key tile)."""
+    """The prefix-attention kernels (fastpeft/kernels/attention.py) at head dims 64 and 128 (BLOCK_D = 64 and 128:
+    the largest tiles). Forward and dQ: causal with the key padding mask and a per-row prefix (every config), and
+    plain with a shared prefix (the first: the mask only adds a load per key tile). dK/dV: the real keys, causal
+    with the mask (every config), and a shared prefix, whose batch loop adds no tile (the first config)."""
     B, H, Hkv, Lq, Lk, P = 2, 8, 2, 256, 512, 32
     launches = []
     for D in (64, 128):
         q, o = torch.empty(B, H, Lq, D, dtype=dtype), torch.empty(B, H, Lq, D, dtype=dtype)
         k, v = torch.empty(B, Hkv, Lk, D, dtype=dtype), torch.empty(B, Hkv, Lk, D, dtype=dtype)
         lse, mask = torch.empty(B, H, Lq), torch.empty(B, Lk, dtype=torch.int8)
+        delta = torch.empty(B, H, Lq)
         for causal in (True, False):
             Bp = B if causal else 1
             pk, pv = torch.empty(Bp, Hkv, P, D, dtype=dtype), torch.empty(Bp, Hkv, P, D, dtype=dtype)
+            what = " causal, mask, per-row prefix" if causal else ""
             launches += capture("attention", "forward", q, k, v, pk, pv, o, lse, scale=D ** -0.5, causal=causal,
                                 key_padding_mask=mask if causal else None, query_offset=Lk - Lq,
-                                label=f"fwd D{D}" + (" causal, mask, per-row prefix" if causal else ""),
-                                every_config=causal)
+                                label=f"fwd D{D}" + what, every_config=causal)
+            launches += capture("attention", "backward_dq", q, o, lse, delta, k, v, pk, pv, torch.empty_like(q),
+                                scale=D ** -0.5, causal=causal, key_padding_mask=mask if causal else None,
+                                query_offset=Lk - Lq, label=f"dq D{D}" + what, every_config=causal)
+        launches += capture("attention", "backward_dkdv", q, o, lse, delta, k, v, torch.empty_like(k),
+                            torch.empty_like(v), scale=D ** -0.5, causal=True, key_padding_mask=mask,
+                            query_offset=Lk - Lq, label=f"dkdv D{D} real keys, causal, mask")
+        pk, pv = torch.empty(1, Hkv, P, D, dtype=dtype), torch.empty(1, Hkv, P, D, dtype=dtype)
+        launches += capture("attention", "backward_dkdv", q, o, lse, delta, pk, pv, torch.empty_like(pk),
+                            torch.empty_like(pv), scale=D ** -0.5, label=f"dkdv D{D} shared prefix",
+                            every_config=False)
     return launches
 
 

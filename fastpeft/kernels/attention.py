@@ -1,5 +1,6 @@
-"""Triton forward kernel of attention over a learned prefix and the real keys (oracle:
-fastpeft/reference/attention.py), and its launcher.
+"""Triton kernels of attention over a learned prefix and the real keys, forward and backward (oracle:
+fastpeft/reference/attention.py), and their launchers. The forward is described here; the backward (dK/dV and
+dQ kernels, FlashAttention-2 style) below, before its kernels.
 
     O = softmax(Q [P_K; K]ᵀ · scale + mask) [P_V; V],      LSE_i = log Σ_j exp(scale · q_i·k_j)  (visible j)
 
@@ -26,7 +27,7 @@ torch's float32 matmul setting).
 from __future__ import annotations
 
 from ._compat import dot_precision, interpreting, launch, tl, triton
-from .lora import _fit_shared, bucket
+from .lora import SHARED_BUDGET, _fit_shared, bucket
 
 HEAD_DIMS = (64, 80, 96, 128)  # the head dimensions the kernel takes (padded to BLOCK_D = 64 or 128)
 LOG2E = 1.4426950408889634
@@ -190,3 +191,277 @@ def forward(q, k, v, prefix_k, prefix_v, o, lse, *, scale, causal=False, key_pad
         BLOCK_D=triton.next_power_of_2(D),
     )
     return o, lse
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward (FlashAttention-2 style). With LSE and Δ_i = rowsum(dO_i ⊙ O_i) (computed by the caller), each tile
+# recomputes P = exp(S · scale − LSE) under the forward's masks (P = 0 where LSE = +inf: a row that saw no key) and
+#     dV = Pᵀ dO,   dS = P ⊙ (dO Vᵀ − Δ),   dK = scale · dSᵀ Q,   dQ = scale · dS K.
+# Two kernels, no atomics (deterministic):
+#
+# * dK/dV: one program per (BLOCK_N keys of one source, key batch · kv head); it holds its K and V tiles and the
+#   float32 dK, dV accumulators, and loops over the query rows of every query head of its GQA group (and, for a
+#   prefix shared by the batch, over every batch row: the sum over the batch stays in registers). Launched once on
+#   the prefix (no mask) and once on the real keys (causal rule and padding mask; with `causal`, the row loop starts
+#   at the first row block that can see the tile).
+# * dQ: one program per (BLOCK_M query rows, batch · head), walking the prefix tiles and then the real key tiles
+#   like the forward.
+# Scores use base-2 exponents as in the forward (LSE is scaled by log₂e on load).
+# ----------------------------------------------------------------------------------------------------------
+
+_DKDV_SHAPES = [(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2)]  # (BLOCK_M, BLOCK_N, warps, stages)
+_DQ_SHAPES = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)]
+
+
+def bwd_configs(shapes):
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+
+
+def _prune_dkdv(configs, named_args, **kwargs):
+    """Fit the pipelined Q and dO tiles plus the resident K and V tiles (counted in every stage: conservative)."""
+    args = {**named_args, **kwargs}
+    el, block_d = args["q_ptr"].element_size(), args["BLOCK_D"]
+
+    def stage_bytes(c):
+        return 2 * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * block_d * el
+
+    return _fit_shared(configs, stage_bytes) or _fit_shared(configs[:1], stage_bytes) or configs[:1]
+
+
+def _prune_dq(configs, named_args, **kwargs):
+    """As the forward (short row blocks for short queries), with the resident Q and dO tiles taken off the shared
+    budget before the pipelined K and V tiles are fitted (float32 tiles are staged through shared memory)."""
+    args = {**named_args, **kwargs}
+    el, block_d = args["q_ptr"].element_size(), args["BLOCK_D"]
+    short = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, 2 * args["LQ_BUCKET"])] or configs[:1]
+    fitted = []
+    for c in short:
+        free = SHARED_BUDGET - 2 * c.kwargs["BLOCK_M"] * block_d * el
+        stages = min(c.num_stages, max(free, 0) // (2 * c.kwargs["BLOCK_N"] * block_d * el))
+        if stages >= 2:
+            fitted.append(triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages))
+    return fitted or [triton.Config(dict(configs[0].kwargs), num_warps=configs[0].num_warps, num_stages=2)]
+
+
+@triton.autotune(configs=bwd_configs(_DKDV_SHAPES),
+                 key=["BLOCK_D", "LQ_BUCKET", "N_BUCKET", "NB", "GROUP", "CAUSAL", "HAS_MASK"],
+                 prune_configs_by={"early_config_prune": _prune_dkdv})
+@triton.jit
+def prefix_attention_bwd_dkdv_kernel(
+    q_ptr, do_ptr, lse_ptr, delta_ptr, k_ptr, v_ptr, mask_ptr, dk_ptr, dv_ptr,
+    H, HKV, Lq, N, D, GROUP, NB, query_offset, scale, qk_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    LQ_BUCKET, N_BUCKET,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV of keys [n0, n0 + BLOCK_N) of source (k_ptr, v_ptr), batch bk (of the source), kv head hk; query
+    batches bk + 0 .. bk + NB − 1 (NB = B for a shared prefix, whose bk is 0; else 1)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bk = pid_bh // HKV
+    hk = pid_bh % HKV
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    rd = tl.arange(0, BLOCK_D)
+    d_ok = rd < D
+    rm = tl.arange(0, BLOCK_M)
+    kv_ok = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + bk * stride_kb + hk * stride_kh + cols[:, None] * stride_kn + rd[None, :] * stride_kd,
+                mask=kv_ok, other=0.0)
+    v = tl.load(v_ptr + bk * stride_vb + hk * stride_vh + cols[:, None] * stride_vn + rd[None, :] * stride_vd,
+                mask=kv_ok, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    lo = 0
+    if CAUSAL:  # query i sees key j iff j <= query_offset + i: rows before n0 − query_offset see none of the tile
+        lo = (tl.maximum(n0 - query_offset, 0) // BLOCK_M) * BLOCK_M
+    for bi in range(0, NB):
+        b = bk + bi
+        key_ok = col_ok
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b * stride_mb + cols * stride_mn, mask=col_ok, other=0)
+            key_ok = key_ok & (keep != 0)
+        for g in range(0, GROUP):
+            h = hk * GROUP + g
+            q_base = q_ptr + b * stride_qb + h * stride_qh
+            do_base = do_ptr + b * stride_dob + h * stride_doh
+            row_base = (b * H + h) * Lq
+            for m0 in range(lo, Lq, BLOCK_M):
+                rows = m0 + rm
+                row_ok = rows < Lq
+                qt = tl.load(q_base + rows[None, :] * stride_qm + rd[:, None] * stride_qd,
+                             mask=d_ok[:, None] & row_ok[None, :], other=0.0)            # (BLOCK_D, BLOCK_M)
+                do = tl.load(do_base + rows[:, None] * stride_dom + rd[None, :] * stride_dod,
+                             mask=row_ok[:, None] & d_ok[None, :], other=0.0)            # (BLOCK_M, BLOCK_D)
+                lse2 = tl.load(lse_ptr + row_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+                delta = tl.load(delta_ptr + row_base + rows, mask=row_ok, other=0.0)
+                visible = key_ok[:, None] & row_ok[None, :]
+                if CAUSAL:
+                    visible = visible & (cols[:, None] <= query_offset + rows[None, :])
+                st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale           # Sᵀ (BLOCK_N, BLOCK_M)
+                pt = tl.where(visible, tl.exp2(st - lse2[None, :]), 0.0)
+                dv = tl.dot(pt.to(k.dtype), do, dv, input_precision=DOT_PRECISION)
+                dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+                dst = pt * (dpt - delta[None, :])
+                dk = tl.dot(dst.to(k.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
+    dk = dk * scale
+    tl.store(dk_ptr + bk * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkn
+             + rd[None, :] * stride_dkd, dk.to(dk_ptr.dtype.element_ty), mask=kv_ok)
+    tl.store(dv_ptr + bk * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvn
+             + rd[None, :] * stride_dvd, dv.to(dv_ptr.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _dq_tile(q, do, dq, lse2, delta, k_ptrs, v_ptrs, kv_ok, visible, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One key tile of dQ: k_ptrs, v_ptrs the (BLOCK_N x BLOCK_D) pointers of K and V, kv_ok their load mask."""
+    k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+
+@triton.autotune(configs=bwd_configs(_DQ_SHAPES),
+                 key=["BLOCK_D", "LQ_BUCKET", "LK_BUCKET", "P_BUCKET", "CAUSAL", "HAS_MASK"],
+                 prune_configs_by={"early_config_prune": _prune_dq})
+@triton.jit
+def prefix_attention_bwd_dq_kernel(
+    q_ptr, do_ptr, lse_ptr, delta_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, dq_ptr,
+    H, Lq, Lk, P, D, GROUP, query_offset, scale, qk_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pkb, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvb, stride_pvh, stride_pvn, stride_pvd,
+    stride_mb, stride_mn,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    LQ_BUCKET, LK_BUCKET, P_BUCKET,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Lq
+    rd = tl.arange(0, BLOCK_D)
+    d_ok = rd < D
+    rn = tl.arange(0, BLOCK_N)
+    qd_ok = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + rd[None, :] * stride_qd,
+                mask=qd_ok, other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + rd[None, :] * stride_dod,
+                 mask=qd_ok, other=0.0)
+    lse2 = tl.load(lse_ptr + pid_bh * Lq + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_ptr + pid_bh * Lq + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+
+    pk_base = pk_ptr + b * stride_pkb + hk * stride_pkh
+    pv_base = pv_ptr + b * stride_pvb + hk * stride_pvh
+    for n0 in range(0, P, BLOCK_N):
+        cols = n0 + rn
+        col_ok = cols < P
+        dq = _dq_tile(q, do, dq, lse2, delta, pk_base + cols[:, None] * stride_pkn + rd[None, :] * stride_pkd,
+                      pv_base + cols[:, None] * stride_pvn + rd[None, :] * stride_pvd,
+                      col_ok[:, None] & d_ok[None, :], row_ok[:, None] & col_ok[None, :], qk_scale, DOT_PRECISION)
+
+    hi = Lk
+    if CAUSAL:
+        last_row = tl.minimum((pid_m + 1) * BLOCK_M, Lq) - 1
+        hi = tl.maximum(tl.minimum(Lk, query_offset + last_row + 1), 0)
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    for n0 in range(0, hi, BLOCK_N):
+        cols = n0 + rn
+        col_ok = cols < Lk
+        visible = row_ok[:, None] & col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= query_offset + rows[:, None])
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b * stride_mb + cols * stride_mn, mask=col_ok, other=0)
+            visible = visible & (keep != 0)[None, :]
+        dq = _dq_tile(q, do, dq, lse2, delta, k_base + cols[:, None] * stride_kn + rd[None, :] * stride_kd,
+                      v_base + cols[:, None] * stride_vn + rd[None, :] * stride_vd,
+                      col_ok[:, None] & d_ok[None, :], visible, qk_scale, DOT_PRECISION)
+
+    dq = dq * scale
+    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + rd[None, :] * stride_dqd,
+             dq.to(dq_ptr.dtype.element_ty), mask=qd_ok)
+
+
+def _prefix_strides(t):
+    """Strides of a (1 or B, H_kv, P, D) prefix with batch stride 0 when shared (first dimension 1)."""
+    return (0 if t.shape[0] == 1 else t.stride(0), *t.stride()[1:])
+
+
+def backward_dkdv(q, do, lse, delta, k, v, dk, dv, *, scale, causal=False, key_padding_mask=None,
+                  query_offset=0):
+    """dK, dV (written into dk, dv, shaped like k and v) of one key source k, v: the real keys (B, H_kv, L_k, D),
+    with `causal` and key_padding_mask (B, L_k) int8 or None; or a prefix (1 or B, H_kv, P, D), with causal=False
+    and no mask — a shared prefix (first dimension 1) sums the contributions of every batch row. lse and delta
+    (B, H, Lq) float32, contiguous."""
+    B, H, Lq, D = q.shape
+    Bk, Hkv, N = k.shape[0], k.shape[1], k.shape[2]
+    assert D in HEAD_DIMS and H % Hkv == 0 and lse.is_contiguous() and delta.is_contiguous()
+    if N == 0 or Bk == 0:
+        return dk, dv
+    NB = B if Bk == 1 and B > 1 else 1
+    mask = key_padding_mask if key_padding_mask is not None else lse
+    mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]), Bk * Hkv)
+
+    launch(prefix_attention_bwd_dkdv_kernel)[grid](
+        q, do, lse, delta, k, v, mask, dk, dv,
+        H, Hkv, Lq, N, D, H // Hkv, NB, int(query_offset), float(scale), float(scale) * LOG2E,
+        *q.stride(), *do.stride(), *k.stride(), *v.stride(), *mask_strides, *dk.stride(), *dv.stride(),
+        bucket(Lq), bucket(N),
+        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_D=triton.next_power_of_2(D),
+    )
+    return dk, dv
+
+
+def backward_dq(q, do, lse, delta, k, v, prefix_k, prefix_v, dq, *, scale, causal=False, key_padding_mask=None,
+                query_offset=0):
+    """dQ (written into dq, shaped like q) over the prefix (or None) and the real keys; arguments as `forward`,
+    with dO like q and lse, delta (B, H, Lq) float32, contiguous."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    assert D in HEAD_DIMS and H % Hkv == 0 and lse.is_contiguous() and delta.is_contiguous()
+    if prefix_k is None:
+        pk, pv, P, pk_strides, pv_strides = k, v, 0, (0, 0, 0, 0), (0, 0, 0, 0)
+    else:
+        pk, pv, P = prefix_k, prefix_v, prefix_k.shape[2]
+        pk_strides, pv_strides = _prefix_strides(prefix_k), _prefix_strides(prefix_v)
+    mask = key_padding_mask if key_padding_mask is not None else lse
+    mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+
+    def grid(meta):
+        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
+
+    launch(prefix_attention_bwd_dq_kernel)[grid](
+        q, do, lse, delta, k, v, pk, pv, mask, dq,
+        H, Lq, Lk, P, D, H // Hkv, int(query_offset), float(scale), float(scale) * LOG2E,
+        *q.stride(), *do.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides, *mask_strides,
+        *dq.stride(), bucket(Lq), bucket(Lk), bucket(P),
+        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_D=triton.next_power_of_2(D),
+    )
+    return dq

@@ -7,11 +7,13 @@ causal rule (query i at position query_offset + i, default L_k − L_q, sees rea
 mask (B, L_k), True for real tokens, apply to the real keys only. Query head h reads key/value head h // (H / H_kv).
 
 `fastpeft::prefix_attention` returns (O, LSE): LSE (B, H, L_q) float32 is the natural log-sum-exp of each row's
-visible scaled scores (+inf for a row that sees no key, whose O is 0), kept for the backward pass to come. On CUDA
-one flash-attention-style kernel (fastpeft/kernels/attention.py) walks the prefix and then the real keys with an
-online softmax, never concatenating them; head dims 64, 80, 96 and 128. The backward kernel is not written yet:
-when any input requires grad the reference runs (autograd through it), and other head dims run the reference with
-a one-time warning. Which path runs is listed in the registry note (`fastpeft info`).
+visible scaled scores (+inf for a row that sees no key, whose O is 0), saved for the backward. On CUDA one
+flash-attention-style kernel (fastpeft/kernels/attention.py) walks the prefix and then the real keys with an
+online softmax, never concatenating them; head dims 64, 80, 96 and 128. Autograd is registered on the op: its
+backward (`fastpeft::prefix_attention_backward`) takes Δ = rowsum(dO ⊙ O), then a dK/dV kernel over the prefix
+tiles (summing the batch rows of a shared prefix) and over the real key tiles, and a dQ kernel; only the gradients
+asked for are computed (prefix tuning: the prefix alone). Other head dims run the reference (autograd through it)
+with a one-time warning. Which path runs is listed in the registry note (`fastpeft info`).
 """
 from __future__ import annotations
 
@@ -28,10 +30,9 @@ from .lora import TRITON_DTYPES
 KERNEL_HEAD_DIMS = (64, 80, 96, 128)  # kernels/attention.py HEAD_DIMS (not imported: triton stays unloaded)
 registry.describe(
     "prefix_attention", dtypes=TRITON_DTYPES, doc="O = softmax(Q [Pk; K]^T scale + mask) [Pv; V]",
-    note=("flash-attention-style forward kernel (prefix then real keys, online softmax, causal and key padding "
-          "masks, GQA/MQA, shared or per-row prefix) for head dims 64, 80, 96, 128; forward only so far: inputs "
-          "that require grad run the reference (autograd through it), other head dims run the reference with a "
-          "warning"))
+    note=("flash-attention-style kernels (prefix then real keys, online softmax, causal and key padding masks, "
+          "GQA/MQA, shared or per-row prefix) for head dims 64, 80, 96, 128, forward and backward (FlashAttention-2 "
+          "dK/dV and dQ kernels, deterministic: no atomics); other head dims run the reference with a warning"))
 _warned_head_dims: set[int] = set()
 
 
@@ -56,13 +57,12 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = 
     Lk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     offset = Lk - Lq if query_offset is None else int(query_offset)
-    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, prefix_k, prefix_v))
     backend = _backend(q)
     if backend == "triton" and D not in KERNEL_HEAD_DIMS and D not in _warned_head_dims:
         _warned_head_dims.add(D)
         warnings.warn(f"fp.ops.prefix_attention: head dim {D} is not one the Triton kernel takes "
                       f"({', '.join(map(str, KERNEL_HEAD_DIMS))}); running the PyTorch reference.", stacklevel=2)
-    kernel_ok = D in KERNEL_HEAD_DIMS and not grads
+    kernel_ok = D in KERNEL_HEAD_DIMS
     if not kernel_ok or (backend == "torch" and not torch.compiler.is_compiling()):
         return reference.prefix_attention(q, k, v, prefix_k, prefix_v, scale=scale, causal=causal,
                                           key_padding_mask=key_padding_mask, query_offset=query_offset)
@@ -131,8 +131,7 @@ def _prefix_attention_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | Non
                          key_padding_mask: Tensor | None, scale: float, causal: bool, query_offset: int
                          ) -> tuple[Tensor, Tensor]:
     """(O, LSE): O like q, LSE (B, H, Lq) float32, the natural log-sum-exp of each row's visible scaled scores
-    (+inf where a row sees no key). Forward only (no autograd registered yet: the public op runs the reference
-    when gradients are needed)."""
+    (+inf where a row sees no key). Differentiable in q, k, v, prefix_k, prefix_v (autograd registered below)."""
     B, H, Lq, D = q.shape
     if _backend(q) == "torch" or q.numel() == 0 or D not in KERNEL_HEAD_DIMS:
         return _torch_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal, query_offset)
@@ -166,3 +165,107 @@ def _torch_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal,
     lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
     lse = lse.masked_fill(~visible.any(-1), float("inf")).to(torch.float32)
     return o, lse
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Backward
+# ------------------------------------------------------------------------------------------------------------
+
+@torch.library.triton_op("fastpeft::prefix_attention_backward", mutates_args=())
+def _prefix_attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None,
+                                  prefix_v: Tensor | None, key_padding_mask: Tensor | None, o: Tensor, lse: Tensor,
+                                  scale: float, causal: bool, query_offset: int, need_q: bool, need_kv: bool,
+                                  need_prefix: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dQ, dK, dV, dP_K, dP_V), each like its input (empty when not asked for, or when there is no prefix).
+    With P = exp(S · scale − LSE) under the forward's masks and Δ = rowsum(dO ⊙ O): dV = Pᵀ dO,
+    dS = P ⊙ (dO Vᵀ − Δ), dK = scale · dSᵀ Q, dQ = scale · dS K, summed over the query heads of each GQA
+    group (and over the batch for a shared prefix)."""
+    B, H, Lq, D = q.shape
+    need_prefix = need_prefix and prefix_k is not None
+    if _backend(q) == "torch" or q.numel() == 0 or D not in KERNEL_HEAD_DIMS:
+        return _torch_backward(do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, scale, causal,
+                               query_offset, need_q, need_kv, need_prefix)
+    kern = _kernels()
+    do = do.contiguous()
+    delta = (do.float() * o.float()).sum(-1).contiguous()
+    lse = lse.contiguous()
+    mask = None
+    if key_padding_mask is not None:
+        mask = key_padding_mask if key_padding_mask.dtype == torch.int8 else (key_padding_mask != 0).to(torch.int8)
+    dq, dk, dv, dpk, dpv = (q.new_empty(0) for _ in range(5))  # distinct: outputs may not alias each other
+    if need_q:
+        dq = dispatch.new_output(tuple(q.shape), like=q)
+        kern.backward_dq(q, do, lse, delta, k, v, prefix_k, prefix_v, dq, scale=scale, causal=causal,
+                         key_padding_mask=mask, query_offset=query_offset)
+    if need_kv:
+        dk = dispatch.new_output(tuple(k.shape), like=k)
+        dv = dispatch.new_output(tuple(v.shape), like=v)
+        kern.backward_dkdv(q, do, lse, delta, k, v, dk, dv, scale=scale, causal=causal, key_padding_mask=mask,
+                           query_offset=query_offset)
+    if need_prefix:
+        dpk = dispatch.new_output(tuple(prefix_k.shape), like=prefix_k)
+        dpv = dispatch.new_output(tuple(prefix_v.shape), like=prefix_v)
+        kern.backward_dkdv(q, do, lse, delta, prefix_k, prefix_v, dpk, dpv, scale=scale)
+    return dq, dk, dv, dpk, dpv
+
+
+def _torch_backward(do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, scale, causal, query_offset,
+                    need_q, need_kv, need_prefix):
+    """The backward op body in plain PyTorch (the formulas of its docstring on the concatenated keys)."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    group = H // Hkv
+    P = prefix_k.shape[2] if prefix_k is not None else 0
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    keys, values = k.to(work), v.to(work)
+    if prefix_k is not None:
+        keys = torch.cat([prefix_k.to(work).expand(B, -1, -1, -1), keys], dim=2)
+        values = torch.cat([prefix_v.to(work).expand(B, -1, -1, -1), values], dim=2)
+    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    qw, dow = q.to(work), do.to(work)
+    scores = (qw @ keys.transpose(-1, -2)) * scale
+    visible = torch.ones((B, 1, Lq, P + Lk), dtype=torch.bool, device=q.device)
+    if causal:
+        rows = torch.arange(Lq, device=q.device)[:, None] + query_offset
+        visible[..., P:] &= torch.arange(Lk, device=q.device)[None, :] <= rows
+    if key_padding_mask is not None:
+        visible[..., P:] &= key_padding_mask[:, None, None, :].to(torch.bool)
+    probs = torch.exp(scores.masked_fill(~visible, float("-inf")) - lse.to(work)[..., None])
+    delta = (dow * o.to(work)).sum(-1, keepdim=True)
+    ds = probs * (dow @ values.transpose(-1, -2) - delta)
+    dq, dk, dv, dpk, dpv = (q.new_empty(0) for _ in range(5))  # distinct: outputs may not alias each other
+    if need_q:
+        dq = (ds @ keys * scale).to(q.dtype)
+    if need_kv or need_prefix:
+        dkeys = (ds.transpose(-1, -2) @ qw * scale).unflatten(1, (Hkv, group)).sum(2)   # (B, Hkv, P + Lk, D)
+        dvalues = (probs.transpose(-1, -2) @ dow).unflatten(1, (Hkv, group)).sum(2)
+        if need_kv:
+            dk, dv = dkeys[:, :, P:].to(k.dtype), dvalues[:, :, P:].to(v.dtype)
+        if need_prefix:
+            dpk, dpv = dkeys[:, :, :P], dvalues[:, :, :P]
+            if prefix_k.shape[0] == 1:
+                dpk, dpv = dpk.sum(0, keepdim=True), dpv.sum(0, keepdim=True)
+            dpk, dpv = dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
+    return dq, dk, dv, dpk, dpv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal, query_offset = inputs
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, output[0], output[1])
+    ctx.scale, ctx.causal, ctx.query_offset = scale, causal, query_offset
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse = ctx.saved_tensors
+    need_q, need_k, need_v, need_pk, need_pv = ctx.needs_input_grad[:5]
+    need_kv, need_prefix = need_k or need_v, (need_pk or need_pv) and prefix_k is not None
+    if do is None:  # only LSE was used (it has no gradient)
+        return (None,) * 9
+    dq, dk, dv, dpk, dpv = torch.ops.fastpeft.prefix_attention_backward(
+        do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, ctx.scale, ctx.causal, ctx.query_offset,
+        need_q, need_kv, need_prefix)
+    return (dq if need_q else None, dk if need_k else None, dv if need_v else None, dpk if need_pk else None,
+            dpv if need_pv else None, None, None, None, None)
+
+
+torch.library.register_autograd("fastpeft::prefix_attention", _backward, setup_context=_setup_context)

@@ -1,9 +1,10 @@
-"""`fp.ops.prefix_attention`: its Triton forward kernel (interpreter on CPU) against the float64 reference, outputs
-poisoned: causal and not, with and without key padding, a shared and a per-row prefix, no prefix, decode (Lq = 1),
-grouped- and multi-query heads, no real keys, rows that see no key, odd lengths, head dims 64/80/96/128, every
-dtype; the log-sum-exp it keeps for the backward. The reference paths (inputs that require grad, head dims the
-kernel does not take, CPU tensors without a forced backend), the op body under torch.compile, input checks.
-Every Triton test checks that the kernel ran, so a silent fallback to the reference fails."""
+"""`fp.ops.prefix_attention`: its Triton forward and backward kernels (interpreter on CPU) against the float64
+reference, outputs poisoned: causal and not, with and without key padding, a shared and a per-row prefix, no
+prefix, decode (Lq = 1), grouped- and multi-query heads, no real keys, rows that see no key, odd lengths, head dims
+64/80/96/128, every dtype; the log-sum-exp it keeps for the backward; every gradient (dq, dk, dv, dprefix_k,
+dprefix_v), and the prefix alone (prefix tuning). The reference paths (head dims the kernel does not take, CPU
+tensors without a forced backend), the op bodies under torch.compile, input checks. Every Triton test checks that
+the kernels ran, so a silent fallback to the reference fails."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,7 +16,7 @@ import torch
 import fastpeft as fp
 from fastpeft.ops import attention as op
 from fastpeft.reference.attention import prefix_attention as reference
-from tests.harness import TOLERANCE, rel_err
+from tests.harness import TOLERANCE, check_op, rel_err
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -29,17 +30,17 @@ def _no_forced_backend(monkeypatch):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """One entry per launch of the forward kernel during the test."""
+    """One entry per kernel launcher call during the test: "fwd", "dq", "dkdv"."""
     if not HAS_TRITON:
         return []
     kern = op._kernels()
-    seen, original = [], kern.forward
+    seen = []
+    for name, tag in (("forward", "fwd"), ("backward_dq", "dq"), ("backward_dkdv", "dkdv")):
+        def spy(*args, _original=getattr(kern, name), _tag=tag, **kwargs):
+            seen.append(_tag)
+            return _original(*args, **kwargs)
 
-    def spy(*args, **kwargs):
-        seen.append("fwd")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(kern, "forward", spy)
+        monkeypatch.setattr(kern, name, spy)
     return seen
 
 
@@ -139,24 +140,98 @@ def test_scale_and_integer_mask(launches):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The reference paths
+# The backward kernels
 # ------------------------------------------------------------------------------------------------------------
 
-@needs_triton
-def test_inputs_that_require_grad_run_the_reference(launches):
-    t = _inputs(1, 2, 2, 5, 7, 3, 64, torch.float32)
-    t["prefix_k"].requires_grad_()
-    t["q"].requires_grad_()
-    with fp.ops.use_backend("triton"):
-        out = fp.ops.prefix_attention(**t, causal=True)
-    assert launches == []
-    out.sum().backward()
-    assert t["prefix_k"].grad is not None and t["q"].grad is not None
-    assert rel_err(out, reference(**t, causal=True)) == 0.0
-    with torch.no_grad(), fp.ops.use_backend("triton"):
-        fp.ops.prefix_attention(**t, causal=True)
-    assert launches == ["fwd"]  # no grad mode: the kernel
+def _grad_inputs(dtype, B, H, Hkv, Lq, Lk, P, D, *, Bp=1, mask=None, leaves=("q", "k", "v", "prefix_k", "prefix_v")):
+    t = _inputs(B, H, Hkv, Lq, Lk, P, D, dtype, Bp=Bp, mask=mask)
+    for name in leaves:
+        if t[name] is not None:
+            t[name].requires_grad_()
+    return t
 
+
+GRAD_CASES = {  # (B, H, Hkv, Lq, Lk, P, D, dtype, extra)
+    "causal_mask_shared_prefix_gqa": (2, 4, 2, 13, 17, 5, 64, torch.float32, {"mask": "random", "causal": True}),
+    "per_row_prefix_fp16": (2, 2, 2, 9, 11, 3, 80, torch.float16, {"Bp": 2}),
+    "per_row_prefix_causal_mask": (2, 2, 1, 7, 10, 4, 80, torch.float32, {"Bp": 2, "mask": "random",
+                                                                          "causal": True}),
+    "mqa_offset_bf16": (1, 4, 1, 11, 11, 2, 64, torch.bfloat16, {"causal": True, "query_offset": 3}),
+    "no_prefix_causal_mask": (2, 2, 2, 9, 9, None, 64, torch.float32, {"mask": "random", "causal": True}),
+    "prefix_of_zero_keys": (1, 2, 2, 7, 11, 0, 80, torch.float32, {"causal": True}),
+    "decode_fp16": (2, 2, 1, 1, 19, 4, 64, torch.float16, {"causal": True, "mask": "random"}),
+    "no_real_keys": (2, 2, 2, 5, 0, 9, 64, torch.float32, {"causal": True}),
+    "odd_lengths": (1, 2, 2, 21, 23, 7, 80, torch.float32, {"mask": "random"}),
+    "long_causal": (1, 2, 1, 37, 40, 3, 64, torch.float32, {"causal": True}),  # row blocks skipped per key tile
+    "d96": (1, 2, 2, 6, 6, 3, 96, torch.float32, {"causal": True}),
+    "d128_bf16": (1, 2, 1, 5, 7, 2, 128, torch.bfloat16, {"mask": "random"}),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(GRAD_CASES))
+def test_backward_kernels_match_reference(case, launches):
+    B, H, Hkv, Lq, Lk, P, D, dtype, extra = GRAD_CASES[case]
+    extra = dict(extra)
+    Bp, mask = extra.pop("Bp", 1), extra.pop("mask", None)
+    errors = check_op(lambda **t: fp.ops.prefix_attention(**t, **extra),
+                      lambda dt: _grad_inputs(dt, B, H, Hkv, Lq, Lk, P, D, Bp=Bp, mask=mask), dtype)
+    expect = {"output", "dq", "dk", "dv"} | ({"dprefix_k", "dprefix_v"} if P is not None else set())
+    assert set(errors) == expect
+    assert launches == ["fwd", "dq", "dkdv"] + (["dkdv"] if P is not None else [])
+
+
+@needs_triton
+def test_backward_rows_that_see_no_key(launches):
+    """No prefix, causal, the first keys padded: rows that see nothing get zero gradients (and no NaN)."""
+    keep = torch.ones(2, 12, dtype=torch.bool)
+    keep[0, :4] = False
+    errors = check_op(lambda **t: fp.ops.prefix_attention(**t, causal=True),
+                      lambda dt: _grad_inputs(dt, 2, 2, 2, 12, 12, None, 64, mask=keep), torch.float32)
+    assert set(errors) == {"output", "dq", "dk", "dv"} and launches == ["fwd", "dq", "dkdv"]
+    t = _grad_inputs(torch.float32, 2, 2, 2, 12, 12, None, 64, mask=keep)
+    with fp.ops.use_backend("triton"), fp.ops.poison_outputs():
+        fp.ops.prefix_attention(**t, causal=True).sum().backward()
+    assert (t["q"].grad[0, :, :4] == 0).all() and torch.isfinite(t["k"].grad).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("Bp", [1, 2])
+def test_prefix_alone_requires_grad(Bp, launches):
+    """Prefix tuning: only the prefix is trained; one dK/dV launch over the prefix, no dQ, no real-key launch."""
+    errors = check_op(lambda **t: fp.ops.prefix_attention(**t, causal=True),
+                      lambda dt: _grad_inputs(dt, 2, 4, 2, 9, 13, 6, 64, Bp=Bp, mask="random",
+                                              leaves=("prefix_k", "prefix_v")), torch.float32)
+    assert set(errors) == {"output", "dprefix_k", "dprefix_v"}
+    assert launches == ["fwd", "dkdv"]
+
+
+@needs_triton
+def test_no_grad_mode_runs_forward_only(launches):
+    t = _grad_inputs(torch.float32, 1, 2, 2, 5, 7, 3, 64)
+    with torch.no_grad(), fp.ops.use_backend("triton"):
+        out = fp.ops.prefix_attention(**t, causal=True)
+    assert launches == ["fwd"] and not out.requires_grad
+
+
+def test_compiled_backward_op_body_matches_reference():
+    """The backward op body in PyTorch (CPU, torch.compile): every gradient against the reference's autograd."""
+    t = _grad_inputs(torch.float32, 2, 4, 2, 5, 9, 3, 64, mask="random")
+    fn = torch.compile(fp.ops.prefix_attention, fullgraph=True, backend="aot_eager")
+    y = fn(**t, causal=True)
+    names = ["q", "k", "v", "prefix_k", "prefix_v"]
+    grads = torch.autograd.grad(y, [t[n] for n in names], torch.ones_like(y))
+    t2 = {n: (x.detach().requires_grad_() if n in names else x) for n, x in t.items()}
+    y2 = reference(**t2, causal=True)
+    grads2 = torch.autograd.grad(y2, [t2[n] for n in names], torch.ones_like(y2))
+    assert rel_err(y, y2) < 1e-6
+    for name, g, g2 in zip(names, grads, grads2):
+        assert rel_err(g, g2) < 1e-5, name
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The reference paths
+# ------------------------------------------------------------------------------------------------------------
 
 @needs_triton
 def test_unsupported_head_dim_warns_once_and_runs_the_reference(launches, monkeypatch):
