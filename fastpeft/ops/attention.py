@@ -156,12 +156,8 @@ def _torch_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal,
     keys = keys.repeat_interleave(H // Hkv, dim=1)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = (q.to(work) @ keys.to(work).transpose(-1, -2)) * scale
-    visible = torch.ones((B, 1, Lq, P + Lk), dtype=torch.bool, device=q.device)
-    if causal:
-        rows = torch.arange(Lq, device=q.device)[:, None] + query_offset
-        visible[..., P:] &= torch.arange(Lk, device=q.device)[None, :] <= rows
-    if key_padding_mask is not None:
-        visible[..., P:] &= key_padding_mask[:, None, None, :].to(torch.bool)
+    visible = reference.visible_keys(B, Lq, Lk, P, causal=causal, query_offset=query_offset,
+                                     key_padding_mask=key_padding_mask, device=q.device)
     lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
     lse = lse.masked_fill(~visible.any(-1), float("inf")).to(torch.float32)
     return o, lse
@@ -224,12 +220,8 @@ def _torch_backward(do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, s
     keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
     qw, dow = q.to(work), do.to(work)
     scores = (qw @ keys.transpose(-1, -2)) * scale
-    visible = torch.ones((B, 1, Lq, P + Lk), dtype=torch.bool, device=q.device)
-    if causal:
-        rows = torch.arange(Lq, device=q.device)[:, None] + query_offset
-        visible[..., P:] &= torch.arange(Lk, device=q.device)[None, :] <= rows
-    if key_padding_mask is not None:
-        visible[..., P:] &= key_padding_mask[:, None, None, :].to(torch.bool)
+    visible = reference.visible_keys(B, Lq, Lk, P, causal=causal, query_offset=query_offset,
+                                     key_padding_mask=key_padding_mask, device=q.device)
     probs = torch.exp(scores.masked_fill(~visible, float("-inf")) - lse.to(work)[..., None])
     delta = (dow * o.to(work)).sum(-1, keepdim=True)
     ds = probs * (dow @ values.transpose(-1, -2) - delta)

@@ -33,13 +33,21 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
     values = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=2).repeat_interleave(group, dim=1)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = (q.to(work) @ keys.to(work).transpose(-1, -2)) * scale          # (B, H, Lq, P + Lk)
-    visible = torch.ones((B, 1, Lq, P + Lk), dtype=torch.bool, device=q.device)
-    if causal:
-        offset = Lk - Lq if query_offset is None else query_offset
-        rows = torch.arange(Lq, device=q.device)[:, None] + offset
-        visible[..., P:] &= torch.arange(Lk, device=q.device)[None, :] <= rows
-    if key_padding_mask is not None:
-        visible[..., P:] &= key_padding_mask[:, None, None, :].to(torch.bool)
+    offset = Lk - Lq if query_offset is None else query_offset
+    visible = visible_keys(B, Lq, Lk, P, causal=causal, query_offset=offset, key_padding_mask=key_padding_mask,
+                           device=q.device)
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)                   # a row with no visible key: zeros
     return (probs @ values.to(work)).to(q.dtype)
+
+
+def visible_keys(B: int, Lq: int, Lk: int, P: int, *, causal: bool, query_offset: int,
+                 key_padding_mask: torch.Tensor | None, device) -> torch.Tensor:
+    """(B, 1, L_q, P + L_k) bool: which keys each query sees (every prefix key; the real keys the rules allow)."""
+    visible = torch.ones((B, 1, Lq, P + Lk), dtype=torch.bool, device=device)
+    if causal:
+        rows = torch.arange(Lq, device=device)[:, None] + query_offset
+        visible[..., P:] &= torch.arange(Lk, device=device)[None, :] <= rows
+    if key_padding_mask is not None:
+        visible[..., P:] &= key_padding_mask[:, None, None, :].to(torch.bool)
+    return visible
