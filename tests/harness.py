@@ -8,11 +8,17 @@ more than twice the reference's own same-dtype error. Adding an op's interpreter
 """
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
+import pytest
 import torch
 
 from fastpeft.ops import poison_outputs, use_backend
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernels run (CPU: the interpreter)
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 

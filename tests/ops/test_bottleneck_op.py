@@ -6,7 +6,6 @@ PyTorch op body under torch.compile; input checks.
 Every Triton test also checks which kernels ran, so a silent fallback to the reference fails."""
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
@@ -15,17 +14,9 @@ import fastpeft as fp
 from fastpeft.ops import bottleneck as op
 from fastpeft.ops.bottleneck import FUSED_MAX_WIDTH, KERNEL_ACTIVATIONS
 from fastpeft.reference import bottleneck as reference
-from tests.harness import check_op, rel_err
+from tests.harness import DEVICE, HAS_TRITON, check_op, needs_triton, rel_err
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(autouse=True)
-def _no_forced_backend(monkeypatch):
-    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
 
 
 @pytest.fixture

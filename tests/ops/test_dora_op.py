@@ -3,7 +3,6 @@ column scale — on the Triton path under the interpreter against the float64 or
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 import pytest
 import torch
@@ -11,17 +10,9 @@ import torch
 import fastpeft as fp
 from fastpeft.ops import use_backend
 from fastpeft.reference import dora as reference
-from tests.harness import check_op, rel_err
+from tests.harness import DEVICE, check_op, needs_triton, rel_err
 
 lora_op = importlib.import_module("fastpeft.ops.lora")
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def _no_forced_backend(monkeypatch):
-    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
 
 
 def _make(M, K, N, R, *, bias=True, fan_in_fan_out=False, grads=("x", "bias", "lora_a", "lora_b", "magnitude")):

@@ -6,7 +6,6 @@ kernel launcher is spied on so each case also asserts that one GEMM ran per pass
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from dataclasses import dataclass
 
 import pytest
@@ -15,17 +14,9 @@ import torch
 import fastpeft as fp
 from fastpeft.ops import use_backend
 from fastpeft.reference import ia3 as reference
-from tests.harness import check_op
+from tests.harness import DEVICE, HAS_TRITON, check_op, needs_triton
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def _no_forced_backend(monkeypatch):
-    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
 
 
 @pytest.fixture

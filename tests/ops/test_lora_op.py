@@ -8,7 +8,6 @@ autocast, dropout determinism and the tensors saved for backward.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from dataclasses import dataclass
 
 import pytest
@@ -18,24 +17,15 @@ import fastpeft as fp
 from fastpeft.ops import dispatch, use_backend
 from fastpeft.reference import lora as reference
 from fastpeft.reference.dropout import keep_mask
-from tests.harness import check_op, rel_err
+from tests.harness import DEVICE, HAS_TRITON, check_op, needs_triton, rel_err
 
 lora_op = importlib.import_module("fastpeft.ops.lora")
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernels run (CPU: the interpreter)
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 
 
 def dtype_id(d: torch.dtype) -> str:
     return str(d).replace("torch.", "")
-
-
-@pytest.fixture(autouse=True)
-def _no_forced_backend(monkeypatch):
-    """Every test starts from the automatic choice, whatever the caller's environment says."""
-    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ tensors without a forced backend), the op bodies under torch.compile, input chec
 the kernels ran, so a silent fallback to the reference fails."""
 from __future__ import annotations
 
-import importlib.util
 import warnings
 
 import pytest
@@ -16,16 +15,8 @@ import torch
 import fastpeft as fp
 from fastpeft.ops import attention as op
 from fastpeft.reference.attention import prefix_attention as reference
-from tests.harness import TOLERANCE, check_op, rel_err
+from tests.harness import DEVICE, HAS_TRITON, TOLERANCE, check_op, needs_triton, rel_err
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def _no_forced_backend(monkeypatch):
-    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
 
 
 @pytest.fixture
