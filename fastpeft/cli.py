@@ -17,6 +17,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "benchmarks"
 NOT_FAMILIES = {"common", "__init__"}
+BENCH_ALIASES = {"prefix": "prefix_attention"}  # `fastpeft bench prefix` runs benchmarks/prefix_attention.py
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -92,7 +93,8 @@ def bench_families() -> list[str]:
     """The benchmark scripts in the source checkout (benchmarks/*.py but common.py), or [] without one."""
     if not BENCH_DIR.is_dir():
         return []
-    return sorted(p.stem for p in BENCH_DIR.glob("*.py") if p.stem not in NOT_FAMILIES and not p.stem.startswith("_"))
+    stems = {p.stem for p in BENCH_DIR.glob("*.py") if p.stem not in NOT_FAMILIES and not p.stem.startswith("_")}
+    return sorted(stems | {alias for alias, stem in BENCH_ALIASES.items() if stem in stems})
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -111,7 +113,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-    module = importlib.import_module(f"benchmarks.{args.family}")
+    module = importlib.import_module(f"benchmarks.{BENCH_ALIASES.get(args.family, args.family)}")
     if Path(module.__file__).resolve().parent != BENCH_DIR:
         print(f"fastpeft bench: `benchmarks` imported from {module.__file__}, not from {BENCH_DIR}; another "
               "package named `benchmarks` shadows the checkout's.", file=sys.stderr)

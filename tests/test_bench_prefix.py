@@ -1,0 +1,69 @@
+"""benchmarks/prefix_attention.py end to end on tiny CPU cases: every impl, mode, L and P timed, checked and written,
+with the ratio to the floor and the (L + P) / L target on every row (no timing assertions)."""
+
+import json
+import math
+
+import benchmarks.common as common
+import benchmarks.prefix_attention as bench
+from fastpeft.cli import bench_families
+
+LENGTHS = (16, 64)
+PREFIXES = (3, 10)
+ARGS = ["--device", "cpu", "--quick", "--lengths", "16,64", "--prefix-lengths", "3,10", "--tokens", "64",
+        "--heads", "4", "--kv-heads", "2", "--head-dim", "64", "--no-plot", "--warmup-ms", "0", "--rep-ms", "1"]
+
+
+def run_quick(tmp_path, monkeypatch, args=ARGS) -> dict:
+    """bench.main on the tiny cases into tmp_path (a small roofline probe); the complete JSON it wrote."""
+    monkeypatch.setattr(bench, "measure_peaks", lambda device, dtype, cfg: common.measure_peaks(
+        device, dtype, cfg, matmul_n=128, copy_bytes=2**20))
+    argv = [*args, "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    (path,) = tmp_path.glob("cpu-*-prefix_attention-*.json")
+    result = json.loads(path.read_text())
+    assert result["complete"] and result["benchmark"] == "prefix_attention"
+    assert result["command"].endswith(" ".join(argv))
+    return result
+
+
+def test_prefix_bench_writes_every_row(tmp_path, monkeypatch):
+    result = run_quick(tmp_path, monkeypatch)
+    config = result["config"]
+    assert config["lengths"] == list(LENGTHS) and config["prefix_lengths"] == list(PREFIXES)
+    assert config["heads"] == 4 and config["kv_heads"] == 2 and config["head_dim"] == 64 and config["dtype"] == "fp32"
+    assert {"name", "kind"} <= set(result["device"]) and result["versions"]["torch"] and result["date"]
+    assert result["peaks"]["matmul_tflops"] > 0 and result["peaks"]["bandwidth_gbps"] > 0
+    rows = {(r["impl"], r["mode"], r["L"], r["P"]): r for r in result["rows"]}
+    assert set(rows) == {(i, m, L, P) for i in bench.IMPLS for m in bench.MODES for L in LENGTHS for P in PREFIXES}
+    for key, row in rows.items():
+        impl, mode, L, P = key
+        assert math.isfinite(row["ms"]) and row["ms"] > 0, key
+        assert row["rel_err"] < 1e-5 and not row["note"], (key, row["rel_err"], row["note"])
+        assert row["roofline_pct"] > 0 and row["bound"] in ("compute", "memory"), key
+        assert row["B"] == 64 // L and row["Lq"] == (1 if mode == "decode" else L), key
+        assert row["target_ratio"] == (L + P) / L, key
+        assert row["ratio_to_floor"] == row["vs_base"] > 0 and row["vs_peer"] > 0, key
+        if impl == "floor":
+            assert row["vs_base"] == 1.0 and row["meets_target"] is None, key
+        else:
+            assert row["meets_target"] == (row["vs_base"] <= row["target_ratio"]), key
+    for mode in bench.TARGET_MODES:
+        assert result["summary"][mode]["cases"] == len(LENGTHS) * len(PREFIXES)
+
+
+def test_prefix_cost_model():
+    B, H, Hkv, L, P, D = 2, 4, 2, 64, 10, 64
+    fwd = 4 * B * H * D * (L * P + L * L / 2)
+    assert bench.attention_flops(B, H, L, P, D, "fwd", "fastpeft") == fwd
+    assert bench.attention_flops(B, H, L, P, D, "fwd+bwd", "torch") == 3.5 * fwd
+    assert bench.attention_flops(B, H, L, P, D, "fwd", "floor") == 4 * B * H * D * L * L / 2
+    assert bench.attention_flops(B, H, L, P, D, "decode", "fastpeft") == 4 * B * H * (L + P) * D
+    assert bench.attention_bytes(B, H, Hkv, L, P, D, "decode", "fastpeft", 2) == \
+        2 * (2 * B * H * D + 2 * B * Hkv * L * D + 2 * Hkv * P * D)
+    assert bench.attention_bytes(B, H, Hkv, L, P, D, "fwd+bwd", "floor", 2) == 2 * 6 * (B * H * L * D + B * Hkv * L * D)
+
+
+def test_prefix_is_a_bench_family():
+    families = bench_families()
+    assert "prefix" in families and "prefix_attention" in families
