@@ -16,7 +16,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ import torch
 ARCHS = {"sm80": 80, "sm90": 90}
 SHARED_LIMIT = {"sm80": 166912, "sm90": 232448}  # bytes of shared memory one block may use (A100, H100)
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
-              torch.int32: "i32", torch.int8: "i8", torch.bool: "i1", torch.float64: "fp64"}
+              torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1", torch.float64: "fp64"}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -174,7 +174,10 @@ def prefix_attention_launches(dtype: torch.dtype) -> list[Launch]:
     """The prefix-attention kernels (fastpeft/kernels/attention.py) at head dims 64 and 128 (BLOCK_D = 64 and 128:
     the largest tiles). Forward and dQ: causal with the key padding mask and a per-row prefix (every config), and
     plain with a shared prefix (the first: the mask only adds a load per key tile). dK/dV: the real keys, causal
-    with the mask (every config), and a shared prefix, whose batch loop adds no tile (the first config)."""
+    with the mask (every config), and a shared prefix, whose batch loop adds no tile (the first config). attn_mask:
+    a float32 bias (1, H, Lq, Lk) (stride 0 on the batch; the widest mask tile) in all three kernels, every config;
+    a bool (B, 1, Lq, Lk) mask, the first config. Decode (Lq = 1: the 16-row query blocks): the forward, causal with
+    a bool mask, every config."""
     B, H, Hkv, Lq, Lk, P = 2, 8, 2, 256, 512, 32
     launches = []
     for D in (64, 128):
@@ -199,6 +202,23 @@ def prefix_attention_launches(dtype: torch.dtype) -> list[Launch]:
         launches += capture("attention", "backward_dkdv", q, o, lse, delta, pk, pv, torch.empty_like(pk),
                             torch.empty_like(pv), scale=D ** -0.5, label=f"dkdv D{D} shared prefix",
                             every_config=False)
+        masks = {"bias": torch.empty(1, H, Lq, Lk), "bool": torch.empty(B, 1, Lq, Lk, dtype=torch.bool)}
+        for kind, am in masks.items():
+            every = kind == "bias"
+            launches += capture("attention", "forward", q, k, v, pk, pv, o, lse, scale=D ** -0.5, causal=True,
+                                query_offset=Lk - Lq, attn_mask=am, label=f"fwd D{D} causal, {kind} attn_mask",
+                                every_config=every)
+            launches += capture("attention", "backward_dq", q, o, lse, delta, k, v, pk, pv, torch.empty_like(q),
+                                scale=D ** -0.5, causal=True, key_padding_mask=mask, query_offset=Lk - Lq,
+                                attn_mask=am, label=f"dq D{D} causal, mask, {kind} attn_mask", every_config=every)
+            launches += capture("attention", "backward_dkdv", q, o, lse, delta, k, v, torch.empty_like(k),
+                                torch.empty_like(v), scale=D ** -0.5, causal=True, key_padding_mask=mask,
+                                query_offset=Lk - Lq, attn_mask=am, label=f"dkdv D{D} causal, mask, {kind} attn_mask",
+                                every_config=every)
+        q1, o1, lse1 = q[:, :, :1], o[:, :, :1], lse[:, :, :1].contiguous()
+        launches += capture("attention", "forward", q1, k, v, pk, pv, o1, lse1, scale=D ** -0.5, causal=True,
+                            query_offset=Lk - 1, attn_mask=masks["bool"][:, :, :1],
+                            label=f"fwd D{D} decode (Lq 1), causal, bool attn_mask")
     return launches
 
 

@@ -2,7 +2,8 @@
 fastpeft/reference/attention.py), and their launchers. The forward is described here; the backward (dK/dV and
 dQ kernels, FlashAttention-2 style) below, before its kernels.
 
-    O = softmax(Q [P_K; K]ᵀ · scale + mask) [P_V; V],      LSE_i = log Σ_j exp(scale · q_i·k_j)  (visible j)
+    O = softmax(Q [P_K; K]ᵀ · scale + [0; M]) [P_V; V],     LSE_i = log Σ_j exp(scale · q_i·k_j + M_ij)
+                                                                 (visible j; M_ij = 0 on the prefix and without a bias)
 
 One program owns BLOCK_M query rows of one (batch, head) and keeps, per row, the running maximum m_i, the running
 sum l_i and a float32 (BLOCK_M x BLOCK_D) accumulator (online softmax, flash-attention style). It walks two key
@@ -10,11 +11,14 @@ sources one after the other, never concatenating them:
 
 * the prefix P_K, P_V (B_p, H_kv, P, D), B_p = 1 (read with batch stride 0) or B: BLOCK_N keys a tile, every key
   visible to every query;
-* the real keys K, V (B, H_kv, L_k, D): key j is visible to query i iff j <= query_offset + i (with `causal`) and
-  key_padding_mask[b, j] != 0 (when given). With `causal` the loop stops after the block's last visible key
-  (query_offset + the block's last row), so tiles wholly in the future are never read.
+* the real keys K, V (B, H_kv, L_k, D): key j is visible to query i iff j <= query_offset + i (with `causal`),
+  key_padding_mask[b, j] != 0 and attn_mask[b, h, i, j] allows it (when given). With `causal` the loop stops
+  after the block's last visible key (query_offset + the block's last row), so tiles wholly in the future are
+  never read. attn_mask is read through four strides (0 on its broadcast dimensions: never expanded in memory),
+  chosen by the constexpr MASK_KIND: 0 none (the code of the unmasked kernel), 1 bool read as uint8 (nonzero =
+  visible), 2 an additive bias M in natural-log units (values below −1e38 hide the key), added as M · log₂e.
 
-For each tile of scores s = (q · kᵀ) · scale · log₂e (base-2 exponents: exp2 is the fast instruction)
+For each tile of scores s = ((q · kᵀ) · scale + M) · log₂e (base-2 exponents: exp2 is the fast instruction)
     m' = max(m, rowmax s),  p = 2^(s − m'),  l = l · 2^(m − m') + Σ p,  acc = acc · 2^(m − m') + p V
 (with m' = −∞, a row with nothing visible yet, replaced by 0 so that no ∞ − ∞ appears). At the end
 O = acc / l and LSE = (m + log₂ l) · ln 2, the natural log-sum-exp of the scaled scores, kept for the backward
@@ -22,9 +26,12 @@ pass; a row with no visible key (possible only with P = 0) gets O = 0 and LSE = 
 Query head h reads key/value head h // GROUP (grouped-query attention; GROUP = H / H_kv). The head dimension D
 (64, 80, 96 or 128) is padded to BLOCK_D, the next power of two, with masked loads. Accumulation is float32; the
 probabilities are cast to the input dtype for the tensor-core dot with V (float32 inputs: tf32 or ieee, following
-torch's float32 matmul setting).
+torch's float32 matmul setting). For L_q <= 16 (a decode step over a KV cache) the query block is 16 rows (the
+least tl.dot takes) instead of 64 or 128.
 """
 from __future__ import annotations
+
+import torch
 
 from ._compat import dot_precision, interpreting, launch, tl, triton
 from .lora import SHARED_BUDGET, _fit_shared, bucket
@@ -38,20 +45,27 @@ LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------------------------------------
 
 _SHAPES = [(bm, bn, 4 if bm == 64 else 8, 3) for bm in (64, 128) for bn in (32, 64, 128)]
+_DECODE_SHAPES = [(16, 64, 4, 3), (16, 128, 4, 3)]  # L_q <= 16 (a decode step): 16 rows, the least tl.dot takes
 
 
 def configs():
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _SHAPES]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in _SHAPES + _DECODE_SHAPES]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop row blocks much taller than the query length (decode: Lq = 1 takes the shortest), and fit the K and V
-    tiles of each pipeline stage in shared memory."""
+    """Row blocks for the query length: 16 rows when L_q <= 16 (a decode step), else 64 or 128 rows but none much
+    taller than L_q; then fit the K and V tiles of each pipeline stage in shared memory. With an attn_mask the
+    pipeliner stages its (BLOCK_M x BLOCK_N) tile too: counted per stage, after the resident Q tile."""
     args = {**named_args, **kwargs}
-    el, block_d = args["q_ptr"].element_size(), args["BLOCK_D"]
-    short = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, 2 * args["LQ_BUCKET"])] or configs[:1]
+    el, block_d, lq = args["q_ptr"].element_size(), args["BLOCK_D"], args["LQ_BUCKET"]
+    short = [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == (lq <= 16)
+             and c.kwargs["BLOCK_M"] <= max(64, 2 * lq)] or configs[:1]
+    if args.get("MASK_KIND", 0):
+        return _fit_with_mask(short, lambda c: 2 * c.kwargs["BLOCK_N"] * block_d * el,
+                              lambda c: c.kwargs["BLOCK_M"] * block_d * el, args["am_ptr"].element_size())
 
     def stage_bytes(c):
         return 2 * c.kwargs["BLOCK_N"] * block_d * el
@@ -59,17 +73,32 @@ def _prune(configs, named_args, **kwargs):
     return _fit_shared(short, stage_bytes) or _fit_shared(configs[:1], stage_bytes) or configs[:1]
 
 
+def _fit_with_mask(configs, stage_bytes, resident_bytes, mask_el):
+    """Configs whose pipeline (stage_bytes plus the attn_mask tile per stage) fits SHARED_BUDGET after their
+    resident tiles, with the depth cut to fit; the first config at depth 2 when none does."""
+    fitted = []
+    for c in configs:
+        per_stage = stage_bytes(c) + c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * mask_el
+        stages = min(c.num_stages, max(SHARED_BUDGET - resident_bytes(c), 0) // per_stage)
+        if stages >= 2:
+            fitted.append(triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages))
+    return fitted or [triton.Config(dict(configs[0].kwargs), num_warps=configs[0].num_warps, num_stages=2)]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _online_tile(q, kt_ptrs, v_ptrs, kt_ok, v_ok, visible, m_i, l_i, acc, qk_scale,
-                 DOT_PRECISION: tl.constexpr):
+def _online_tile(q, kt_ptrs, v_ptrs, kt_ok, v_ok, visible, bias, m_i, l_i, acc, qk_scale,
+                 HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One tile of keys through the online softmax: kt_ptrs the (BLOCK_D x BLOCK_N) pointers of Kᵀ, v_ptrs the
-    (BLOCK_N x BLOCK_D) pointers of V, with their load masks; `visible` (BLOCK_M x BLOCK_N) the scores kept."""
+    (BLOCK_N x BLOCK_D) pointers of V, with their load masks; `visible` (BLOCK_M x BLOCK_N) the scores kept;
+    `bias` (with HAS_BIAS) the attn_mask tile in log₂ units, added to the scaled scores."""
     k = tl.load(kt_ptrs, mask=kt_ok, other=0.0)
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    if HAS_BIAS:
+        s = s + bias
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -82,11 +111,12 @@ def _online_tile(q, kt_ptrs, v_ptrs, kt_ok, v_ok, visible, m_i, l_i, acc, qk_sca
     return m_new, l_i, acc
 
 
-@triton.autotune(configs=configs(), key=["BLOCK_D", "LQ_BUCKET", "LK_BUCKET", "P_BUCKET", "CAUSAL", "HAS_MASK"],
+@triton.autotune(configs=configs(),
+                 key=["BLOCK_D", "LQ_BUCKET", "LK_BUCKET", "P_BUCKET", "CAUSAL", "HAS_MASK", "MASK_KIND"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def prefix_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, am_ptr, o_ptr, lse_ptr,
     H, Lq, Lk, P, D, GROUP, query_offset, qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -94,9 +124,10 @@ def prefix_attention_fwd_kernel(
     stride_pkb, stride_pkh, stride_pkn, stride_pkd,
     stride_pvb, stride_pvh, stride_pvn, stride_pvd,
     stride_mb, stride_mn,
+    stride_ab, stride_ah, stride_am, stride_an,
     stride_ob, stride_oh, stride_om, stride_od,
     LQ_BUCKET, LK_BUCKET, P_BUCKET,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -125,15 +156,17 @@ def prefix_attention_fwd_kernel(
         m_i, l_i, acc = _online_tile(q, pk_base + cols[None, :] * stride_pkn + rd[:, None] * stride_pkd,
                                      pv_base + cols[:, None] * stride_pvn + rd[None, :] * stride_pvd,
                                      d_ok[:, None] & col_ok[None, :], col_ok[:, None] & d_ok[None, :],
-                                     col_ok[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
+                                     col_ok[None, :], 0.0, m_i, l_i, acc, qk_scale, False, DOT_PRECISION)
 
-    # The real keys: causal rule and padding mask; with `causal`, none past the block's last visible key.
+    # The real keys: causal rule, padding mask and attn_mask; with `causal`, none past the block's last visible
+    # key.
     hi = Lk
     if CAUSAL:
         last_row = tl.minimum((pid_m + 1) * BLOCK_M, Lq) - 1
         hi = tl.maximum(tl.minimum(Lk, query_offset + last_row + 1), 0)
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
+    am_base = am_ptr + b.to(tl.int64) * stride_ab + h.to(tl.int64) * stride_ah + rows[:, None] * stride_am
     for n0 in range(0, hi, BLOCK_N):
         cols = n0 + rn
         col_ok = cols < Lk
@@ -143,10 +176,19 @@ def prefix_attention_fwd_kernel(
         if HAS_MASK:
             keep = tl.load(mask_ptr + b * stride_mb + cols * stride_mn, mask=col_ok, other=0)
             visible = visible & (keep != 0)[None, :]
+        bias = 0.0
+        if MASK_KIND == 1:  # bool attn_mask (uint8), True = visible
+            shown = tl.load(am_base + cols[None, :] * stride_an, mask=row_ok[:, None] & col_ok[None, :], other=0)
+            visible = visible & (shown != 0)
+        if MASK_KIND == 2:  # additive attn_mask (natural log units); below -1e38 hides the key
+            bias = tl.load(am_base + cols[None, :] * stride_an, mask=row_ok[:, None] & col_ok[None, :],
+                           other=0.0).to(tl.float32)
+            visible = visible & (bias >= -1e38)
+            bias = tl.maximum(bias, -1e38) * 1.4426950408889634  # finite: no inf arithmetic
         m_i, l_i, acc = _online_tile(q, k_base + cols[None, :] * stride_kn + rd[:, None] * stride_kd,
                                      v_base + cols[:, None] * stride_vn + rd[None, :] * stride_vd,
                                      d_ok[:, None] & col_ok[None, :], col_ok[:, None] & d_ok[None, :],
-                                     visible, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+                                     visible, bias, m_i, l_i, acc, qk_scale, MASK_KIND == 2, DOT_PRECISION)
 
     # O = acc / l (0 for a row that saw no key); LSE in natural log of the scaled scores (+inf for such a row).
     empty = l_i == 0.0
@@ -162,10 +204,25 @@ def prefix_attention_fwd_kernel(
 # Launcher
 # ----------------------------------------------------------------------------------------------------------
 
-def forward(q, k, v, prefix_k, prefix_v, o, lse, *, scale, causal=False, key_padding_mask=None, query_offset=0):
+def _attn_mask_args(attn_mask, shape, dummy):
+    """(pointer, strides, MASK_KIND) of an attn_mask broadcastable to `shape` (B, H, Lq, Lk): its own storage with
+    stride 0 on the broadcast dimensions (no expanded copy). Bool is read as uint8 (a view); kind 1 for a bool or
+    8-bit integer mask (nonzero = visible), 2 for a floating additive one; (dummy, zeros, 0) without a mask."""
+    if attn_mask is None:
+        return dummy, (0, 0, 0, 0), 0
+    kind = 2 if attn_mask.dtype.is_floating_point else 1
+    if attn_mask.dtype == torch.bool:
+        attn_mask = attn_mask.view(torch.uint8)
+    assert kind == 2 or attn_mask.dtype in (torch.uint8, torch.int8)
+    return attn_mask, attn_mask.expand(shape).stride(), kind
+
+
+def forward(q, k, v, prefix_k, prefix_v, o, lse, *, scale, causal=False, key_padding_mask=None, query_offset=0,
+            attn_mask=None):
     """O (B, H, Lq, D) and LSE (B, H, Lq) float32 (contiguous) for q (B, H, Lq, D), k and v (B, H_kv, Lk, D),
-    prefix_k and prefix_v (1 or B, H_kv, P, D) or None, key_padding_mask (B, Lk) int8 (nonzero: keep) or None.
-    Shapes are checked by the caller (fastpeft/ops/attention.py); D must be one of HEAD_DIMS."""
+    prefix_k and prefix_v (1 or B, H_kv, P, D) or None, key_padding_mask (B, Lk) int8 (nonzero: keep) or None,
+    attn_mask (see _attn_mask_args) or None. Shapes are checked by the caller (fastpeft/ops/attention.py); D must
+    be one of HEAD_DIMS."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     assert D in HEAD_DIMS and H % Hkv == 0 and lse.is_contiguous()
@@ -178,16 +235,18 @@ def forward(q, k, v, prefix_k, prefix_v, o, lse, *, scale, causal=False, key_pad
         pv_strides = (0 if shared else prefix_v.stride(0), *prefix_v.stride()[1:])
     mask = key_padding_mask if key_padding_mask is not None else lse
     mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    am, am_strides, mask_kind = _attn_mask_args(attn_mask, (B, H, Lq, Lk), lse)
 
     def grid(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
 
     launch(prefix_attention_fwd_kernel)[grid](
-        q, k, v, pk, pv, mask, o, lse,
+        q, k, v, pk, pv, mask, am, o, lse,
         H, Lq, Lk, P, D, H // Hkv, int(query_offset), float(scale) * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides, *mask_strides, *o.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides, *mask_strides, *am_strides, *o.stride(),
         bucket(Lq), bucket(Lk), bucket(P),
-        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, DOT_PRECISION=dot_precision(q.dtype),
+        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, MASK_KIND=mask_kind,
+        DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_D=triton.next_power_of_2(D),
     )
     return o, lse
@@ -206,7 +265,8 @@ def forward(q, k, v, prefix_k, prefix_v, o, lse, *, scale, causal=False, key_pad
 #   at the first row block that can see the tile).
 # * dQ: one program per (BLOCK_M query rows, batch · head), walking the prefix tiles and then the real key tiles
 #   like the forward.
-# Scores use base-2 exponents as in the forward (LSE is scaled by log₂e on load).
+# Scores use base-2 exponents as in the forward (LSE is scaled by log₂e on load); the attn_mask tile (MASK_KIND)
+# is reloaded and the bias added exactly as in the forward, so P is recomputed identically.
 # ----------------------------------------------------------------------------------------------------------
 
 _DKDV_SHAPES = [(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2)]  # (BLOCK_M, BLOCK_N, warps, stages)
@@ -236,6 +296,9 @@ def _prune_dq(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     el, block_d = args["q_ptr"].element_size(), args["BLOCK_D"]
     short = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, 2 * args["LQ_BUCKET"])] or configs[:1]
+    if args.get("MASK_KIND", 0):
+        return _fit_with_mask(short, lambda c: 2 * c.kwargs["BLOCK_N"] * block_d * el,
+                              lambda c: 2 * c.kwargs["BLOCK_M"] * block_d * el, args["am_ptr"].element_size())
     fitted = []
     for c in short:
         free = SHARED_BUDGET - 2 * c.kwargs["BLOCK_M"] * block_d * el
@@ -246,21 +309,22 @@ def _prune_dq(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=bwd_configs(_DKDV_SHAPES),
-                 key=["BLOCK_D", "LQ_BUCKET", "N_BUCKET", "NB", "GROUP", "CAUSAL", "HAS_MASK"],
+                 key=["BLOCK_D", "LQ_BUCKET", "N_BUCKET", "NB", "GROUP", "CAUSAL", "HAS_MASK", "MASK_KIND"],
                  prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit
 def prefix_attention_bwd_dkdv_kernel(
-    q_ptr, do_ptr, lse_ptr, delta_ptr, k_ptr, v_ptr, mask_ptr, dk_ptr, dv_ptr,
+    q_ptr, do_ptr, lse_ptr, delta_ptr, k_ptr, v_ptr, mask_ptr, am_ptr, dk_ptr, dv_ptr,
     H, HKV, Lq, N, D, GROUP, NB, query_offset, scale, qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mn,
+    stride_ab, stride_ah, stride_am, stride_an,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     LQ_BUCKET, N_BUCKET,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of keys [n0, n0 + BLOCK_N) of source (k_ptr, v_ptr), batch bk (of the source), kv head hk; query
@@ -296,6 +360,7 @@ def prefix_attention_bwd_dkdv_kernel(
             q_base = q_ptr + b * stride_qb + h * stride_qh
             do_base = do_ptr + b * stride_dob + h * stride_doh
             row_base = (b * H + h) * Lq
+            am_base = am_ptr + b.to(tl.int64) * stride_ab + h.to(tl.int64) * stride_ah + cols[:, None] * stride_an
             for m0 in range(lo, Lq, BLOCK_M):
                 rows = m0 + rm
                 row_ok = rows < Lq
@@ -309,6 +374,15 @@ def prefix_attention_bwd_dkdv_kernel(
                 if CAUSAL:
                     visible = visible & (cols[:, None] <= query_offset + rows[None, :])
                 st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale           # Sᵀ (BLOCK_N, BLOCK_M)
+                if MASK_KIND == 1:
+                    shown = tl.load(am_base + rows[None, :] * stride_am, mask=col_ok[:, None] & row_ok[None, :],
+                                    other=0)
+                    visible = visible & (shown != 0)
+                if MASK_KIND == 2:  # as the forward: bias in log₂ units added to the scaled scores
+                    bias = tl.load(am_base + rows[None, :] * stride_am, mask=col_ok[:, None] & row_ok[None, :],
+                                   other=0.0).to(tl.float32)
+                    visible = visible & (bias >= -1e38)
+                    st = st + tl.maximum(bias, -1e38) * 1.4426950408889634
                 pt = tl.where(visible, tl.exp2(st - lse2[None, :]), 0.0)
                 dv = tl.dot(pt.to(k.dtype), do, dv, input_precision=DOT_PRECISION)
                 dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -322,11 +396,15 @@ def prefix_attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(q, do, dq, lse2, delta, k_ptrs, v_ptrs, kv_ok, visible, qk_scale, DOT_PRECISION: tl.constexpr):
-    """One key tile of dQ: k_ptrs, v_ptrs the (BLOCK_N x BLOCK_D) pointers of K and V, kv_ok their load mask."""
+def _dq_tile(q, do, dq, lse2, delta, k_ptrs, v_ptrs, kv_ok, visible, bias, qk_scale, HAS_BIAS: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """One key tile of dQ: k_ptrs, v_ptrs the (BLOCK_N x BLOCK_D) pointers of K and V, kv_ok their load mask;
+    bias (with HAS_BIAS) as in _online_tile."""
     k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
     v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if HAS_BIAS:
+        s = s + bias
     p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
@@ -334,11 +412,11 @@ def _dq_tile(q, do, dq, lse2, delta, k_ptrs, v_ptrs, kv_ok, visible, qk_scale, D
 
 
 @triton.autotune(configs=bwd_configs(_DQ_SHAPES),
-                 key=["BLOCK_D", "LQ_BUCKET", "LK_BUCKET", "P_BUCKET", "CAUSAL", "HAS_MASK"],
+                 key=["BLOCK_D", "LQ_BUCKET", "LK_BUCKET", "P_BUCKET", "CAUSAL", "HAS_MASK", "MASK_KIND"],
                  prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit
 def prefix_attention_bwd_dq_kernel(
-    q_ptr, do_ptr, lse_ptr, delta_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, dq_ptr,
+    q_ptr, do_ptr, lse_ptr, delta_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, am_ptr, dq_ptr,
     H, Lq, Lk, P, D, GROUP, query_offset, scale, qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_dob, stride_doh, stride_dom, stride_dod,
@@ -347,9 +425,10 @@ def prefix_attention_bwd_dq_kernel(
     stride_pkb, stride_pkh, stride_pkn, stride_pkd,
     stride_pvb, stride_pvh, stride_pvn, stride_pvd,
     stride_mb, stride_mn,
+    stride_ab, stride_ah, stride_am, stride_an,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     LQ_BUCKET, LK_BUCKET, P_BUCKET,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -378,7 +457,8 @@ def prefix_attention_bwd_dq_kernel(
         col_ok = cols < P
         dq = _dq_tile(q, do, dq, lse2, delta, pk_base + cols[:, None] * stride_pkn + rd[None, :] * stride_pkd,
                       pv_base + cols[:, None] * stride_pvn + rd[None, :] * stride_pvd,
-                      col_ok[:, None] & d_ok[None, :], row_ok[:, None] & col_ok[None, :], qk_scale, DOT_PRECISION)
+                      col_ok[:, None] & d_ok[None, :], row_ok[:, None] & col_ok[None, :], 0.0, qk_scale, False,
+                      DOT_PRECISION)
 
     hi = Lk
     if CAUSAL:
@@ -386,6 +466,7 @@ def prefix_attention_bwd_dq_kernel(
         hi = tl.maximum(tl.minimum(Lk, query_offset + last_row + 1), 0)
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
+    am_base = am_ptr + b.to(tl.int64) * stride_ab + h.to(tl.int64) * stride_ah + rows[:, None] * stride_am
     for n0 in range(0, hi, BLOCK_N):
         cols = n0 + rn
         col_ok = cols < Lk
@@ -395,9 +476,18 @@ def prefix_attention_bwd_dq_kernel(
         if HAS_MASK:
             keep = tl.load(mask_ptr + b * stride_mb + cols * stride_mn, mask=col_ok, other=0)
             visible = visible & (keep != 0)[None, :]
+        bias = 0.0
+        if MASK_KIND == 1:
+            shown = tl.load(am_base + cols[None, :] * stride_an, mask=row_ok[:, None] & col_ok[None, :], other=0)
+            visible = visible & (shown != 0)
+        if MASK_KIND == 2:  # as the forward: bias in log₂ units added to the scaled scores
+            bias = tl.load(am_base + cols[None, :] * stride_an, mask=row_ok[:, None] & col_ok[None, :],
+                           other=0.0).to(tl.float32)
+            visible = visible & (bias >= -1e38)
+            bias = tl.maximum(bias, -1e38) * 1.4426950408889634  # finite: no inf arithmetic
         dq = _dq_tile(q, do, dq, lse2, delta, k_base + cols[:, None] * stride_kn + rd[None, :] * stride_kd,
                       v_base + cols[:, None] * stride_vn + rd[None, :] * stride_vd,
-                      col_ok[:, None] & d_ok[None, :], visible, qk_scale, DOT_PRECISION)
+                      col_ok[:, None] & d_ok[None, :], visible, bias, qk_scale, MASK_KIND == 2, DOT_PRECISION)
 
     dq = dq * scale
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + rd[None, :] * stride_dqd,
@@ -410,11 +500,11 @@ def _prefix_strides(t):
 
 
 def backward_dkdv(q, do, lse, delta, k, v, dk, dv, *, scale, causal=False, key_padding_mask=None,
-                  query_offset=0):
+                  query_offset=0, attn_mask=None):
     """dK, dV (written into dk, dv, shaped like k and v) of one key source k, v: the real keys (B, H_kv, L_k, D),
-    with `causal` and key_padding_mask (B, L_k) int8 or None; or a prefix (1 or B, H_kv, P, D), with causal=False
-    and no mask — a shared prefix (first dimension 1) sums the contributions of every batch row. lse and delta
-    (B, H, Lq) float32, contiguous."""
+    with `causal`, key_padding_mask (B, L_k) int8 or None and attn_mask (as `forward`) or None; or a prefix
+    (1 or B, H_kv, P, D), with causal=False and no masks — a shared prefix (first dimension 1) sums the
+    contributions of every batch row. lse and delta (B, H, Lq) float32, contiguous."""
     B, H, Lq, D = q.shape
     Bk, Hkv, N = k.shape[0], k.shape[1], k.shape[2]
     assert D in HEAD_DIMS and H % Hkv == 0 and lse.is_contiguous() and delta.is_contiguous()
@@ -423,23 +513,25 @@ def backward_dkdv(q, do, lse, delta, k, v, dk, dv, *, scale, causal=False, key_p
     NB = B if Bk == 1 and B > 1 else 1
     mask = key_padding_mask if key_padding_mask is not None else lse
     mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    am, am_strides, mask_kind = _attn_mask_args(attn_mask, (B, H, Lq, N), lse)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), Bk * Hkv)
 
     launch(prefix_attention_bwd_dkdv_kernel)[grid](
-        q, do, lse, delta, k, v, mask, dk, dv,
+        q, do, lse, delta, k, v, mask, am, dk, dv,
         H, Hkv, Lq, N, D, H // Hkv, NB, int(query_offset), float(scale), float(scale) * LOG2E,
-        *q.stride(), *do.stride(), *k.stride(), *v.stride(), *mask_strides, *dk.stride(), *dv.stride(),
-        bucket(Lq), bucket(N),
-        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, DOT_PRECISION=dot_precision(q.dtype),
+        *q.stride(), *do.stride(), *k.stride(), *v.stride(), *mask_strides, *am_strides, *dk.stride(),
+        *dv.stride(), bucket(Lq), bucket(N),
+        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, MASK_KIND=mask_kind,
+        DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_D=triton.next_power_of_2(D),
     )
     return dk, dv
 
 
 def backward_dq(q, do, lse, delta, k, v, prefix_k, prefix_v, dq, *, scale, causal=False, key_padding_mask=None,
-                query_offset=0):
+                query_offset=0, attn_mask=None):
     """dQ (written into dq, shaped like q) over the prefix (or None) and the real keys; arguments as `forward`,
     with dO like q and lse, delta (B, H, Lq) float32, contiguous."""
     B, H, Lq, D = q.shape
@@ -452,16 +544,18 @@ def backward_dq(q, do, lse, delta, k, v, prefix_k, prefix_v, dq, *, scale, causa
         pk_strides, pv_strides = _prefix_strides(prefix_k), _prefix_strides(prefix_v)
     mask = key_padding_mask if key_padding_mask is not None else lse
     mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    am, am_strides, mask_kind = _attn_mask_args(attn_mask, (B, H, Lq, Lk), lse)
 
     def grid(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
 
     launch(prefix_attention_bwd_dq_kernel)[grid](
-        q, do, lse, delta, k, v, pk, pv, mask, dq,
+        q, do, lse, delta, k, v, pk, pv, mask, am, dq,
         H, Lq, Lk, P, D, H // Hkv, int(query_offset), float(scale), float(scale) * LOG2E,
         *q.stride(), *do.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides, *mask_strides,
-        *dq.stride(), bucket(Lq), bucket(Lk), bucket(P),
-        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, DOT_PRECISION=dot_precision(q.dtype),
+        *am_strides, *dq.stride(), bucket(Lq), bucket(Lk), bucket(P),
+        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, MASK_KIND=mask_kind,
+        DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_D=triton.next_power_of_2(D),
     )
     return dq

@@ -1,19 +1,26 @@
 """`fp.ops.prefix_attention`: attention over a learned prefix and the real keys (math: fastpeft/reference/attention.py).
 
-    O = softmax(Q [P_K; K]ᵀ · scale + mask) [P_V; V]                         (Li & Liang 2021, prefix tuning)
+    O = dropout(softmax(Q [P_K; K]ᵀ · scale + [0; M])) [P_V; V]               (Li & Liang 2021, prefix tuning)
 
-Q (B, H, L_q, D); K, V (B, H_kv, L_k, D); P_K, P_V (1 or B, H_kv, P, D). The prefix is visible to every query; the
-causal rule (query i at position query_offset + i, default L_k − L_q, sees real keys j <= that) and the key padding
-mask (B, L_k), True for real tokens, apply to the real keys only. Query head h reads key/value head h // (H / H_kv).
+Q (B, H, L_q, D); K, V (B, H_kv, L_k, D); P_K, P_V (1 or B, H_kv, P, D). The prefix is visible to every query and
+gets no bias; the mask M applies to the real keys only and combines the causal rule (query i at position
+query_offset + i, default L_k − L_q, sees real keys j <= that), the key padding mask (B, L_k), True for real tokens,
+and attn_mask, broadcastable to (B, H, L_q, L_k): bool (True = visible) or floating, added to the scaled scores
+(transformers' eager mask, T5's position bias; below −1e38 hides the key). Query head h reads key/value head
+h // (H / H_kv). The kernels take attn_mask through its strides (stride 0 on broadcast dimensions, no copy) but
+give it no gradient: an attn_mask that requires grad (a learned position bias) runs the reference, where autograd
+reaches it. dropout_p > 0 (probabilities dropped after the softmax, scaled by 1/(1 − p), as torch's SDPA) runs the
+reference too: the kernels do not drop.
 
 `fastpeft::prefix_attention` returns (O, LSE): LSE (B, H, L_q) float32 is the natural log-sum-exp of each row's
 visible scaled scores (+inf for a row that sees no key, whose O is 0), saved for the backward. On CUDA one
 flash-attention-style kernel (fastpeft/kernels/attention.py) walks the prefix and then the real keys with an
-online softmax, never concatenating them; head dims 64, 80, 96 and 128. Autograd is registered on the op: its
-backward (`fastpeft::prefix_attention_backward`) takes Δ = rowsum(dO ⊙ O), then a dK/dV kernel over the prefix
-tiles (summing the batch rows of a shared prefix) and over the real key tiles, and a dQ kernel; only the gradients
-asked for are computed (prefix tuning: the prefix alone). Other head dims run the reference (autograd through it)
-with a one-time warning. Which path runs is listed in the registry note (`fastpeft info`).
+online softmax, never concatenating them; head dims 64, 80, 96 and 128; a 16-row query block for L_q <= 16
+(decode). Autograd is registered on the op: its backward (`fastpeft::prefix_attention_backward`) takes
+Δ = rowsum(dO ⊙ O), then a dK/dV kernel over the prefix tiles (summing the batch rows of a shared prefix) and over
+the real key tiles, and a dQ kernel; only the gradients asked for are computed (prefix tuning: the prefix alone).
+Other head dims run the reference (autograd through it) with a one-time warning. Which path runs is listed in the
+registry note (`fastpeft info`).
 """
 from __future__ import annotations
 
@@ -31,8 +38,11 @@ KERNEL_HEAD_DIMS = (64, 80, 96, 128)  # kernels/attention.py HEAD_DIMS (not impo
 registry.describe(
     "prefix_attention", dtypes=TRITON_DTYPES, doc="O = softmax(Q [Pk; K]^T scale + mask) [Pv; V]",
     note=("flash-attention-style kernels (prefix then real keys, online softmax, causal and key padding masks, "
-          "GQA/MQA, shared or per-row prefix) for head dims 64, 80, 96, 128, forward and backward (FlashAttention-2 "
-          "dK/dV and dQ kernels, deterministic: no atomics); other head dims run the reference with a warning"))
+          "attn_mask on the real keys: bool or additive bias, broadcast by strides; GQA/MQA, shared or per-row "
+          "prefix; 16-row query blocks for decode) for head dims 64, 80, 96, 128, forward and backward "
+          "(FlashAttention-2 dK/dV and dQ kernels, deterministic: no atomics); the reference runs for other head "
+          "dims (with a warning), for dropout_p > 0 (the kernels do not drop) and for an attn_mask that requires "
+          "grad (the kernels give it none)"))
 _warned_head_dims: set[int] = set()
 
 
@@ -48,11 +58,16 @@ def _kernels():
 
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = None, prefix_v: Tensor | None = None,
                      *, scale: float | None = None, causal: bool = False, key_padding_mask: Tensor | None = None,
-                     query_offset: int | None = None) -> Tensor:
+                     query_offset: int | None = None, attn_mask: Tensor | None = None, dropout_p: float = 0.0
+                     ) -> Tensor:
     """Attention of q (B, H, Lq, D) over the prefix (prefix_k, prefix_v: (1 or B, H_kv, P, D), or None) and the
     real keys k, v (B, H_kv, Lk, D). scale: default 1/sqrt(D); causal: query i sees real keys j <= query_offset + i
-    (query_offset default Lk − Lq); key_padding_mask: (B, Lk) bool or integer, True/nonzero for real tokens."""
-    _check(q, k, v, prefix_k, prefix_v, key_padding_mask, query_offset)
+    (query_offset default Lk − Lq); key_padding_mask: (B, Lk) bool or integer, True/nonzero for real tokens;
+    attn_mask: over the real keys only, broadcastable to (B, H, Lq, Lk), bool (True = visible) or floating (added
+    to the scaled scores; no gradient through the kernels: one that requires grad runs the reference); dropout_p:
+    on the attention probabilities, 0 <= p < 1 (p > 0 runs the reference). All masks apply together; a row that
+    sees no key gives 0."""
+    _check(q, k, v, prefix_k, prefix_v, key_padding_mask, query_offset, attn_mask, dropout_p)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -62,15 +77,17 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = 
         _warned_head_dims.add(D)
         warnings.warn(f"fp.ops.prefix_attention: head dim {D} is not one the Triton kernel takes "
                       f"({', '.join(map(str, KERNEL_HEAD_DIMS))}); running the PyTorch reference.", stacklevel=2)
-    kernel_ok = D in KERNEL_HEAD_DIMS
+    learned_mask = attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()
+    kernel_ok = D in KERNEL_HEAD_DIMS and dropout_p == 0 and not learned_mask
     if not kernel_ok or (backend == "torch" and not torch.compiler.is_compiling()):
         return reference.prefix_attention(q, k, v, prefix_k, prefix_v, scale=scale, causal=causal,
-                                          key_padding_mask=key_padding_mask, query_offset=query_offset)
+                                          key_padding_mask=key_padding_mask, query_offset=query_offset,
+                                          attn_mask=attn_mask, dropout_p=float(dropout_p))
     return torch.ops.fastpeft.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, bool(causal),
-                                               offset)[0]
+                                               offset, attn_mask)[0]
 
 
-def _check(q, k, v, prefix_k, prefix_v, mask, query_offset) -> None:
+def _check(q, k, v, prefix_k, prefix_v, mask, query_offset, attn_mask=None, dropout_p=0.0) -> None:
     """Host-side validation before any launch: shapes, dtypes, devices."""
     where = "fp.ops.prefix_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -107,8 +124,13 @@ def _check(q, k, v, prefix_k, prefix_v, mask, query_offset) -> None:
                              "integer tensor (nonzero = keep).")
     if query_offset is not None and not isinstance(query_offset, int):
         raise ValueError(f"{where}: query_offset={query_offset!r} must be an int (the position of query 0).")
+    if attn_mask is not None:
+        _check_attn_mask(attn_mask, q, k, prefix_k)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{where}: dropout_p={dropout_p!r}; expected a float with 0 <= dropout_p < 1 (the "
+                         "probability of dropping an attention weight; 0 when not training).")
     named = (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v))
-    for name, t in (*named, ("key_padding_mask", mask)):
+    for name, t in (*named, ("key_padding_mask", mask), ("attn_mask", attn_mask)):
         if t is not None and t.device != q.device:
             raise ValueError(f"{where}: {name} is on {t.device} but q is on {q.device}; move it to {q.device}.")
     if not q.dtype.is_floating_point:
@@ -116,6 +138,28 @@ def _check(q, k, v, prefix_k, prefix_v, mask, query_offset) -> None:
     for name, t in named:
         if t is not None and t.dtype != q.dtype:
             raise ValueError(f"{where}: {name} has dtype {t.dtype} but q has {q.dtype}; cast them to one dtype.")
+
+
+def _check_attn_mask(attn_mask, q, k, prefix_k) -> None:
+    where = "fp.ops.prefix_attention"
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    P = prefix_k.shape[2] if prefix_k is not None else 0
+    full = (B, H, Lq, Lk)
+    got = tuple(attn_mask.shape)
+    try:
+        ok = attn_mask.dim() <= 4 and torch.broadcast_shapes(got, full) == full
+    except RuntimeError:
+        ok = False
+    if not ok:
+        fix = "e.g. (B, 1, Lq, Lk) for a padding or causal mask, (1, H, Lq, Lk) for a position bias"
+        if P and got and got[-1] == P + Lk:
+            fix = f"it seems to cover the prefix too: pass attn_mask[..., {P}:] (the prefix is always visible)"
+        raise ValueError(f"{where}: attn_mask has shape {got}; expected a shape broadcastable to (B, H, Lq, Lk) = "
+                         f"{full}, over the real keys only ({fix}).")
+    if not (attn_mask.dtype == torch.bool or attn_mask.dtype.is_floating_point):
+        raise ValueError(f"{where}: attn_mask has dtype {attn_mask.dtype}; use bool (True = visible) or a floating "
+                         "mask added to the scores (0 = visible, -inf = hidden); convert a 0/1 mask with .bool().")
 
 
 def _backend(q: Tensor) -> str:
@@ -128,36 +172,53 @@ def _backend(q: Tensor) -> str:
 
 @torch.library.triton_op("fastpeft::prefix_attention", mutates_args=())
 def _prefix_attention_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None,
-                         key_padding_mask: Tensor | None, scale: float, causal: bool, query_offset: int
-                         ) -> tuple[Tensor, Tensor]:
+                         key_padding_mask: Tensor | None, scale: float, causal: bool, query_offset: int,
+                         attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(O, LSE): O like q, LSE (B, H, Lq) float32, the natural log-sum-exp of each row's visible scaled scores
-    (+inf where a row sees no key). Differentiable in q, k, v, prefix_k, prefix_v (autograd registered below)."""
+    (bias included; +inf where a row sees no key). Differentiable in q, k, v, prefix_k, prefix_v (autograd
+    registered below); attn_mask gets no gradient."""
     B, H, Lq, D = q.shape
     if _backend(q) == "torch" or q.numel() == 0 or D not in KERNEL_HEAD_DIMS:
-        return _torch_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal, query_offset)
+        return _torch_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal, query_offset, attn_mask)
     o = dispatch.new_output((B, H, Lq, D), like=q)
     lse = dispatch.new_output((B, H, Lq), like=q, dtype=torch.float32)
-    mask = None
-    if key_padding_mask is not None:
-        mask = key_padding_mask if key_padding_mask.dtype == torch.int8 else (key_padding_mask != 0).to(torch.int8)
-    _kernels().forward(q, k, v, prefix_k, prefix_v, o, lse, scale=scale, causal=causal, key_padding_mask=mask,
-                       query_offset=query_offset)
+    _kernels().forward(q, k, v, prefix_k, prefix_v, o, lse, scale=scale, causal=causal,
+                       key_padding_mask=_padding_mask(key_padding_mask), query_offset=query_offset,
+                       attn_mask=_attn_mask(attn_mask))
     return o, lse
 
 
-def _torch_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal, query_offset):
+def _padding_mask(key_padding_mask):
+    """The key padding mask as the kernels read it: int8, nonzero = keep."""
+    if key_padding_mask is None or key_padding_mask.dtype == torch.int8:
+        return key_padding_mask
+    return (key_padding_mask != 0).to(torch.int8)
+
+
+def _attn_mask(attn_mask):
+    """attn_mask as the kernels read it, in its own (broadcast) shape: bool as is (read as uint8), a floating mask
+    in float16, bfloat16 or float32 (others cast to float32), detached (the kernels give it no gradient)."""
+    if attn_mask is None:
+        return None
+    attn_mask = attn_mask.detach()
+    if attn_mask.dtype.is_floating_point and attn_mask.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        attn_mask = attn_mask.to(torch.float32)
+    return attn_mask
+
+
+def _torch_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal, query_offset, attn_mask=None):
     """The op body on the reference: O from fastpeft.reference.attention, LSE from the same masked scores."""
     o = reference.prefix_attention(q, k, v, prefix_k, prefix_v, scale=scale, causal=causal,
-                                   key_padding_mask=key_padding_mask, query_offset=query_offset)
+                                   key_padding_mask=key_padding_mask, query_offset=query_offset, attn_mask=attn_mask)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     P = prefix_k.shape[2] if prefix_k is not None else 0
     keys = k if prefix_k is None else torch.cat([prefix_k.expand(B, -1, -1, -1), k], dim=2)
     keys = keys.repeat_interleave(H // Hkv, dim=1)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = (q.to(work) @ keys.to(work).transpose(-1, -2)) * scale
+    scores = reference.add_bias((q.to(work) @ keys.to(work).transpose(-1, -2)) * scale, attn_mask, P)
     visible = reference.visible_keys(B, Lq, Lk, P, causal=causal, query_offset=query_offset,
-                                     key_padding_mask=key_padding_mask, device=q.device)
+                                     key_padding_mask=key_padding_mask, device=q.device, attn_mask=attn_mask)
     lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
     lse = lse.masked_fill(~visible.any(-1), float("inf")).to(torch.float32)
     return o, lse
@@ -171,33 +232,32 @@ def _torch_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal,
 def _prefix_attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None,
                                   prefix_v: Tensor | None, key_padding_mask: Tensor | None, o: Tensor, lse: Tensor,
                                   scale: float, causal: bool, query_offset: int, need_q: bool, need_kv: bool,
-                                  need_prefix: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                                  need_prefix: bool, attn_mask: Tensor | None = None
+                                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dQ, dK, dV, dP_K, dP_V), each like its input (empty when not asked for, or when there is no prefix).
-    With P = exp(S · scale − LSE) under the forward's masks and Δ = rowsum(dO ⊙ O): dV = Pᵀ dO,
+    With P = exp(S · scale + bias − LSE) under the forward's masks and Δ = rowsum(dO ⊙ O): dV = Pᵀ dO,
     dS = P ⊙ (dO Vᵀ − Δ), dK = scale · dSᵀ Q, dQ = scale · dS K, summed over the query heads of each GQA
     group (and over the batch for a shared prefix)."""
     B, H, Lq, D = q.shape
     need_prefix = need_prefix and prefix_k is not None
     if _backend(q) == "torch" or q.numel() == 0 or D not in KERNEL_HEAD_DIMS:
         return _torch_backward(do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, scale, causal,
-                               query_offset, need_q, need_kv, need_prefix)
+                               query_offset, need_q, need_kv, need_prefix, attn_mask)
     kern = _kernels()
     do = do.contiguous()
     delta = (do.float() * o.float()).sum(-1).contiguous()
     lse = lse.contiguous()
-    mask = None
-    if key_padding_mask is not None:
-        mask = key_padding_mask if key_padding_mask.dtype == torch.int8 else (key_padding_mask != 0).to(torch.int8)
+    mask, am = _padding_mask(key_padding_mask), _attn_mask(attn_mask)
     dq, dk, dv, dpk, dpv = (q.new_empty(0) for _ in range(5))  # distinct: outputs may not alias each other
     if need_q:
         dq = dispatch.new_output(tuple(q.shape), like=q)
         kern.backward_dq(q, do, lse, delta, k, v, prefix_k, prefix_v, dq, scale=scale, causal=causal,
-                         key_padding_mask=mask, query_offset=query_offset)
+                         key_padding_mask=mask, query_offset=query_offset, attn_mask=am)
     if need_kv:
         dk = dispatch.new_output(tuple(k.shape), like=k)
         dv = dispatch.new_output(tuple(v.shape), like=v)
         kern.backward_dkdv(q, do, lse, delta, k, v, dk, dv, scale=scale, causal=causal, key_padding_mask=mask,
-                           query_offset=query_offset)
+                           query_offset=query_offset, attn_mask=am)
     if need_prefix:
         dpk = dispatch.new_output(tuple(prefix_k.shape), like=prefix_k)
         dpv = dispatch.new_output(tuple(prefix_v.shape), like=prefix_v)
@@ -206,7 +266,7 @@ def _prefix_attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, p
 
 
 def _torch_backward(do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, scale, causal, query_offset,
-                    need_q, need_kv, need_prefix):
+                    need_q, need_kv, need_prefix, attn_mask=None):
     """The backward op body in plain PyTorch (the formulas of its docstring on the concatenated keys)."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -219,9 +279,9 @@ def _torch_backward(do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, s
         values = torch.cat([prefix_v.to(work).expand(B, -1, -1, -1), values], dim=2)
     keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
     qw, dow = q.to(work), do.to(work)
-    scores = (qw @ keys.transpose(-1, -2)) * scale
+    scores = reference.add_bias((qw @ keys.transpose(-1, -2)) * scale, attn_mask, P)
     visible = reference.visible_keys(B, Lq, Lk, P, causal=causal, query_offset=query_offset,
-                                     key_padding_mask=key_padding_mask, device=q.device)
+                                     key_padding_mask=key_padding_mask, device=q.device, attn_mask=attn_mask)
     probs = torch.exp(scores.masked_fill(~visible, float("-inf")) - lse.to(work)[..., None])
     delta = (dow * o.to(work)).sum(-1, keepdim=True)
     ds = probs * (dow @ values.transpose(-1, -2) - delta)
@@ -242,22 +302,22 @@ def _torch_backward(do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, s
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal, query_offset = inputs
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, output[0], output[1])
+    q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal, query_offset, attn_mask = inputs
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, output[0], output[1], attn_mask)
     ctx.scale, ctx.causal, ctx.query_offset = scale, causal, query_offset
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse = ctx.saved_tensors
+    q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, attn_mask = ctx.saved_tensors
     need_q, need_k, need_v, need_pk, need_pv = ctx.needs_input_grad[:5]
     need_kv, need_prefix = need_k or need_v, (need_pk or need_pv) and prefix_k is not None
     if do is None:  # only LSE was used (it has no gradient)
-        return (None,) * 9
+        return (None,) * 10
     dq, dk, dv, dpk, dpv = torch.ops.fastpeft.prefix_attention_backward(
         do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, ctx.scale, ctx.causal, ctx.query_offset,
-        need_q, need_kv, need_prefix)
+        need_q, need_kv, need_prefix, attn_mask)
     return (dq if need_q else None, dk if need_k else None, dv if need_v else None, dpk if need_pk else None,
-            dpv if need_pv else None, None, None, None, None)
+            dpv if need_pv else None, None, None, None, None, None)  # no gradient for the masks
 
 
 torch.library.register_autograd("fastpeft::prefix_attention", _backward, setup_context=_setup_context)

@@ -1,13 +1,22 @@
 """Attention over a learned prefix and the real keys, in plain PyTorch: the oracle of the prefix-attention kernel.
 
-    O = softmax(Q [P_K; K]ᵀ · scale + mask) [P_V; V]                         (Li & Liang 2021, prefix tuning)
+    O = dropout(softmax(Q [P_K; K]ᵀ · scale + [0; M])) [P_V; V]               (Li & Liang 2021, prefix tuning)
 
 Q: (B, H, L_q, D); K, V: (B, H_kv, L_k, D); P_K, P_V: (B or 1, H_kv, P, D), a prefix shared by the batch when its
 first dimension is 1. H is a multiple of H_kv (grouped-query attention; H_kv = 1 is multi-query): query head h
-reads key/value head h // (H / H_kv). The mask applies to the real keys only — the prefix is visible to every
-query: with `causal`, query i sits at position `query_offset` + i (by default L_k − L_q: the queries are the last
-L_q tokens, as in a decode step with a KV cache) and sees real keys j ≤ that position; `key_padding_mask` (B, L_k),
-True for real tokens, hides padded keys. A query row that sees no key at all (possible only with P = 0) gives 0.
+reads key/value head h // (H / H_kv). The mask M applies to the real keys only — the prefix is visible to every
+query and gets no bias. Its parts, all applied together:
+
+* `causal`: query i sits at position `query_offset` + i (by default L_k − L_q: the queries are the last L_q
+  tokens, as in a decode step with a KV cache) and sees real keys j ≤ that position;
+* `key_padding_mask` (B, L_k), True for real tokens, hides padded keys;
+* `attn_mask`, broadcastable to (B, H, L_q, L_k) (e.g. (B, 1, L_q, L_k), or (1, H, L_q, L_k) for T5's position
+  bias): bool (True = visible), or floating, ADDED to the scaled scores (transformers' eager mask, T5's relative
+  position bias). A floating value below HIDE_BELOW = −1e38 (−inf; float32's and bfloat16's lowest values)
+  hides the key like False: the kernels work in log₂ units, where such a value overflows.
+
+A query row that sees no key at all gives 0. `dropout_p` > 0 drops attention probabilities after the softmax,
+scaling the kept ones by 1/(1 − p), as torch's scaled_dot_product_attention does (torch's global generator).
 The prefix is concatenated here for clarity; the kernel reads it from its own tensors and never copies K or V.
 """
 from __future__ import annotations
@@ -15,12 +24,17 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+
+HIDE_BELOW = -1e38  # a floating attn_mask value below this hides its key (as False would)
 
 
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None = None,
                      prefix_v: torch.Tensor | None = None, *, scale: float | None = None, causal: bool = False,
-                     key_padding_mask: torch.Tensor | None = None, query_offset: int | None = None) -> torch.Tensor:
-    """The formula above, differentiable by autograd; softmax in float32 (float64 for float64 inputs)."""
+                     key_padding_mask: torch.Tensor | None = None, query_offset: int | None = None,
+                     attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """The formula above, differentiable by autograd (a floating attn_mask included); softmax in float32
+    (float64 for float64 inputs)."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     group = H // Hkv
@@ -33,21 +47,37 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
     values = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=2).repeat_interleave(group, dim=1)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = (q.to(work) @ keys.to(work).transpose(-1, -2)) * scale          # (B, H, Lq, P + Lk)
+    scores = add_bias(scores, attn_mask, P)
     offset = Lk - Lq if query_offset is None else query_offset
     visible = visible_keys(B, Lq, Lk, P, causal=causal, query_offset=offset, key_padding_mask=key_padding_mask,
-                           device=q.device)
+                           device=q.device, attn_mask=attn_mask)
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)                   # a row with no visible key: zeros
+    if dropout_p > 0:
+        probs = F.dropout(probs, p=dropout_p)
     return (probs @ values.to(work)).to(q.dtype)
 
 
 def visible_keys(B: int, Lq: int, Lk: int, P: int, *, causal: bool, query_offset: int,
-                 key_padding_mask: torch.Tensor | None, device) -> torch.Tensor:
-    """(B, 1, L_q, P + L_k) bool: which keys each query sees (every prefix key; the real keys the rules allow)."""
+                 key_padding_mask: torch.Tensor | None, device, attn_mask: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """(B, 1 or H, L_q, P + L_k) bool: which keys each query sees (every prefix key; the real keys the rules
+    allow). The head dimension is H only when attn_mask has one."""
     visible = torch.ones((B, 1, Lq, P + Lk), dtype=torch.bool, device=device)
     if causal:
         rows = torch.arange(Lq, device=device)[:, None] + query_offset
         visible[..., P:] &= torch.arange(Lk, device=device)[None, :] <= rows
     if key_padding_mask is not None:
         visible[..., P:] &= key_padding_mask[:, None, None, :].to(torch.bool)
+    if attn_mask is not None:
+        shown = attn_mask if attn_mask.dtype == torch.bool else attn_mask.detach() >= HIDE_BELOW
+        real = visible[..., P:] & shown                                      # broadcast: (B, 1 or H, Lq, Lk)
+        visible = torch.cat([visible[..., :P].expand(*real.shape[:-1], P), real], dim=-1)
     return visible
+
+
+def add_bias(scores: torch.Tensor, attn_mask: torch.Tensor | None, P: int) -> torch.Tensor:
+    """scores (B, H, L_q, P + L_k) plus a floating attn_mask on the real keys' columns (the prefix gets none)."""
+    if attn_mask is None or attn_mask.dtype == torch.bool:
+        return scores
+    return scores + F.pad(attn_mask.to(scores.dtype), (P, 0))

@@ -35,8 +35,26 @@ def launches(monkeypatch):
     return seen
 
 
-def _inputs(B, H, Hkv, Lq, Lk, P, D, dtype, *, Bp=1, mask=None, seed=0):
-    """Random q, k, v, prefix (None when P is None) and key padding mask ("random" or a given bool tensor)."""
+def _attn_mask(kind, B, H, Lq, Lk, g):
+    """An attn_mask over the real keys: "bool" (B, 1, Lq, Lk), "bool_bh" (B, H, Lq, Lk), "bool_2d" (Lq, Lk), random
+    visibility; "bias" (1, H, Lq, Lk), "bias_b" (B, 1, Lq, Lk), a float32 position-bias-like term with a quarter of
+    its entries hidden (−inf, or float32's lowest value as transformers' eager masks write it). With L_q > 1, query
+    row 0 sees no real key."""
+    shape = {"bool": (B, 1, Lq, Lk), "bool_bh": (B, H, Lq, Lk), "bool_2d": (Lq, Lk), "bias": (1, H, Lq, Lk),
+             "bias_b": (B, 1, Lq, Lk)}[kind]
+    hidden = torch.rand(shape, generator=g) < 0.25
+    hidden[..., 0, :] |= Lq > 1
+    if kind.startswith("bool"):
+        return ~hidden
+    bias = 2 * torch.randn(shape, generator=g)
+    lowest = torch.rand(shape, generator=g) < 0.5
+    bias = bias.masked_fill(hidden & lowest, float("-inf"))
+    return bias.masked_fill(hidden & ~lowest, torch.finfo(torch.float32).min)
+
+
+def _inputs(B, H, Hkv, Lq, Lk, P, D, dtype, *, Bp=1, mask=None, attn=None, seed=0):
+    """Random q, k, v, prefix (None when P is None), key padding mask ("random" or a given bool tensor) and
+    attn_mask (a kind of _attn_mask, or None)."""
     g = torch.Generator().manual_seed(seed + 7 * Lq + Lk + (P or 0))
 
     def rnd(*shape):
@@ -44,6 +62,8 @@ def _inputs(B, H, Hkv, Lq, Lk, P, D, dtype, *, Bp=1, mask=None, seed=0):
 
     t = dict(q=rnd(B, H, Lq, D), k=rnd(B, Hkv, Lk, D), v=rnd(B, Hkv, Lk, D), prefix_k=None, prefix_v=None,
              key_padding_mask=None)
+    if attn is not None:
+        t["attn_mask"] = _attn_mask(attn, B, H, Lq, Lk, g).to(DEVICE)
     if P is not None:
         t["prefix_k"], t["prefix_v"] = rnd(Bp, Hkv, P, D), rnd(Bp, Hkv, P, D)
     if isinstance(mask, str):
@@ -67,14 +87,14 @@ def _check_kernel(t, dtype, launches, **kw):
     with torch.no_grad(), fp.ops.use_backend("triton"), fp.ops.poison_outputs():
         out = fp.ops.prefix_attention(**t, **kw)
         o, lse = torch.ops.fastpeft.prefix_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"],
-                                                     t["key_padding_mask"], scale, causal, offset)
+                                                     t["key_padding_mask"], scale, causal, offset, t.get("attn_mask"))
     assert launches == ["fwd", "fwd"]
     assert out.dtype == dtype and out.shape == (B, H, Lq, D)
     err = rel_err(out, ref)
     assert err <= TOLERANCE[dtype], f"relative error {err:.3e} ({dtype})"
     assert torch.equal(out, o)
     _, lse64 = op._torch_forward(t64["q"], t64["k"], t64["v"], t64["prefix_k"], t64["prefix_v"],
-                                 t["key_padding_mask"], scale, causal, offset)
+                                 t["key_padding_mask"], scale, causal, offset, t64.get("attn_mask"))
     finite = torch.isfinite(lse64)
     assert lse.dtype == torch.float32 and lse.shape == (B, H, Lq)
     assert torch.equal(torch.isinf(lse), ~finite) and not torch.isnan(lse).any()
@@ -134,8 +154,9 @@ def test_scale_and_integer_mask(launches):
 # The backward kernels
 # ------------------------------------------------------------------------------------------------------------
 
-def _grad_inputs(dtype, B, H, Hkv, Lq, Lk, P, D, *, Bp=1, mask=None, leaves=("q", "k", "v", "prefix_k", "prefix_v")):
-    t = _inputs(B, H, Hkv, Lq, Lk, P, D, dtype, Bp=Bp, mask=mask)
+def _grad_inputs(dtype, B, H, Hkv, Lq, Lk, P, D, *, Bp=1, mask=None, attn=None,
+                 leaves=("q", "k", "v", "prefix_k", "prefix_v")):
+    t = _inputs(B, H, Hkv, Lq, Lk, P, D, dtype, Bp=Bp, mask=mask, attn=attn)
     for name in leaves:
         if t[name] is not None:
             t[name].requires_grad_()
@@ -221,6 +242,102 @@ def test_compiled_backward_op_body_matches_reference():
 
 
 # ------------------------------------------------------------------------------------------------------------
+# attn_mask (bool or additive bias, broadcast through strides) and the 16-row decode block
+# ------------------------------------------------------------------------------------------------------------
+
+MASK_CASES = {  # (B, H, Hkv, Lq, Lk, P, D, dtype, extra): forward (with LSE) and every gradient
+    "bool_b1hl": (2, 2, 2, 9, 13, 3, 64, torch.float32, {"attn": "bool"}),
+    "bias_1h_with_padding": (2, 2, 2, 7, 11, 4, 64, torch.float32, {"attn": "bias", "mask": "random"}),
+    "bool_bh_causal_padding_gqa_fp16": (2, 4, 2, 10, 13, 3, 80, torch.float16,
+                                        {"attn": "bool_bh", "mask": "random", "causal": True}),
+    "bias_per_row_prefix_causal_bf16": (2, 2, 1, 6, 9, 2, 64, torch.bfloat16,
+                                        {"Bp": 2, "attn": "bias", "causal": True}),
+    "decode_bias": (2, 2, 1, 1, 21, 5, 64, torch.float32, {"attn": "bias_b", "causal": True, "mask": "random"}),
+    "decode7_bool_2d_no_prefix": (1, 2, 2, 7, 19, None, 64, torch.float32, {"attn": "bool_2d", "causal": True}),
+    "odd_bias_gqa": (1, 4, 2, 5, 23, 7, 80, torch.float32, {"attn": "bias"}),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(MASK_CASES))
+def test_attn_mask_kernels_match_reference(case, launches):
+    """attn_mask with the other masks, every shape kind: O and LSE, then every gradient, against float64."""
+    B, H, Hkv, Lq, Lk, P, D, dtype, extra = MASK_CASES[case]
+    extra = dict(extra)
+    Bp, mask, attn = extra.pop("Bp", 1), extra.pop("mask", None), extra.pop("attn")
+    _check_kernel(_inputs(B, H, Hkv, Lq, Lk, P, D, dtype, Bp=Bp, mask=mask, attn=attn), dtype, launches, **extra)
+    launches.clear()
+    errors = check_op(lambda **t: fp.ops.prefix_attention(**t, **extra),
+                      lambda dt: _grad_inputs(dt, B, H, Hkv, Lq, Lk, P, D, Bp=Bp, mask=mask, attn=attn), dtype)
+    assert set(errors) == {"output", "dq", "dk", "dv"} | ({"dprefix_k", "dprefix_v"} if P is not None else set())
+    assert launches == ["fwd", "dq", "dkdv"] + (["dkdv"] if P is not None else [])
+
+
+@needs_triton
+def test_attn_mask_rows_that_see_no_key_and_expanded_masks(launches):
+    """No prefix: query row 0 sees no key (attn_mask hides them all) and gives 0 with zero gradient. A mask given
+    already expanded (stride 0) or in half precision reads the same."""
+    t = _grad_inputs(torch.float32, 1, 2, 2, 5, 9, None, 64, attn="bias")
+    expect = reference(**{n: (x.detach() if isinstance(x, torch.Tensor) else x) for n, x in t.items()})
+    with fp.ops.use_backend("triton"), fp.ops.poison_outputs():
+        out = fp.ops.prefix_attention(**t)
+        out.sum().backward()
+        same = fp.ops.prefix_attention(**{**t, "attn_mask": t["attn_mask"].expand(1, 2, 5, 9)})
+        half = fp.ops.prefix_attention(**{**t, "attn_mask": t["attn_mask"].half()})
+    assert launches == ["fwd", "dq", "dkdv", "fwd", "fwd"]
+    assert (out[:, :, 0] == 0).all() and (t["q"].grad[:, :, 0] == 0).all() and torch.isfinite(t["k"].grad).all()
+    assert rel_err(out, expect) < 1e-5 and torch.equal(out, same)
+    assert rel_err(half, expect) < 1e-2
+
+
+def test_decode_block_for_short_queries():
+    """The forward prune keeps 16-row query blocks for L_q <= 16 (decode) and only taller ones above."""
+    triton = pytest.importorskip("triton")
+    kern = op._kernels()
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+               for bm, bn, w, st in kern._SHAPES + kern._DECODE_SHAPES]
+    q = torch.empty(1, dtype=torch.bfloat16)
+    for lq, rows in ((1, {16}), (16, {16}), (17, {64}), (64, {64, 128}), (4096, {64, 128})):
+        kept = kern._prune(configs, {"q_ptr": q, "BLOCK_D": 128, "LQ_BUCKET": kern.bucket(lq)})
+        assert {c.kwargs["BLOCK_M"] for c in kept} == rows, lq
+
+
+@needs_triton
+def test_reference_paths_for_dropout_and_a_learned_bias(launches):
+    """dropout_p > 0 and an attn_mask that requires grad run the reference (autograd reaches the bias);
+    dropout_p = 0 is the kernel."""
+    t = _grad_inputs(torch.float32, 1, 2, 2, 4, 6, 2, 64, attn="bias")
+    with fp.ops.use_backend("triton"):
+        torch.manual_seed(1)
+        a = fp.ops.prefix_attention(**t, dropout_p=0.3)
+        torch.manual_seed(1)
+        b = reference(**t, dropout_p=0.3)
+        assert launches == [] and torch.equal(a, b)
+        bias = t["attn_mask"].clone().requires_grad_()
+        fp.ops.prefix_attention(**{**t, "attn_mask": bias}).sum().backward()
+        assert launches == [] and bias.grad is not None and bias.grad.abs().sum() > 0
+        with torch.no_grad():
+            c = fp.ops.prefix_attention(**t, dropout_p=0.0)
+        assert launches == ["fwd"] and rel_err(c, reference(**t)) < 1e-5
+
+
+def test_torch_op_bodies_with_attn_mask_match_reference_autograd():
+    """The registered op on the torch backend (the bodies torch.compile traces): output and gradients against the
+    reference's autograd, with a bias, padding and causal masks."""
+    t = _grad_inputs(torch.float64, 2, 4, 2, 5, 8, 3, 64, attn="bias", mask="random")
+    names = ["q", "k", "v", "prefix_k", "prefix_v"]
+    with fp.ops.use_backend("torch"):
+        y = torch.ops.fastpeft.prefix_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"],
+                                                t["key_padding_mask"], 0.125, True, 3, t["attn_mask"])[0]
+    grads = torch.autograd.grad(y, [t[n] for n in names], torch.ones_like(y))
+    y2 = reference(**t, scale=0.125, causal=True)
+    grads2 = torch.autograd.grad(y2, [t[n] for n in names], torch.ones_like(y2))
+    assert rel_err(y, y2) < 1e-12
+    for name, g, g2 in zip(names, grads, grads2):
+        assert rel_err(g, g2) < 1e-6, name  # the backward body reads the float32 LSE
+
+
+# ------------------------------------------------------------------------------------------------------------
 # The reference paths
 # ------------------------------------------------------------------------------------------------------------
 
@@ -278,8 +395,16 @@ def test_op_body_lse_matches_float64_logsumexp():
     (lambda t: t.update(key_padding_mask=torch.ones(2, 7)), "dtype"),
     (lambda t: t.update(k=t["k"].half(), v=t["v"].half()), "cast them"),
     (lambda t: t.update(query_offset=1.5), "query_offset"),
+    (lambda t: t.update(attn_mask=torch.ones(2, 4, 5, 6, dtype=torch.bool)), r"attn_mask has shape \(2, 4, 5, 6\)"),
+    (lambda t: t.update(attn_mask=torch.ones(2, 1, 5, 10)), r"attn_mask\[\.\.\., 3:\]"),
+    (lambda t: t.update(attn_mask=torch.ones(1, 1, 1, 5, 7)), "broadcastable to"),
+    (lambda t: t.update(attn_mask=torch.ones(2, 1, 5, 7, dtype=torch.int64)), r"\.bool\(\)"),
+    (lambda t: t.update(attn_mask=torch.ones(2, 1, 5, 7, device="meta")), "attn_mask is on meta"),
+    (lambda t: t.update(dropout_p=1.0), "dropout_p=1.0"),
+    (lambda t: t.update(dropout_p=-0.1), "0 <= dropout_p < 1"),
 ], ids=["q_3d", "kv_mismatch", "head_dim", "heads", "half_prefix", "prefix_batch", "mask_shape", "mask_dtype",
-        "dtype", "offset"])
+        "dtype", "offset", "attn_mask_shape", "attn_mask_covers_prefix", "attn_mask_5d", "attn_mask_int",
+        "attn_mask_device", "dropout_one", "dropout_negative"])
 def test_input_checks(change, match):
     t = _inputs(2, 4, 2, 5, 7, 3, 64, torch.float32)
     change(t)
