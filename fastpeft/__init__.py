@@ -8,11 +8,11 @@ Importing fastpeft never initialises CUDA and never compiles anything; kernels l
 from . import ops
 from .checkpoint import load_adapter, save_adapter
 from .config import (AdaLoRAConfig, AdapterConfig, BnConfig, CompacterConfig, CompacterPlusPlusConfig,
-                     DoubleSeqBnConfig, DoubleSeqBnInvConfig, IA3Config, LoRAConfig, ParBnConfig, SeqBnConfig,
-                     SeqBnInvConfig)
+                     DoubleSeqBnConfig, DoubleSeqBnInvConfig, IA3Config, LlamaAdapterConfig, LoRAConfig, ParBnConfig,
+                     PrefixTuningConfig, PromptTuningConfig, PTuningConfig, SeqBnConfig, SeqBnInvConfig)
 from .errors import AdapterError, BackendError, CheckpointError, ConfigError, FastPEFTError, TargetError
-from .inject import (Stack, adapters, add_adapter, delete_adapter, disable_adapters, merge_adapter,
-                     set_active_adapters, trainable_parameters, unload, unmerge_adapter)
+from .inject import (Stack, adapters, add_adapter, delete_adapter, disable_adapters, eject_prefix_tuning,
+                     merge_adapter, set_active_adapters, trainable_parameters, unload, unmerge_adapter)
 from .inject.adalora import RankAllocator
 
 __version__ = "0.1.0"
@@ -20,8 +20,10 @@ __version__ = "0.1.0"
 __all__ = [
     "ops", "AdapterConfig", "LoRAConfig", "IA3Config", "AdaLoRAConfig", "RankAllocator", "BnConfig", "SeqBnConfig",
     "DoubleSeqBnConfig", "ParBnConfig", "SeqBnInvConfig", "DoubleSeqBnInvConfig", "CompacterConfig",
-    "CompacterPlusPlusConfig", "Stack",
+    "CompacterPlusPlusConfig", "PrefixTuningConfig", "PromptTuningConfig", "PTuningConfig", "LlamaAdapterConfig",
+    "Stack",
     "add_adapter", "set_active_adapters", "disable_adapters", "merge_adapter", "unmerge_adapter",
     "delete_adapter", "unload", "trainable_parameters", "adapters", "save_adapter", "load_adapter",
+    "eject_prefix_tuning",
     "FastPEFTError", "ConfigError", "TargetError", "AdapterError", "CheckpointError", "BackendError",
 ]

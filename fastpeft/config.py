@@ -390,11 +390,8 @@ class BnConfig(AdapterConfig):
                                      and self.inv_adapter_reduction_factor > 0):
             _fail(self, "inv_adapter_reduction_factor", f"got {self.inv_adapter_reduction_factor!r}",
                   "use a positive number, e.g. 2")
-        if not isinstance(self.leave_out, (list, tuple)) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.leave_out):
-            _fail(self, "leave_out", f"got {self.leave_out!r}", "list the layer indices without adapters, e.g. [0, 1]")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            _fail(self, "dropout", f"must be in [0, 1), got {self.dropout!r}", "use e.g. dropout=0.1, or 0.0")
+        _check_leave_out(self)
+        _check_dropout(self)
         for name in ("phm_dim", "phm_rank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -404,7 +401,6 @@ class BnConfig(AdapterConfig):
         if self.hypercomplex_nonlinearity not in ("glorot-normal", "glorot-uniform", "normal"):
             _fail(self, "hypercomplex_nonlinearity", f"got {self.hypercomplex_nonlinearity!r}",
                   'use "glorot-uniform", "glorot-normal" or "normal"')
-        self.leave_out = list(self.leave_out)
 
 
 @dataclass
@@ -468,6 +464,200 @@ class CompacterPlusPlusConfig(SeqBnConfig):
     non_linearity: str = "gelu"
 
 
+def _check_int(cfg, name: str, low: int, example: str, *, optional: bool = False) -> None:
+    value = getattr(cfg, name)
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        _fail(cfg, name, f"must be an integer >= {low}, got {value!r}", f"use e.g. {name}={example}")
+
+
+def _check_dropout(cfg, name: str = "dropout") -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        _fail(cfg, name, f"must be in [0, 1), got {value!r}", f"use e.g. {name}=0.1, or 0.0")
+
+
+def _check_leave_out(cfg) -> None:
+    if not isinstance(cfg.leave_out, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in cfg.leave_out):
+        _fail(cfg, "leave_out", f"got {cfg.leave_out!r}", "list the layer indices to skip, e.g. [0, 1]")
+    cfg.leave_out = list(cfg.leave_out)
+
+
+@dataclass
+class PrefixTuningConfig(AdapterConfig):
+    """Prefix tuning (Li & Liang 2021) with AdapterHub's options: every attention layer attends to
+    `prefix_length` learned keys and values before the real ones,
+
+        O = softmax(Q [P_K; K]ᵀ · scale + mask) [P_V; V]   (fp.ops.prefix_attention; K and V never copied)
+
+    The prefix of every layer comes from one MLP per attention kind (flat=False: P_K, P_V = W_2 f(W_1 E + b_1) + b_2
+    over a P x hidden embedding E, bottleneck `bottleneck_size`, f = `non_linearity`), or is a parameter itself
+    (flat=True; fp.eject_prefix_tuning turns the first into the second). Encoder-decoder models: `encoder_prefix`
+    for the encoder's self-attention, `cross_prefix` for the decoder's cross-attention (the decoder's
+    self-attention always gets one). `use_gating`: the prefix keys and values are scaled by mean_t sigmoid(W h_t + b)
+    over the layer's input tokens (one gate for both when `shared_gating`, else one each).
+    `shift_positions`: real tokens sit at positions P..P+L-1 as in PEFT (set when a PEFT checkpoint is loaded);
+    by default they keep 0..L-1 and the prefix carries no position. `modules_to_save`: modules (e.g. a
+    classification head) trained beside the prefix, as in PEFT.
+    """
+
+    method: ClassVar[str] = "prefix_tuning"
+    aliases: ClassVar[dict[str, str]] = {"num_virtual_tokens": "prefix_length"}
+
+    prefix_length: int = 30
+    bottleneck_size: int = 512
+    non_linearity: str = "tanh"
+    dropout: float = 0.0
+    flat: bool = False
+    encoder_prefix: bool = True
+    cross_prefix: bool = True
+    leave_out: list[int] = field(default_factory=list)
+    use_gating: bool = False
+    shared_gating: bool = True
+    shift_positions: bool = False
+    modules_to_save: list[str] | None = None
+    init_weights_seed: int | None = None
+    num_virtual_tokens: int | None = field(default=None, repr=False, compare=False)
+
+    def validate(self) -> None:
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        _check_targets(self, "modules_to_save", self.modules_to_save)
+        _check_int(self, "prefix_length", 1, "30")
+        _check_int(self, "bottleneck_size", 1, "512")
+        if not isinstance(self.non_linearity, str) or self.non_linearity.lower() not in NON_LINEARITIES:
+            _fail(self, "non_linearity", f"{self.non_linearity!r} is not supported",
+                  f"use one of {', '.join(NON_LINEARITIES)}")
+        _check_dropout(self)
+        for name in ("flat", "encoder_prefix", "cross_prefix", "use_gating", "shared_gating", "shift_positions"):
+            if getattr(self, name) not in (True, False):
+                _fail(self, name, f"must be True or False, got {getattr(self, name)!r}", f"use {name}=True or False")
+        _check_int(self, "init_weights_seed", 0, "42", optional=True)
+        _check_leave_out(self)
+
+
+@dataclass
+class PromptTuningConfig(AdapterConfig):
+    """Prompt tuning (Lester et al. 2021) with AdapterHub's options: `prompt_length` learned embeddings are put
+    before the input embeddings (combine="prefix") or after its first token (combine="prefix_after_bos"); the
+    attention mask and labels (-100) are extended to match. prompt_init="random_uniform" draws them from
+    U(-random_uniform_scale, random_uniform_scale); "from_string" copies the model's own token embeddings of
+    `prompt_init_text` (tokenized by `tokenizer`, or AutoTokenizer(`tokenizer_name_or_path`)), repeated or cut to
+    prompt_length. modules_to_save: modules trained whole beside the prompt (PEFT's; e.g. ["classifier"]).
+    """
+
+    method: ClassVar[str] = "prompt_tuning"
+    aliases: ClassVar[dict[str, str]] = {"num_virtual_tokens": "prompt_length",
+                                         "prompt_tuning_init_text": "prompt_init_text"}
+
+    prompt_length: int = 10
+    prompt_init: str = "random_uniform"
+    prompt_init_text: str | None = None
+    random_uniform_scale: float = 0.5
+    combine: str = "prefix"
+    tokenizer_name_or_path: str | None = None
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+    init_weights_seed: int | None = None
+    modules_to_save: list[str] | None = None
+    num_virtual_tokens: int | None = field(default=None, repr=False, compare=False)
+    prompt_tuning_init_text: str | None = field(default=None, repr=False, compare=False)
+
+    def validate(self) -> None:
+        _check_int(self, "prompt_length", 1, "10")
+        if self.prompt_init == "text":  # PEFT's name for it
+            self.prompt_init = "from_string"
+        if self.prompt_init not in ("random_uniform", "from_string"):
+            _fail(self, "prompt_init", f"got {self.prompt_init!r}", 'use "random_uniform" or "from_string"')
+        if self.prompt_init == "from_string" and not (isinstance(self.prompt_init_text, str) and self.prompt_init_text):
+            _fail(self, "prompt_init_text", 'is missing: prompt_init="from_string" initialises the prompt from the '
+                  "embeddings of a text", 'pass prompt_init_text="Classify the sentiment:" (and a tokenizer), or '
+                  'use prompt_init="random_uniform"')
+        if isinstance(self.random_uniform_scale, bool) or not isinstance(self.random_uniform_scale, (int, float)) \
+                or not self.random_uniform_scale > 0:
+            _fail(self, "random_uniform_scale", f"got {self.random_uniform_scale!r}", "use a positive number, e.g. 0.5")
+        if self.combine not in ("prefix", "prefix_after_bos"):
+            _fail(self, "combine", f"got {self.combine!r}", 'use "prefix" or "prefix_after_bos"')
+        _check_int(self, "init_weights_seed", 0, "42", optional=True)
+        _check_modules_to_save(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.pop("tokenizer")  # an object, not part of the saved config
+        return out
+
+
+@dataclass
+class PTuningConfig(AdapterConfig):
+    """P-tuning (Liu et al. 2021, PEFT's PromptEncoderConfig): `prompt_length` virtual token embeddings produced by a
+    prompt encoder from learned inputs E: encoder_type="MLP": W_3 relu(W_2 relu(W_1 E)) (hidden width
+    `encoder_hidden_size`, default the model's hidden size); "LSTM": a bidirectional `encoder_num_layers`-layer
+    LSTM over E, then W_2 relu(W_1 ·). Combined with the input as prompt tuning's combine="prefix".
+    inference_mode=True (PEFT's name): no encoder, the virtual token embeddings are learned directly; a loaded
+    checkpoint is such an adapter, because a saved P-tuning adapter holds the encoder's output (as PEFT's).
+    modules_to_save: modules trained whole beside the prompt (PEFT's; e.g. ["classifier"]).
+    """
+
+    method: ClassVar[str] = "p_tuning"
+    aliases: ClassVar[dict[str, str]] = {"num_virtual_tokens": "prompt_length",
+                                         "encoder_reparameterization_type": "encoder_type"}
+
+    prompt_length: int = 20
+    encoder_type: str = "MLP"
+    encoder_hidden_size: int | None = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+    init_weights_seed: int | None = None
+    modules_to_save: list[str] | None = None
+    inference_mode: bool = False
+    num_virtual_tokens: int | None = field(default=None, repr=False, compare=False)
+    encoder_reparameterization_type: str | None = field(default=None, repr=False, compare=False)
+
+    def validate(self) -> None:
+        _check_int(self, "prompt_length", 1, "20")
+        if isinstance(self.encoder_type, str):
+            self.encoder_type = self.encoder_type.upper()
+        if self.encoder_type not in ("MLP", "LSTM"):
+            _fail(self, "encoder_type", f"got {self.encoder_type!r}", 'use "MLP" or "LSTM"')
+        _check_int(self, "encoder_hidden_size", 1, "256", optional=True)
+        _check_int(self, "encoder_num_layers", 1, "2")
+        _check_dropout(self, "encoder_dropout")
+        _check_int(self, "init_weights_seed", 0, "42", optional=True)
+        _check_modules_to_save(self)
+        if not isinstance(self.inference_mode, bool):
+            _fail(self, "inference_mode", f"got {self.inference_mode!r}", "use True or False")
+
+
+def _check_modules_to_save(cfg) -> None:
+    if isinstance(cfg.modules_to_save, str):
+        cfg.modules_to_save = [cfg.modules_to_save]
+    if cfg.modules_to_save is not None:
+        _check_targets(cfg, "modules_to_save", list(cfg.modules_to_save))
+        cfg.modules_to_save = list(dict.fromkeys(cfg.modules_to_save))
+
+
+@dataclass
+class LlamaAdapterConfig(AdapterConfig):
+    """LLaMA-Adapter (Zhang et al. 2023; PEFT's AdaptionPromptConfig): in the top `adapter_layers` layers (None: all),
+    `adapter_len` learned prompt tokens A give keys and values through the layer's own k/v projections (no
+    position), attended with their own softmax and added under a zero-initialised gate g per layer:
+
+        O = attention(Q, K, V) + g · softmax(Q (A W_k)ᵀ · scale) (A W_v)      (identity at g = 0)
+    """
+
+    method: ClassVar[str] = "llama_adapter"
+
+    adapter_len: int = 10
+    adapter_layers: int | None = None
+    init_weights_seed: int | None = None
+
+    def validate(self) -> None:
+        _check_int(self, "adapter_len", 1, "10")
+        _check_int(self, "adapter_layers", 1, "8", optional=True)
+        _check_int(self, "init_weights_seed", 0, "42", optional=True)
+
+
 def _pattern_value(pattern: dict, module_name: str, default):
     """PEFT's rank_pattern/alpha_pattern: the first key (a regex) that matches a dotted suffix of the module path."""
     for key, value in pattern.items():
@@ -476,7 +666,9 @@ def _pattern_value(pattern: dict, module_name: str, default):
     return default
 
 
-CONFIGS: dict[str, type[AdapterConfig]] = {cls.method: cls for cls in (LoRAConfig, IA3Config, AdaLoRAConfig, BnConfig)}
+CONFIGS: dict[str, type[AdapterConfig]] = {cls.method: cls for cls in (
+    LoRAConfig, IA3Config, AdaLoRAConfig, BnConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig,
+    LlamaAdapterConfig)}
 
 
 def config_from_dict(data: dict[str, Any]) -> AdapterConfig:

@@ -16,7 +16,7 @@ import re
 import torch
 from torch import nn
 
-from ..config import BnConfig
+from ..config import BnConfig, PrefixTuningConfig
 from ..errors import CheckpointError, ConfigError
 from ..inject.state import require_state
 from .files import CONFIG_NAME, add_and_fill, read_safetensors, safetensors_bytes, write_atomic
@@ -35,20 +35,18 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     state = require_state(model, "save_adapter")
     out = {}
     for path in state.modules[name]:
-        container = model.get_submodule(path)
-        holder = container.store()
-        inner = "" if holder is container else next(k for k, m in container.named_children() if m is holder) + "."
-        for key, value in holder._modules[name].state_dict().items():
-            out[f"{path}.{inner}{name}.{key}"] = value
+        out.update({f"{path}.{key}": value for key, value in model.get_submodule(path).adapter_state(name).items()})
     return out
 
 
-def export(model: nn.Module, name: str, config: BnConfig, directory: str) -> None:
+def export(model: nn.Module, name: str, config: BnConfig | PrefixTuningConfig, directory: str) -> None:
     """Write adapter `name` as AdapterHub's save_adapter does (safetensors weights), each file atomically."""
     from .. import __version__
 
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_tensors(model, name).items()}
-    fields = {k: v for k, v in config.to_dict().items() if k != "method"}
+    fields = {k: v for k, v in config.to_dict().items() if k != "method" or isinstance(config, PrefixTuningConfig)}
+    if isinstance(config, PrefixTuningConfig):
+        fields["architecture"] = "prefix_tuning"
     model_config = getattr(model, "config", None)
     meta = {"config": fields, "hidden_size": getattr(model_config, "hidden_size", None),
             "model_class": type(model).__name__, "model_name": getattr(model_config, "_name_or_path", "") or "",
@@ -96,15 +94,19 @@ def load(model: nn.Module, name: str, raw: dict, directory: str, config_path: st
     return model
 
 
-def _config(raw: dict, config_path: str) -> BnConfig:
+def _config(raw: dict, config_path: str) -> BnConfig | PrefixTuningConfig:
     data = dict(raw["config"])
     architecture = data.pop("architecture", "bottleneck")
-    if architecture not in (None, "bottleneck"):
+    method = data.pop("method", None)
+    if method == "prefix_tuning" and architecture == "prefix_tuning":
+        cls = PrefixTuningConfig  # fastpeft's own prefix layout (AdapterHub keeps prefixes per attention head)
+    elif architecture in (None, "bottleneck"):
+        cls = BnConfig
+    else:
         raise CheckpointError(f"load_adapter: {config_path} describes an AdapterHub {architecture!r} adapter; "
                               "fastpeft reads AdapterHub bottleneck, Compacter and invertible adapters.")
-    data.pop("method", None)
     try:
-        return BnConfig.from_dict(data)
+        return cls.from_dict(data)
     except ConfigError as exc:
         raise CheckpointError(f"load_adapter: {config_path}: {exc}") from None
 
@@ -140,7 +142,8 @@ def _rename(key: str, saved: str | None, name: str) -> str:
     """The key with the saved adapter name (the segment after a container) replaced by `name`."""
     if not saved or saved == name:
         return key
-    return re.sub(rf"(^|\.)(adapters|invertible_adapters|shared_parameters)\.{re.escape(saved)}\.",
+    return re.sub(rf"(^|\.)(adapters|invertible_adapters|shared_parameters|prefix_tunings|prefix_gates)\."
+                  rf"{re.escape(saved)}\.",
                   rf"\1\2.{name}.", key)
 
 

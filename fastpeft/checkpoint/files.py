@@ -143,10 +143,12 @@ def in_out(module: nn.Module) -> tuple[int, int]:
 
 
 
-def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], fields: dict) -> None:
-    """adapter_model.safetensors (keys get PEFT's prefix) then adapter_config.json, each written atomically."""
+def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], fields: dict,
+                     prefix: str = PREFIX) -> None:
+    """adapter_model.safetensors (keys get PEFT's prefix; prompt-learning methods have none) then
+    adapter_config.json, each written atomically."""
     # Own CPU copies: safetensors refuses tensors that share memory (e.g. tied weights).
-    tensors = {PREFIX + k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    tensors = {prefix + k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     write_atomic(os.path.join(directory, WEIGHTS_NAME), safetensors_bytes(tensors, metadata={"format": "pt"}))

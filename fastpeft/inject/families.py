@@ -4,7 +4,7 @@ Adding a family is adding a row. Names are module-name suffixes as they appear i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class Family:
     mlp: tuple[str, ...]          # feed-forward module inside a block
     embeddings: tuple[str, ...]   # input token embeddings
     bottleneck: Placement | None = None  # where bottleneck adapters go (None: not supported yet)
+    attention_calls: tuple[str, ...] = ()  # modules (relative to a block) that call transformers' attention
 
 
 # Pre-LN blocks: x + sublayer(norm(x)); the adapter transforms the sub-layer's output, the model adds x.
@@ -69,11 +70,11 @@ _POST_LN = Placement(
 
 _LLAMA = Family(q=("q_proj",), k=("k_proj",), v=("v_proj",), o=("o_proj",), ffn_in=("gate_proj", "up_proj"),
                 ffn_out=("down_proj",), layers="layers", attention=("self_attn",), mlp=("mlp",),
-                embeddings=("embed_tokens",), bottleneck=_PRE_LN)
+                embeddings=("embed_tokens",), bottleneck=_PRE_LN, attention_calls=("self_attn",))
 _BERT = Family(q=("query",), k=("key",), v=("value",), o=("attention.output.dense",),
                ffn_in=("intermediate.dense",), ffn_out=("output.dense",), layers="layer",
                attention=("attention",), mlp=("intermediate", "output"), embeddings=("word_embeddings",),
-               bottleneck=_POST_LN)
+               bottleneck=_POST_LN, attention_calls=("attention.self",))
 
 FAMILIES: dict[str, Family] = {
     "llama": _LLAMA,
@@ -81,7 +82,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
     "gemma": _LLAMA,
-    "gemma2": _LLAMA,
+    "gemma2": replace(_LLAMA, attention_calls=()),  # logit soft-capping: not in the prefix-attention kernel
     "phi3": Family(q=("qkv_proj",), k=("qkv_proj",), v=("qkv_proj",), o=("o_proj",), ffn_in=("gate_up_proj",),
                    ffn_out=("down_proj",), layers="layers", attention=("self_attn",), mlp=("mlp",),
                    embeddings=("embed_tokens",)),
@@ -92,7 +93,8 @@ FAMILIES: dict[str, Family] = {
                                        container="attention_adapters.adapters"),
                        output_adapter=Site(("",), output="mlp", residual="ln_2", residual_arg=0, norm=None,
                                            container="output_adapters.adapters"),
-                       embeddings="drop")),
+                       embeddings="drop"),
+                   attention_calls=("attn",)),
     "bert": _BERT,
     "roberta": _BERT,
     "xlm-roberta": _BERT,
@@ -104,7 +106,8 @@ FAMILIES: dict[str, Family] = {
                                      norm=None, container="attention_adapters.adapters"),
                      output_adapter=Site(("layer.2", "layer.1"), output="dropout", residual="layer_norm",
                                          residual_arg=0, norm=None, container="output_adapters.adapters"),
-                     embeddings=None)),
+                     embeddings=None),
+                 attention_calls=("layer.0.SelfAttention", "layer.1.EncDecAttention")),
     "opt": Family(q=("q_proj",), k=("k_proj",), v=("v_proj",), o=("out_proj",), ffn_in=("fc1",), ffn_out=("fc2",),
                   layers="layers", attention=("self_attn",), mlp=(), embeddings=("embed_tokens",)),
 }

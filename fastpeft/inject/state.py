@@ -19,6 +19,7 @@ class AdapterState:
     active: list[str] = field(default_factory=list)
     original_requires_grad: dict[str, bool] = field(default_factory=dict)  # restored by unload
     hooks: dict[str, list] = field(default_factory=dict)                 # adapter -> hook handles to remove
+    attention: str | None = None  # the attention implementation before attention-level adapters switched it
 
     def check_known(self, names, where: str) -> None:
         for name in names:

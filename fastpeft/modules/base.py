@@ -89,6 +89,12 @@ class AdapterContainer(nn.Module):
     def add(self, name: str, module: nn.Module) -> None:
         self.store().add_module(name, module)
 
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s tensors keyed by their path relative to the container."""
+        holder = self.store()
+        inner = "" if holder is self else next(k for k, m in self.named_children() if m is holder) + "."
+        return {f"{inner}{name}.{key}": value for key, value in holder._modules[name].state_dict().items()}
+
     def delete_adapter(self, name: str) -> None:
         del self.store()._modules[name]
         if name in self.active_adapters:

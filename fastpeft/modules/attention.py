@@ -1,0 +1,105 @@
+"""What attention-level adapters add to one attention module, and the attention call that applies it.
+
+An `AttentionSite` hangs on an attention module (a plain attribute, not a submodule). It has up to two sources:
+`prefix` (prefix tuning: keys and values the queries attend to before the real ones) and `adaption`
+(LLaMA-Adapter: gated extra attention over an adaption prompt with its own softmax). `site_attention` computes
+
+    O = softmax(Q [P_K; K]ᵀ · scale + mask) [P_V; V]  +  Σ_a g_a · softmax(Q A_Kᵀ · scale) A_V
+
+through fp.ops.prefix_attention (K and V are never concatenated with anything), reading the mask in the form
+the model's previous attention implementation was given it: None (causal per the module, SDPA's top-left
+alignment), 2-D key padding (flash attention's), or 4-D boolean/additive over the real keys (SDPA's, eager's);
+T5's relative position bias joins the 4-D mask. The prefix gets neither mask nor bias.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .. import ops
+
+ATTRIBUTE = "_fastpeft_attention"
+
+
+class AttentionSite:
+    """prefix(module, batch) -> (P_K, P_V) of shape (1 or B, H_kv, P, D), or None; adaption(module) -> list of
+    (A_K, A_V, gate). `hidden` holds the module's input during its forward (prefix gating reads it)."""
+
+    def __init__(self):
+        self.prefix: Callable | None = None
+        self.adaption: Callable | None = None
+        self.hidden: Tensor | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.prefix is None and self.adaption is None
+
+
+def site_of(module: torch.nn.Module, *, create: bool = False) -> AttentionSite | None:
+    site = module.__dict__.get(ATTRIBUTE)
+    if site is None and create:
+        site = AttentionSite()
+        module.__dict__[ATTRIBUTE] = site
+    return site
+
+
+def remove_site_part(module: torch.nn.Module, part: str) -> None:
+    """Clear `part` ("prefix" or "adaption") of the module's site; drop the site when nothing is left."""
+    site = site_of(module)
+    if site is None:
+        return
+    setattr(site, part, None)
+    if site.empty:
+        del module.__dict__[ATTRIBUTE]
+
+
+def site_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, delegate: Callable,
+                   dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """The attention call of a module: `delegate` (the model's previous implementation) when no adapter adds to it,
+    else the formula above. Returns (output (B, L_q, H, D), weights or None) as transformers expects."""
+    site = site_of(module)
+    prefix = site.prefix(module, query.shape[0]) if site is not None and site.prefix is not None else None
+    if prefix is None:
+        out, weights = delegate(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    else:
+        out = _with_prefix(module, query, key, value, attention_mask, prefix, dropout, scaling, kwargs)
+        weights = None
+    terms = site.adaption(module) if site is not None and site.adaption is not None else []
+    for a_k, a_v, gate in terms:
+        extra = ops.prefix_attention(query, key[:, :, :0], value[:, :, :0], a_k.to(query.dtype),
+                                     a_v.to(query.dtype), scale=scaling)
+        out = out + (gate.to(query.dtype) * extra).transpose(1, 2)
+    return out, weights
+
+
+def _with_prefix(module, query, key, value, attention_mask, prefix, dropout, scaling, kwargs) -> Tensor:
+    Lq = query.shape[2]
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    padding = bias = None
+    offset = None
+    if attention_mask is None:
+        causal = bool(causal) and Lq > 1
+        offset = 0  # SDPA's is_causal: top-left (a static cache's empty slots stay hidden)
+    elif attention_mask.dim() == 2:  # flash attention's key padding mask; causal bottom-right
+        padding = attention_mask
+        causal = bool(causal) and Lq > 1
+    else:
+        bias, causal = attention_mask, False
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:  # T5: a learned additive bias over the real keys
+        if bias is None:
+            bias = position_bias
+        elif bias.dtype == torch.bool:
+            bias = position_bias.masked_fill(~bias, float("-inf"))
+        else:
+            bias = position_bias + bias
+    if bias is not None and bias.dtype != torch.bool and bias.dtype != query.dtype:
+        bias = bias.to(query.dtype)
+    prefix_k, prefix_v = (t.to(query.dtype) for t in prefix)
+    out = ops.prefix_attention(query, key, value, prefix_k, prefix_v, scale=scaling, causal=causal,
+                               key_padding_mask=padding, query_offset=offset, attn_mask=bias,
+                               dropout_p=float(dropout) if module.training else 0.0)
+    return out.transpose(1, 2)

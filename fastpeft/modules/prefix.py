@@ -1,0 +1,139 @@
+"""Prefix tuning's parameters (AdapterHub's names) and the pool that hands each attention layer its prefix.
+
+One `PrefixTuning` per adapter and attention kind ("self_prefix"; T5 also "encoder_prefix", "cross_prefix") makes
+the keys and values of all its n layers, viewed as (P, n, 2, H_kv, D) — the layout of AdapterHub's and PEFT's flat
+prefixes, so index [p, layer, key/value, head, d]:
+
+    reparameterised: KV = W_2 f(W_1 E + b_1) + b_2,   E = wte (P x hidden), W_2: (n·2·H_kv·D) x bottleneck
+    flat:            KV = control_trans (a parameter of P·n·2·H_kv·D numbers)
+
+A layer's prefix uses only its own rows of W_2, so every layer computes just its slice (inside the layer's
+forward, which gradient checkpointing recomputes correctly). `eject()` gives the flat equivalent.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import Activation, AdapterContainer
+
+
+class PrefixTuning(nn.Module):
+    def __init__(self, n_layers: int, n_heads: int, head_dim: int, hidden: int, config):
+        super().__init__()
+        self.n_layers, self.n_heads, self.head_dim = n_layers, n_heads, head_dim
+        self.prefix_length = config.prefix_length
+        size = n_layers * 2 * n_heads * head_dim
+        if config.flat:
+            self.control_trans = nn.Parameter(torch.randn(config.prefix_length * size))
+        else:
+            self.wte = nn.Embedding(config.prefix_length, hidden)
+            self.control_trans = nn.Sequential(nn.Linear(hidden, config.bottleneck_size),
+                                               Activation(config.non_linearity),
+                                               nn.Linear(config.bottleneck_size, size))
+        self.dropout = nn.Dropout(config.dropout)
+
+    @property
+    def flat(self) -> bool:
+        return isinstance(self.control_trans, nn.Parameter)
+
+    def layer(self, index: int) -> tuple[Tensor, Tensor]:
+        """(P_K, P_V) of layer `index` (0..n-1), each (1, H_kv, P, D)."""
+        P, H, D = self.prefix_length, self.n_heads, self.head_dim
+        if self.flat:
+            kv = self.control_trans.view(P, self.n_layers, 2, H, D)[:, index]
+        else:
+            first, act, last = self.control_trans
+            h = act(first(self.wte.weight))
+            rows = last.weight.view(self.n_layers, 2 * H * D, -1)[index]
+            bias = last.bias.view(self.n_layers, 2 * H * D)[index]
+            kv = torch.nn.functional.linear(h, rows, bias).view(P, 2, H, D)
+        kv = self.dropout(kv).permute(1, 2, 0, 3)  # (2, H, P, D)
+        return kv[0].unsqueeze(0), kv[1].unsqueeze(0)
+
+    @torch.no_grad()
+    def flat_prefix(self) -> Tensor:
+        """All layers' keys and values as the flat vector (P·n·2·H_kv·D,), dropout off."""
+        if self.flat:
+            return self.control_trans.detach().clone()
+        first, act, last = self.control_trans
+        return last(act(first(self.wte.weight))).reshape(-1)
+
+    def eject(self) -> None:
+        """Replace the reparameterisation by the flat prefix it produces (same outputs, fewer parameters)."""
+        if not self.flat:
+            flat = nn.Parameter(self.flat_prefix(), requires_grad=self.control_trans[0].weight.requires_grad)
+            del self.control_trans, self.wte
+            self.control_trans = flat
+
+
+class PrefixGroup(nn.ModuleDict):
+    """One adapter's prefixes by attention kind, and `layers[kind]`: model layer index -> row in its PrefixTuning."""
+
+    def __init__(self, prefixes: dict[str, PrefixTuning], layers: dict[str, list[int]]):
+        super().__init__(prefixes)
+        self.layers = {kind: {layer: i for i, layer in enumerate(ids)} for kind, ids in layers.items()}
+
+
+class PrefixTuningPool(AdapterContainer):
+    """`<base model>.prefix_tuning`: every prefix-tuning adapter of the model (`prefix_tunings.<name>`) and their
+    gates (`prefix_gates.<name>.<kind>_<layer>`: Linear(hidden, 1 or 2), AdapterHub's gating)."""
+
+    def __init__(self):
+        super().__init__()
+        self.prefix_tunings = nn.ModuleDict()
+        self.prefix_gates = nn.ModuleDict()
+        self.shift = {}  # adapter -> positions shifted by P (PEFT's layout)
+
+    def store(self) -> nn.Module:
+        return self.prefix_tunings
+
+    def add(self, name: str, module: PrefixGroup, gates: nn.ModuleDict | None = None, shift: bool = False) -> None:
+        self.prefix_tunings[name] = module
+        if gates is not None:
+            self.prefix_gates[name] = gates
+        self.shift[name] = shift
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params = list(self.prefix_tunings[name].parameters())
+        return params + (list(self.prefix_gates[name].parameters()) if name in self.prefix_gates else [])
+
+    def adapter_state(self, name: str) -> dict[str, Tensor]:
+        state = super().adapter_state(name)
+        if name in self.prefix_gates:
+            state.update({f"prefix_gates.{name}.{k}": v for k, v in self.prefix_gates[name].state_dict().items()})
+        return state
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        if name in self.prefix_gates:
+            del self.prefix_gates[name]
+        self.shift.pop(name, None)
+
+    def prefix(self, kind: str, layer: int, hidden: Tensor | None, batch: int) -> tuple[Tensor, Tensor] | None:
+        """The running adapters' prefixes for this layer, concatenated in order (a Stack reads them all)."""
+        keys, values = [], []
+        for name in self.running_adapters():
+            group = self.prefix_tunings[name]
+            if kind not in group or layer not in group.layers[kind]:
+                continue
+            k, v = group[kind].layer(group.layers[kind][layer])
+            gates = self.prefix_gates[name] if name in self.prefix_gates else None
+            if gates is not None and f"{kind}_{layer}" in gates:
+                g = torch.sigmoid(gates[f"{kind}_{layer}"](hidden)).mean(dim=1)   # (B, 1 or 2)
+                k = k * g[:, 0].view(-1, 1, 1, 1).to(k.dtype)
+                v = v * g[:, -1].view(-1, 1, 1, 1).to(v.dtype)
+            keys.append(k)
+            values.append(v)
+        if not keys:
+            return None
+        if len(keys) == 1:
+            return keys[0], values[0]
+        rows = max(k.shape[0] for k in keys)
+        return (torch.cat([k.expand(rows, -1, -1, -1) for k in keys], dim=2),
+                torch.cat([v.expand(rows, -1, -1, -1) for v in values], dim=2))
+
+    def position_shift(self) -> int:
+        """How far real tokens' positions move (PEFT's layout: by the prefix length of a running adapter)."""
+        return sum(next(iter(self.prefix_tunings[n].values())).prefix_length
+                   for n in self.running_adapters() if self.shift.get(n))
