@@ -15,15 +15,20 @@ import os
 
 from torch import nn
 
-from ..config import AdaLoRAConfig, BnConfig, IA3Config, LoRAConfig
+from ..config import (AdaLoRAConfig, BnConfig, IA3Config, LlamaAdapterConfig, LoRAConfig, PrefixTuningConfig,
+                      PromptTuningConfig, PTuningConfig)
 from ..errors import AdapterError, CheckpointError
 from ..inject import adapters
 from ..inject.state import require_state
-from . import adalora, adapterhub, ia3, lora
-from .files import CONFIG_NAME, WEIGHTS_NAME, check_files, read_json, write_checkpoint
+from . import adalora, adapterhub, ia3, lora, prefix
+from . import llama_adapter as llama_adapter_format
+from . import prompt as prompt_format
+from .files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, check_files, read_json, write_checkpoint
 
 # PEFT's peft_type -> (config class, format)
-FORMATS = {"LORA": (LoRAConfig, lora), "IA3": (IA3Config, ia3), "ADALORA": (AdaLoRAConfig, adalora)}
+FORMATS = {"LORA": (LoRAConfig, lora), "IA3": (IA3Config, ia3), "ADALORA": (AdaLoRAConfig, adalora),
+           "PREFIX_TUNING": (PrefixTuningConfig, prefix), "PROMPT_TUNING": (PromptTuningConfig, prompt_format),
+           "P_TUNING": (PTuningConfig, prompt_format), "ADAPTION_PROMPT": (LlamaAdapterConfig, llama_adapter_format)}
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> None:
@@ -35,7 +40,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     state = require_state(model, "save_adapter")
     state.check_known([name], "save_adapter")
     config = state.configs[name]
-    if isinstance(config, BnConfig):
+    if isinstance(config, BnConfig) or (isinstance(config, PrefixTuningConfig)
+                                        and not prefix.peft_compatible(model, config)):
         adapterhub.export(model, name, config, os.fspath(directory))
         return
     fmt = next((f for cls, f in FORMATS.values() if type(config) is cls), None)
@@ -43,7 +49,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         raise CheckpointError(f"save_adapter: adapter {name!r} is a {type(config).__name__}; PEFT-format "
                               f"checkpoints exist for {', '.join(c.__name__ for c, _ in FORMATS.values())}.")
     tensors, fields = fmt.export(model, name, config, state.modules[name], state.saved[name])
-    write_checkpoint(directory, tensors, fields)
+    write_checkpoint(directory, tensors, fields, prefix=getattr(fmt, "KEY_PREFIX", PREFIX))
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> nn.Module:

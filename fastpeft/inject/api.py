@@ -13,11 +13,14 @@ from torch import nn
 from ..config import AdapterConfig
 from ..errors import AdapterError, ConfigError
 from ..modules import AdapterContainer, AdapterLayer, ModulesToSave
-from . import adalora, bottleneck, ia3, lora
+from . import adalora, bottleneck, ia3, lora, prefix
+from . import llama_adapter as llama_adapter_inject
+from . import prompt as prompt_inject
 from .state import AdapterState, clear_state, get_state, require_state
 from .targets import model_modules, parent_of
 
-HANDLERS = {"lora": lora, "ia3": ia3, "adalora": adalora, "bottleneck": bottleneck}
+HANDLERS = {"lora": lora, "ia3": ia3, "adalora": adalora, "bottleneck": bottleneck, "prefix_tuning": prefix,
+            "prompt_tuning": prompt_inject, "p_tuning": prompt_inject, "llama_adapter": llama_adapter_inject}
 MERGEABLE = {"lora", "ia3", "adalora"}
 
 

@@ -1,0 +1,127 @@
+"""LLaMA-Adapter injection: one LlamaAdapterPool at `<base model>.llama_adapter`, an AttentionSite (its `adaption`
+part) on every attention module the family row names, and the model switched to fastpeft's attention
+(inject/attention.py). It shares the sites and the attention switch with prefix tuning: both can run on one model.
+
+The adapted layers are the top `adapter_layers` ones (None: all), as PEFT picks them: the last attention modules in
+model order. The prompt's keys and values go through the attention module's own k and v projections (the family
+row's names), so families need separate k/v projection modules inside the attention module; encoder-decoder models
+are not supported. GPT-2 (fused c_attn) is refused: PEFT's GPT-2 variant adds the prompt's attention after the
+output projection c_proj, which this path (the term joins the attention output before it) does not compute.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import LlamaAdapterConfig
+from ..errors import ConfigError, TargetError
+from ..modules.attention import remove_site_part, site_of
+from ..modules.llama_adapter import LlamaAdapterGroup, LlamaAdapterPool
+from ..modules.lora import adapter_dtype
+from . import attention
+from .bottleneck import _container, _join, base_model_path
+from .families import FAMILIES, family_of
+from .prefix import _Call, attention_calls, heads_of
+
+WHERE = "LlamaAdapterConfig"
+ATTRIBUTE = "llama_adapter"
+
+
+@dataclass
+class LlamaAdapterPlan:
+    base: str
+    calls: list[tuple[str, int]]   # (attention module path, layer index) of every self-attention call
+    layers: list[int]              # the layers this adapter adapts (the top adapter_layers)
+    k_name: str                    # the k / v projections, relative to the attention module
+    v_name: str
+    heads: int                     # key/value heads
+    head_dim: int
+    hidden: int
+    saved: tuple = ()
+
+    @property
+    def targets(self) -> list[tuple[str]]:
+        return [(_join(self.base, ATTRIBUTE),)]
+
+
+def _projection(module: nn.Module, names: tuple[str, ...]) -> str | None:
+    """The path (relative to `module`) of its submodule the family row names (a suffix match), if any."""
+    for path, _ in module.named_modules():
+        if path and any(path == n or path.endswith("." + n) for n in names):
+            return path
+    return None
+
+
+def supported_families() -> list[str]:
+    return sorted(k for k, f in FAMILIES.items() if f.attention_calls and set(f.k).isdisjoint(f.v))
+
+
+def plan(model: nn.Module, name: str, config: LlamaAdapterConfig) -> LlamaAdapterPlan:
+    model_type, family = family_of(model)
+    if family is not None and family.attention_calls and not set(family.k).isdisjoint(family.v):
+        raise TargetError(f"{WHERE}: model_type={model_type!r} computes keys and values in one fused projection "
+                          f"({', '.join(family.k)}); LLaMA-Adapter needs separate k/v projections (PEFT's GPT-2 "
+                          f"variant adds the prompt's attention after the output projection, a different formula). "
+                          f"Supported families: {', '.join(supported_families())}.")
+    attention.check(model, WHERE)
+    calls = attention_calls(model, WHERE)
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise TargetError(f"{WHERE}: {type(model).__name__} is an encoder-decoder model; LLaMA-Adapter is supported "
+                          f"on decoder-only and encoder-only models ({', '.join(supported_families())}).")
+    calls = [(path, index) for path, kind, index in calls if kind == "self_prefix"]
+    first = model.get_submodule(calls[0][0])
+    k_name, v_name = _projection(first, family.k), _projection(first, family.v)
+    if k_name is None or v_name is None:
+        raise TargetError(f"{WHERE}: the attention module {calls[0][0]} ({type(first).__name__}) has no "
+                          f"{'/'.join(family.k)} and {'/'.join(family.v)} projections.")
+    for path, _ in calls:
+        module = model.get_submodule(path)
+        if _projection(module, (k_name,)) != k_name or _projection(module, (v_name,)) != v_name:
+            raise TargetError(f"{WHERE}: the attention module {path} has no {k_name}/{v_name} projections.")
+    indices = sorted({index for _, index in calls})
+    count = len(indices)
+    wanted = count if config.adapter_layers is None else config.adapter_layers
+    if wanted > count:
+        raise ConfigError(f"{WHERE}.adapter_layers: {wanted} layers asked for, but {type(model).__name__} has "
+                          f"{count}; use adapter_layers <= {count} (or None: all layers).")
+    kv, head_dim = heads_of(model.config)
+    return LlamaAdapterPlan(base_model_path(model), calls, indices[count - wanted:], k_name, v_name, kv, head_dim,
+                            model.config.hidden_size)
+
+
+def apply(model: nn.Module, name: str, config: LlamaAdapterConfig, adapter_plan: LlamaAdapterPlan,
+          undo: list[Callable]) -> None:
+    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = adapter_dtype(reference) if reference is not None else None
+    device = reference.device if reference is not None else None
+    attention.acquire(model, undo)
+    pool = _container(model, adapter_plan.base, ATTRIBUTE, LlamaAdapterPool, undo,
+                      attach=lambda c: _attach(model, c, adapter_plan))
+    if config.init_weights_seed is not None:
+        torch.manual_seed(config.init_weights_seed)
+    group = LlamaAdapterGroup(adapter_plan.layers, config.adapter_len, adapter_plan.hidden)
+    pool.add(name, group.to(device=device, dtype=dtype).train(pool.training))
+    undo.append(lambda: pool.delete_adapter(name))
+
+
+def _attach(model: nn.Module, pool: LlamaAdapterPool, adapter_plan: LlamaAdapterPlan) -> None:
+    """Point every self-attention module's site at the pool; detaching the pool clears them."""
+    modules = []
+    for path, index in adapter_plan.calls:
+        module = model.get_submodule(path)
+        site_of(module, create=True).adaption = _source(pool, index, adapter_plan)
+        modules.append(module)
+    pool.hook(_Call(lambda: [remove_site_part(m, "adaption") for m in modules]))
+    pool.hook(attention.Release(model))
+
+
+def _source(pool: LlamaAdapterPool, index: int, adapter_plan: LlamaAdapterPlan) -> Callable:
+    k_name, v_name = adapter_plan.k_name, adapter_plan.v_name
+    heads, head_dim = adapter_plan.heads, adapter_plan.head_dim
+
+    def adaption(module):
+        return pool.terms(module, index, k_name, v_name, heads, head_dim)
+    return adaption
