@@ -1,8 +1,11 @@
 """benchmarks/prefix_attention.py end to end on tiny CPU cases: every impl, mode, L and P timed, checked and written,
-with the ratio to the floor and the (L + P) / L target on every row (no timing assertions)."""
+with the ratio to the floor and the (L + P) / L target on every row; the model section (one prefix-tuning step of a
+tiny Llama: floor, fastpeft, PEFT) likewise (no timing assertions)."""
 
 import json
 import math
+
+import pytest
 
 import benchmarks.common as common
 import benchmarks.prefix_attention as bench
@@ -11,7 +14,10 @@ from fastpeft.cli import bench_families
 LENGTHS = (16, 64)
 PREFIXES = (3, 10)
 ARGS = ["--device", "cpu", "--quick", "--lengths", "16,64", "--prefix-lengths", "3,10", "--tokens", "64",
-        "--heads", "4", "--kv-heads", "2", "--head-dim", "64", "--no-plot", "--warmup-ms", "0", "--rep-ms", "1"]
+        "--heads", "4", "--kv-heads", "2", "--head-dim", "64", "--no-plot", "--warmup-ms", "0", "--rep-ms", "1",
+        "--modes", "fwd,fwdbwd,decode"]
+MODEL_ARGS = ["--device", "cpu", "--quick", "--modes", "step", "--model-lengths", "16,32", "--model-prefix-lengths",
+              "4", "--model-tokens", "32", "--no-plot", "--warmup-ms", "0", "--rep-ms", "1"]
 
 
 def run_quick(tmp_path, monkeypatch, args=ARGS) -> dict:
@@ -50,6 +56,43 @@ def test_prefix_bench_writes_every_row(tmp_path, monkeypatch):
             assert row["meets_target"] == (row["vs_base"] <= row["target_ratio"]), key
     for mode in bench.TARGET_MODES:
         assert result["summary"][mode]["cases"] == len(LENGTHS) * len(PREFIXES)
+
+
+def test_prefix_bench_model_step(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    result = run_quick(tmp_path, monkeypatch, MODEL_ARGS)
+    assert result["rows"] == [] and result["config"]["modes"] == []
+    config = result["model_config"]
+    assert config["hidden"] == 64 and config["layers"] == 2 and config["heads"] == 4 and config["vocab"] == 128
+    assert config["lengths"] == [16, 32] and config["prefix_lengths"] == [4] and config["dtype"] == "fp32"
+    assert config["impls"] == list(bench.MODEL_IMPLS) and config["prefix_kinds"] == list(bench.PREFIX_KINDS)
+    rows = {(r["impl"], r["L"], r["prefix"]): r for r in result["model"]}
+    assert set(rows) == {(i, L, k) for i in bench.MODEL_IMPLS for L in (16, 32) for k in bench.PREFIX_KINDS}
+    for (impl, L, kind), row in rows.items():
+        key = (impl, L, kind)
+        assert row["mode"] == "step" and row["P"] == 4 and row["B"] == 32 // L and not row["note"], key
+        assert math.isfinite(row["ms"]) and row["ms"] > 0 and row["tflops"] > 0, key
+        assert row["flops"] == bench.model_step_flops(config, row["B"], L, 0 if impl == "floor" else 4), key
+        assert row["ratio_to_floor"] == row["vs_base"] > 0 and row["speedup_over_peft"] == row["vs_peer"] > 0, key
+        if impl == "floor":
+            assert row["vs_base"] == 1.0 and row["rel_err"] is None and row["trainable_params"] == 64, key
+        else:  # equal prefixes: the same loss and prefix gradients
+            assert row["rel_err"] == row["loss_rel_err"] < 1e-5 and row["grad_rel_err"] < 1e-4, key
+            assert math.isfinite(row["loss"]) and row["trainable_params"] > 0, key
+        if impl == "peft":
+            assert row["vs_peer"] == 1.0 and abs(row["loss"] - rows[("fastpeft", L, kind)]["loss"]) < 1e-4, key
+    summary = result["model_summary"]
+    assert summary["cases"] == 4 and 0 <= summary["met"] <= 4 and summary["worst"]["vs_peer"] > 0
+
+
+def test_model_step_flops():
+    dims = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 4, "intermediate": 128, "vocab": 128}
+    B, L, P = 2, 16, 4
+    linear = 4 * B * L * (2 * (4 * 64 * 64 + 3 * 64 * 128) + 64 * 128)
+    assert bench.model_step_flops(dims, B, L, 0) == linear + 2 * 3.5 * 4 * B * 4 * 16 * (L * L / 2)
+    extra = bench.model_step_flops(dims, B, L, P) - bench.model_step_flops(dims, B, L, 0)
+    assert extra == 2 * 3.5 * 4 * B * 4 * 16 * L * P
 
 
 def test_prefix_cost_model():
