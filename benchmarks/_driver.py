@@ -248,6 +248,15 @@ def columns(family: Family) -> list[Column]:
             Column("rel_err", "rel_err", 8, ".1e"), Column("note", "note", 4)]
 
 
+
+def announce_peaks(device, dtype, timer):
+    """The device's measured matmul and copy peaks (the roofline), printed once."""
+    peaks = measure_peaks(device, dtype, timer)
+    print(f"measured peaks: matmul {peaks.matmul_tflops:.2f} TFLOP/s (mm {peaks.matmul_n}^3, {peaks.dtype}), "
+          f"bandwidth {peaks.bandwidth_gbps:.1f} GB/s (copy {peaks.copy_bytes / 2**20:.0f} MiB); "
+          f"ridge {peaks.ridge_flops_per_byte:.1f} flop/byte", flush=True)
+    return peaks
+
 def main(family: Family, argv: Sequence[str] | None = None) -> int:
     """Run a family's benchmark: every case checked, timed and printed, the JSON rewritten after each case."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -270,10 +279,7 @@ def main(family: Family, argv: Sequence[str] | None = None) -> int:
           f"{'quick' if quick else 'full'} preset; timer: {timer.method(device)}", flush=True)
     print(f"shapes {', '.join(f'{k}x{n}' for k, n in shapes)}; M {ms_list}; {family.axis} {values}; "
           f"modes {args.modes}; impls {impls}", flush=True)
-    peaks = measure_peaks(device, dtype, timer)
-    print(f"measured peaks: matmul {peaks.matmul_tflops:.2f} TFLOP/s (mm {peaks.matmul_n}^3, {peaks.dtype}), "
-          f"bandwidth {peaks.bandwidth_gbps:.1f} GB/s (copy {peaks.copy_bytes / 2**20:.0f} MiB); "
-          f"ridge {peaks.ridge_flops_per_byte:.1f} flop/byte", flush=True)
+    peaks = announce_peaks(device, dtype, timer)
     payload = {
         "benchmark": family.bench, **env, "complete": False, "notes": notes,
         "config": {"shapes": [f"{k}x{n}" for k, n in shapes], "m": ms_list, family.axis_key: values,

@@ -83,13 +83,13 @@ import torch.nn.functional as F
 try:  # imported as benchmarks.prefix_attention (repo root on sys.path)
     from . import _driver
     from .common import (RESULTS_DIR, Column, InputPool, Row, TablePrinter, dtype_name, environment, fill_metrics,
-                         free_memory, is_oom, measure_peaks, parse_dtype, pick_device, plot_ratio_to_base,
+                         free_memory, is_oom, parse_dtype, pick_device, plot_ratio_to_base,
                          print_pivot, result_path, str_list, time_ms, write_json)
 except ImportError:  # run as a script: python benchmarks/prefix_attention.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import _driver
     from benchmarks.common import (RESULTS_DIR, Column, InputPool, Row, TablePrinter, dtype_name, environment,
-                                   fill_metrics, free_memory, is_oom, measure_peaks, parse_dtype,
+                                   fill_metrics, free_memory, is_oom, parse_dtype,
                                    pick_device, plot_ratio_to_base, print_pivot, result_path, str_list, time_ms,
                                    write_json)
 
@@ -676,10 +676,7 @@ def main(argv=None) -> int:
           f"{'quick' if quick else 'full'} preset; timer: {timer.method(device)}", flush=True)
     print(f"L {lengths}; P {prefixes}; B = {dims['tokens']} // L; H {dims['heads']}, H_kv {dims['kv_heads']}, "
           f"D {dims['head_dim']}; modes {op_modes}; impls {impls}; floor: {floor_backend}", flush=True)
-    peaks = measure_peaks(device, dtype, timer)
-    print(f"measured peaks: matmul {peaks.matmul_tflops:.2f} TFLOP/s (mm {peaks.matmul_n}^3, {peaks.dtype}), "
-          f"bandwidth {peaks.bandwidth_gbps:.1f} GB/s (copy {peaks.copy_bytes / 2**20:.0f} MiB); "
-          f"ridge {peaks.ridge_flops_per_byte:.1f} flop/byte", flush=True)
+    peaks = _driver.announce_peaks(device, dtype, timer)
     payload = {
         "benchmark": BENCH, **env, "complete": False, "notes": notes,
         "config": {"lengths": lengths, "prefix_lengths": prefixes, **dims, "batch": "tokens // L",

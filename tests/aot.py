@@ -175,9 +175,9 @@ def prefix_attention_launches(dtype: torch.dtype) -> list[Launch]:
     the largest tiles). Forward and dQ: causal with the key padding mask and a per-row prefix (every config), and
     plain with a shared prefix (the first: the mask only adds a load per key tile). dK/dV: the real keys, causal
     with the mask (every config), and a shared prefix, whose batch loop adds no tile (the first config). attn_mask:
-    a float32 bias (1, H, Lq, Lk) (stride 0 on the batch; the widest mask tile) in all three kernels, every config;
-    a bool (B, 1, Lq, Lk) mask, the first config. Decode (Lq = 1: the 16-row query blocks): the forward, causal with
-    a bool mask, every config."""
+    a float32 bias (1, H, Lq, Lk) (stride 0 on the batch; the widest mask tile, which the pipeliner stages in shared
+    memory) in all three kernels, every config; a bool (B, 1, Lq, Lk) mask, every config at D 128 (the first at
+    D 64). Decode (Lq = 1: the 16-row query blocks): the forward, causal with a bool mask, every config."""
     B, H, Hkv, Lq, Lk, P = 2, 8, 2, 256, 512, 32
     launches = []
     for D in (64, 128):
@@ -204,7 +204,7 @@ def prefix_attention_launches(dtype: torch.dtype) -> list[Launch]:
                             every_config=False)
         masks = {"bias": torch.empty(1, H, Lq, Lk), "bool": torch.empty(B, 1, Lq, Lk, dtype=torch.bool)}
         for kind, am in masks.items():
-            every = kind == "bias"
+            every = kind == "bias" or D == 128
             launches += capture("attention", "forward", q, k, v, pk, pv, o, lse, scale=D ** -0.5, causal=True,
                                 query_offset=Lk - Lq, attn_mask=am, label=f"fwd D{D} causal, {kind} attn_mask",
                                 every_config=every)
