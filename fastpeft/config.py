@@ -498,8 +498,9 @@ class PrefixTuningConfig(AdapterConfig):
     for the encoder's self-attention, `cross_prefix` for the decoder's cross-attention (the decoder's
     self-attention always gets one). `use_gating`: the prefix keys and values are scaled by mean_t sigmoid(W h_t + b)
     over the layer's input tokens (one gate for both when `shared_gating`, else one each).
-    `shift_positions`: real tokens sit at positions P..P+L-1 as in PEFT (set when a PEFT checkpoint is loaded);
-    by default they keep 0..L-1 and the prefix carries no position. `modules_to_save`: modules (e.g. a
+    `shift_positions`: real tokens sit at positions P..P+L-1 as in PEFT (set when a PEFT checkpoint is loaded; on
+    T5 the prefix keys then get the relative position bias of positions 0..P-1); by default real tokens keep
+    0..L-1 and the prefix carries no position. `modules_to_save`: modules (e.g. a
     classification head) trained beside the prefix, as in PEFT.
     """
 

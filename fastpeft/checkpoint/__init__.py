@@ -41,7 +41,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     state.check_known([name], "save_adapter")
     config = state.configs[name]
     if isinstance(config, BnConfig) or (isinstance(config, PrefixTuningConfig)
-                                        and not prefix.peft_compatible(model, config)):
+                                        and not prefix.peft_compatible(model, name, config)):
         adapterhub.export(model, name, config, os.fspath(directory))
         return
     fmt = next((f for cls, f in FORMATS.values() if type(config) is cls), None)

@@ -5,7 +5,8 @@ Attention kinds: "self_prefix" (decoder-only and encoder-only models; T5's decod
 "encoder_prefix" (T5's encoder self-attention, with `encoder_prefix`), "cross_prefix" (T5's decoder cross-attention,
 with `cross_prefix`). `fp.eject_prefix_tuning(model, name)` turns an adapter's reparameterisation into its flat
 prefix. `shift_positions` (PEFT's layout) moves the real tokens' positions by P through a forward pre-hook on the
-model that sets position_ids.
+model that sets position_ids; on T5 (relative positions) the prefix keys get the relative position bias of
+positions 0..P-1 instead.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ KINDS = ("self_prefix", "encoder_prefix", "cross_prefix")
 class PrefixPlan:
     base: str
     calls: list[tuple[str, str, int]]   # (attention module path, kind, layer index) of every attention call
+    biases: dict[str, str]              # T5 self-attention path -> its stack's module holding the relative bias
     layers: dict[str, list[int]]        # kind -> layers that get this adapter's prefix
     heads: int
     head_dim: int
@@ -91,9 +93,6 @@ def plan(model: nn.Module, name: str, config: PrefixTuningConfig) -> PrefixPlan:
     outside = sorted(i for i in config.leave_out if i >= count)
     if outside:
         raise ConfigError(f"{where}.leave_out: layer(s) {outside} do not exist; this model has layers 0..{count - 1}.")
-    if config.shift_positions and model.config.model_type == "t5":
-        raise ConfigError(f"{where}.shift_positions: T5 has relative positions, not positions to shift; use "
-                          "shift_positions=False.")
     wanted = {"self_prefix": True, "encoder_prefix": config.encoder_prefix, "cross_prefix": config.cross_prefix}
     layers: dict[str, list[int]] = {}
     for _, kind, index in calls:
@@ -106,7 +105,20 @@ def plan(model: nn.Module, name: str, config: PrefixTuningConfig) -> PrefixPlan:
     kv, head_dim = heads_of(model.config)
     saved = resolve_modules_to_save(model, config.modules_to_save, where)
     check_saved_overlap(model, [], saved, where)
-    return PrefixPlan(base_model_path(model), calls, layers, kv, head_dim, model.config.hidden_size, saved)
+    return PrefixPlan(base_model_path(model), calls, _bias_sources(model, calls), layers, kv, head_dim,
+                      model.config.hidden_size, saved)
+
+
+def _bias_sources(model: nn.Module, calls) -> dict[str, str]:
+    """T5-style relative position bias: each self-attention path -> the module of its stack that computes the bias
+    (the first with `has_relative_attention_bias`); shift_positions gives the prefix keys that bias."""
+    holders = {}
+    for path, kind, _ in calls:
+        module = model.get_submodule(path)
+        if kind != "cross_prefix" and getattr(module, "has_relative_attention_bias", False):
+            holders.setdefault(path.split(".block.")[0], path)
+    return {path: holders[path.split(".block.")[0]] for path, kind, _ in calls
+            if kind != "cross_prefix" and path.split(".block.")[0] in holders}
 
 
 def apply(model: nn.Module, name: str, config: PrefixTuningConfig, prefix_plan: PrefixPlan,
@@ -146,16 +158,26 @@ def _attach(model: nn.Module, pool: PrefixTuningPool, prefix_plan: PrefixPlan) -
     for path, kind, index in prefix_plan.calls:
         module = model.get_submodule(path)
         site = site_of(module, create=True)
-        site.prefix = _source(pool, kind, index, site)
+        holder = prefix_plan.biases.get(path)
+        site.prefix = _source(pool, kind, index, site, model.get_submodule(holder) if holder else None)
         modules.append(module)
     pool.hook(_Call(lambda: [remove_site_part(m, "prefix") for m in modules]))
     pool.hook(attention.Release(model))
     pool.inputs_hooked = pool.positions_hooked = False
 
 
-def _source(pool: PrefixTuningPool, kind: str, index: int, site) -> Callable:
-    def prefix(module, batch):
-        return pool.prefix(kind, index, site.hidden, batch)
+def _source(pool: PrefixTuningPool, kind: str, index: int, site, relative: nn.Module | None) -> Callable:
+    """The site's prefix callable. With `relative` (T5) and shifted positions (PEFT's layout: the prefix at
+    positions 0..P-1, the queries at P + L_k - L_q + i), the prefix keys get the relative position bias."""
+    def prefix(module, query, key):
+        found = pool.prefix(kind, index, site.hidden)
+        if found is None:
+            return None
+        bias = None
+        if relative is not None and pool.position_shift():
+            P, Lq, Lk = found[0].shape[2], query.shape[2], key.shape[2]
+            bias = relative.compute_bias(Lq, P, device=query.device, past_seen_tokens=P + Lk - Lq)
+        return (*found, bias)
     return prefix
 
 
@@ -190,7 +212,7 @@ def _hook_inputs(model: nn.Module, pool: PrefixTuningPool, prefix_plan: PrefixPl
 
 def _hook_positions(model: nn.Module, pool: PrefixTuningPool) -> None:
     """PEFT's layout: the prefix occupies positions 0..P-1, so real tokens start at P."""
-    if pool.positions_hooked:
+    if pool.positions_hooked or model.config.model_type == "t5":  # T5: relative positions (see _source)
         return
     pad = getattr(model.config, "pad_token_id", None)
     by_padding = model.config.model_type in ("roberta", "xlm-roberta")

@@ -9,7 +9,8 @@ An `AttentionSite` hangs on an attention module (a plain attribute, not a submod
 through fp.ops.prefix_attention (K and V are never concatenated with anything), reading the mask in the form
 the model's previous attention implementation was given it: None (causal per the module, SDPA's top-left
 alignment), 2-D key padding (flash attention's), or 4-D boolean/additive over the real keys (SDPA's, eager's);
-T5's relative position bias joins the 4-D mask. The prefix gets neither mask nor bias.
+T5's relative position bias joins the 4-D mask. The prefix gets no mask; a bias only where its source gives one
+(T5 in PEFT's layout: the prefix keys at positions 0..P-1).
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ ATTRIBUTE = "_fastpeft_attention"
 
 
 class AttentionSite:
-    """prefix(module, batch) -> (P_K, P_V) of shape (1 or B, H_kv, P, D), or None; adaption(module) -> list of
-    (A_K, A_V, gate). `hidden` holds the module's input during its forward (prefix gating reads it)."""
+    """prefix(module, query, key) -> (P_K, P_V, bias) with P_K, P_V (1 or B, H_kv, P, D) and bias an additive
+    score bias over the prefix keys (broadcastable to (B, H, L_q, P)) or None; or None when no prefix runs.
+    adaption(module) -> list of (A_K, A_V, gate). `hidden` holds the module's input during its forward (prefix
+    gating reads it)."""
 
     def __init__(self):
         self.prefix: Callable | None = None
@@ -60,7 +63,7 @@ def site_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_
     """The attention call of a module: `delegate` (the model's previous implementation) when no adapter adds to it,
     else the formula above. Returns (output (B, L_q, H, D), weights or None) as transformers expects."""
     site = site_of(module)
-    prefix = site.prefix(module, query.shape[0]) if site is not None and site.prefix is not None else None
+    prefix = site.prefix(module, query, key) if site is not None and site.prefix is not None else None
     if prefix is None:
         out, weights = delegate(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     else:
@@ -98,8 +101,10 @@ def _with_prefix(module, query, key, value, attention_mask, prefix, dropout, sca
             bias = position_bias + bias
     if bias is not None and bias.dtype != torch.bool and bias.dtype != query.dtype:
         bias = bias.to(query.dtype)
-    prefix_k, prefix_v = (t.to(query.dtype) for t in prefix)
-    out = ops.prefix_attention(query, key, value, prefix_k, prefix_v, scale=scaling, causal=causal,
-                               key_padding_mask=padding, query_offset=offset, attn_mask=bias,
-                               dropout_p=float(dropout) if module.training else 0.0)
+    prefix_k, prefix_v, prefix_bias = prefix
+    if prefix_bias is not None:
+        prefix_bias = prefix_bias.to(query.dtype)
+    out = ops.prefix_attention(query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype), scale=scaling,
+                               causal=causal, key_padding_mask=padding, query_offset=offset, attn_mask=bias,
+                               prefix_bias=prefix_bias, dropout_p=float(dropout) if module.training else 0.0)
     return out.transpose(1, 2)

@@ -110,7 +110,7 @@ class PrefixTuningPool(AdapterContainer):
             del self.prefix_gates[name]
         self.shift.pop(name, None)
 
-    def prefix(self, kind: str, layer: int, hidden: Tensor | None, batch: int) -> tuple[Tensor, Tensor] | None:
+    def prefix(self, kind: str, layer: int, hidden: Tensor | None) -> tuple[Tensor, Tensor] | None:
         """The running adapters' prefixes for this layer, concatenated in order (a Stack reads them all)."""
         keys, values = [], []
         for name in self.running_adapters():

@@ -10,7 +10,8 @@ and attn_mask, broadcastable to (B, H, L_q, L_k): bool (True = visible) or float
 h // (H / H_kv). The kernels take attn_mask through its strides (stride 0 on broadcast dimensions, no copy) but
 give it no gradient: an attn_mask that requires grad (a learned position bias) runs the reference, where autograd
 reaches it. dropout_p > 0 (probabilities dropped after the softmax, scaled by 1/(1 − p), as torch's SDPA) runs the
-reference too: the kernels do not drop.
+reference too: the kernels do not drop. prefix_bias, an additive bias on the prefix keys' scores (PEFT's T5 layout,
+prefix keys at positions 0..P−1 with T5's relative position bias), also runs the reference.
 
 `fastpeft::prefix_attention` returns (O, LSE): LSE (B, H, L_q) float32 is the natural log-sum-exp of each row's
 visible scaled scores (+inf for a row that sees no key, whose O is 0), saved for the backward. On CUDA one
@@ -41,8 +42,8 @@ registry.describe(
           "attn_mask on the real keys: bool or additive bias, broadcast by strides; GQA/MQA, shared or per-row "
           "prefix; 16-row query blocks for decode) for head dims 64, 80, 96, 128, forward and backward "
           "(FlashAttention-2 dK/dV and dQ kernels, deterministic: no atomics); the reference runs for other head "
-          "dims (with a warning), for dropout_p > 0 (the kernels do not drop) and for an attn_mask that requires "
-          "grad (the kernels give it none)"))
+          "dims (with a warning), for dropout_p > 0 (the kernels do not drop), for an attn_mask that requires "
+          "grad (the kernels give it none) and for a prefix_bias (PEFT's T5 layout)"))
 _warned_head_dims: set[int] = set()
 
 
@@ -58,16 +59,19 @@ def _kernels():
 
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = None, prefix_v: Tensor | None = None,
                      *, scale: float | None = None, causal: bool = False, key_padding_mask: Tensor | None = None,
-                     query_offset: int | None = None, attn_mask: Tensor | None = None, dropout_p: float = 0.0
-                     ) -> Tensor:
+                     query_offset: int | None = None, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+                     prefix_bias: Tensor | None = None) -> Tensor:
     """Attention of q (B, H, Lq, D) over the prefix (prefix_k, prefix_v: (1 or B, H_kv, P, D), or None) and the
     real keys k, v (B, H_kv, Lk, D). scale: default 1/sqrt(D); causal: query i sees real keys j <= query_offset + i
     (query_offset default Lk − Lq); key_padding_mask: (B, Lk) bool or integer, True/nonzero for real tokens;
     attn_mask: over the real keys only, broadcastable to (B, H, Lq, Lk), bool (True = visible) or floating (added
     to the scaled scores; no gradient through the kernels: one that requires grad runs the reference); dropout_p:
-    on the attention probabilities, 0 <= p < 1 (p > 0 runs the reference). All masks apply together; a row that
-    sees no key gives 0."""
+    on the attention probabilities, 0 <= p < 1 (p > 0 runs the reference); prefix_bias: floating, broadcastable
+    to (B, H, Lq, P), added to the prefix keys' scores (PEFT's T5 layout; runs the reference). All masks apply
+    together; a row that sees no key gives 0."""
     _check(q, k, v, prefix_k, prefix_v, key_padding_mask, query_offset, attn_mask, dropout_p)
+    if prefix_bias is not None:
+        _check_prefix_bias(prefix_bias, q, prefix_k)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -78,13 +82,31 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = 
         warnings.warn(f"fp.ops.prefix_attention: head dim {D} is not one the Triton kernel takes "
                       f"({', '.join(map(str, KERNEL_HEAD_DIMS))}); running the PyTorch reference.", stacklevel=2)
     learned_mask = attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()
-    kernel_ok = D in KERNEL_HEAD_DIMS and dropout_p == 0 and not learned_mask
+    kernel_ok = D in KERNEL_HEAD_DIMS and dropout_p == 0 and not learned_mask and prefix_bias is None
     if not kernel_ok or (backend == "torch" and not torch.compiler.is_compiling()):
         return reference.prefix_attention(q, k, v, prefix_k, prefix_v, scale=scale, causal=causal,
                                           key_padding_mask=key_padding_mask, query_offset=query_offset,
-                                          attn_mask=attn_mask, dropout_p=float(dropout_p))
+                                          attn_mask=attn_mask, dropout_p=float(dropout_p), prefix_bias=prefix_bias)
     return torch.ops.fastpeft.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, bool(causal),
                                                offset, attn_mask)[0]
+
+
+def _check_prefix_bias(bias: Tensor, q: Tensor, prefix_k: Tensor | None) -> None:
+    where = "fp.ops.prefix_attention"
+    B, H, Lq, _ = q.shape
+    P = 0 if prefix_k is None else prefix_k.shape[2]
+    if not bias.dtype.is_floating_point:
+        raise ValueError(f"{where}: prefix_bias has dtype {bias.dtype}; it is added to scores, use a float tensor.")
+    if bias.device != q.device:
+        raise ValueError(f"{where}: prefix_bias is on {bias.device} but q is on {q.device}; move it to {q.device}.")
+    try:
+        torch.broadcast_shapes(tuple(bias.shape), (B, H, Lq, P))
+        ok = bias.dim() == 4 and bias.shape[-1] == P
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{where}: prefix_bias has shape {tuple(bias.shape)}; expected a shape broadcastable to "
+                         f"(B, H, Lq, P) = ({B}, {H}, {Lq}, {P}), one column per prefix key.")
 
 
 def _check(q, k, v, prefix_k, prefix_v, mask, query_offset, attn_mask=None, dropout_p=0.0) -> None:

@@ -15,6 +15,9 @@ query and gets no bias. Its parts, all applied together:
   position bias). A floating value below HIDE_BELOW = −1e38 (−inf; float32's and bfloat16's lowest values)
   hides the key like False: the kernels work in log₂ units, where such a value overflows.
 
+`prefix_bias`, broadcastable to (B, H, L_q, P), is added to the prefix keys' scaled scores (PEFT's T5 layout,
+where the prefix keys sit at positions 0..P−1 and get T5's relative position bias); by default the prefix has none.
+
 A query row that sees no key at all gives 0. `dropout_p` > 0 drops attention probabilities after the softmax,
 scaling the kept ones by 1/(1 − p), as torch's scaled_dot_product_attention does (torch's global generator).
 The prefix is concatenated here for clarity; the kernel reads it from its own tensors and never copies K or V.
@@ -32,7 +35,8 @@ HIDE_BELOW = -1e38  # a floating attn_mask value below this hides its key (as Fa
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None = None,
                      prefix_v: torch.Tensor | None = None, *, scale: float | None = None, causal: bool = False,
                      key_padding_mask: torch.Tensor | None = None, query_offset: int | None = None,
-                     attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+                     attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                     prefix_bias: torch.Tensor | None = None) -> torch.Tensor:
     """The formula above, differentiable by autograd (a floating attn_mask included); softmax in float32
     (float64 for float64 inputs)."""
     B, H, Lq, D = q.shape
@@ -48,6 +52,8 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = (q.to(work) @ keys.to(work).transpose(-1, -2)) * scale          # (B, H, Lq, P + Lk)
     scores = add_bias(scores, attn_mask, P)
+    if prefix_bias is not None:
+        scores = scores + F.pad(prefix_bias.to(scores.dtype), (0, Lk))
     offset = Lk - Lq if query_offset is None else query_offset
     visible = visible_keys(B, Lq, Lk, P, causal=causal, query_offset=offset, key_padding_mask=key_padding_mask,
                            device=q.device, attn_mask=attn_mask)

@@ -241,6 +241,43 @@ def test_peft_prefix_checkpoints_both_ways(tmp_path, kind):
         assert rel_err(again(input_ids=IDS).logits, logits(m)) < 1e-5
 
 
+def test_peft_t5_prefix_checkpoints_both_ways(tmp_path):
+    """PEFT prefixes T5's decoder self-attention with positions shifted by P (the prefix keys get T5's relative
+    position bias) and gives decoder layer l the rows of layer 2l mod n."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(model("t5"), peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4))
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight.normal_()
+    theirs.eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    mask = torch.ones_like(IDS)
+    mask[0, -2:] = 0
+    decoder = IDS[:, :5]
+    with torch.no_grad():
+        expected = theirs(input_ids=IDS, attention_mask=mask, decoder_input_ids=decoder).logits
+    m = model("t5")
+    fp.load_adapter(m, tmp_path / "peft", "p")
+    with torch.no_grad():
+        got = m(input_ids=IDS, attention_mask=mask, decoder_input_ids=decoder).logits
+    assert rel_err(got, expected) < 1e-5
+    kwargs = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    ours, reference = m.generate(input_ids=IDS[:1], **kwargs), theirs.generate(input_ids=IDS[:1], **kwargs)
+    assert ours.sequences.tolist() == reference.sequences.tolist()
+    assert rel_err(torch.stack(ours.scores), torch.stack(reference.scores)) < 1e-5
+    fp.save_adapter(m, tmp_path / "back", "p")
+    again = peft.PeftModel.from_pretrained(model("t5"), tmp_path / "back").eval()
+    with torch.no_grad():
+        assert rel_err(again(input_ids=IDS, decoder_input_ids=decoder).logits,
+                       m(input_ids=IDS, decoder_input_ids=decoder).logits) < 1e-5
+    own = with_prefix("t5", shift_positions=True, encoder_prefix=False, cross_prefix=False)
+    fp.save_adapter(own, tmp_path / "own", "p")  # its layers differ where PEFT would read one row twice
+    assert (tmp_path / "own" / "adapter.safetensors").exists()
+    fresh = model("t5")
+    fp.load_adapter(fresh, tmp_path / "own", "p")
+    assert torch.equal(out(fresh), out(own))
+
+
 def test_shifted_positions_save_in_peft_format(tmp_path):
     m = with_prefix("llama", shift_positions=True)
     expected = out(m)
@@ -268,8 +305,8 @@ def test_bad_input_leaves_the_model_unchanged(tmp_path):
         fp.add_adapter(flex, "p", fp.PrefixTuningConfig(**SMALL))
     assert flex.config._attn_implementation == "flex_attention" and sites(flex) == 0
     t5 = model("t5")
-    with pytest.raises(fp.ConfigError, match="shift_positions"):
-        fp.add_adapter(t5, "p", fp.PrefixTuningConfig(shift_positions=True))
+    with pytest.raises(fp.ConfigError, match="no attention layer is left"):
+        fp.add_adapter(t5, "p", fp.PrefixTuningConfig(encoder_prefix=False, cross_prefix=False, leave_out=[0, 1]))
     assert structure(m) == shape and hooks(m) == count and sites(m) == 0 and sites(t5) == 0
     assert m.config._attn_implementation == "sdpa" and not fp.adapters(m)
     assert_same_state(m, before)

@@ -402,9 +402,11 @@ def test_op_body_lse_matches_float64_logsumexp():
     (lambda t: t.update(attn_mask=torch.ones(2, 1, 5, 7, device="meta")), "attn_mask is on meta"),
     (lambda t: t.update(dropout_p=1.0), "dropout_p=1.0"),
     (lambda t: t.update(dropout_p=-0.1), "0 <= dropout_p < 1"),
+    (lambda t: t.update(prefix_bias=torch.zeros(1, 4, 5, 7)), r"prefix_bias has shape \(1, 4, 5, 7\)"),
+    (lambda t: t.update(prefix_bias=torch.zeros(1, 4, 5, 3, dtype=torch.bool)), "use a float tensor"),
 ], ids=["q_3d", "kv_mismatch", "head_dim", "heads", "half_prefix", "prefix_batch", "mask_shape", "mask_dtype",
         "dtype", "offset", "attn_mask_shape", "attn_mask_covers_prefix", "attn_mask_5d", "attn_mask_int",
-        "attn_mask_device", "dropout_one", "dropout_negative"])
+        "attn_mask_device", "dropout_one", "dropout_negative", "prefix_bias_shape", "prefix_bias_dtype"])
 def test_input_checks(change, match):
     t = _inputs(2, 4, 2, 5, 7, 3, 64, torch.float32)
     change(t)

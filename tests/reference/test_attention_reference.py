@@ -175,3 +175,17 @@ def test_gradients_reach_queries_keys_values_and_the_prefix():
     assert torch.autograd.gradcheck(lambda *t: prefix_attention(*t, causal=True),
                                     tuple(x.detach()[:1, :2, :2, :4].clone().requires_grad_()
                                           for x in (q, k, v, pk, pv)))
+
+
+def test_prefix_bias_is_added_to_the_prefix_columns_only():
+    """PEFT's T5 layout: a bias on the prefix keys' scores equals SDPA on the concatenated keys with that bias."""
+    q, k, v, pk, pv = _inputs(Hkv=4)
+    B, H, Lq, D = q.shape
+    P, Lk = pk.shape[2], k.shape[2]
+    bias = torch.randn(1, H, Lq, P, dtype=torch.float64)
+    got = prefix_attention(q, k, v, pk, pv, causal=True, prefix_bias=bias)
+    full = torch.cat([bias.expand(B, -1, -1, -1), torch.zeros(B, H, Lq, Lk, dtype=torch.float64)], dim=-1)
+    causal = torch.arange(Lk)[None, :] <= torch.arange(Lq)[:, None] + (Lk - Lq)
+    full[..., P:] = full[..., P:].masked_fill(~causal, float("-inf"))
+    expected = F.scaled_dot_product_attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=full)
+    assert torch.allclose(got, expected, atol=1e-12)
