@@ -8,7 +8,8 @@ embeddings train directly.
 
 adapter_config.json gets `task_type` from the model class (CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, ...) so
 PeftModel.from_pretrained picks the model class that inserts the prompt, and num_transformer_submodules=1 (fastpeft
-puts the prompt into the encoder's input only). combine="prefix_after_bos" has no PEFT counterpart: it is written
+puts the prompt into the encoder's input only). PEFT's encoder-decoder default, num_transformer_submodules=2, keeps
+2P rows of which its forward feeds the encoder the first P (the decoder gets none): loading takes those P rows. combine="prefix_after_bos" has no PEFT counterpart: it is written
 as an extra `combine` field that fastpeft reads and PEFT ignores (with a warning at save time).
 """
 from __future__ import annotations
@@ -111,10 +112,10 @@ def _config(raw: dict, model: nn.Module, config_path: str):
     method = "P_TUNING" if p_tuning else "PROMPT_TUNING"
     check_fields(raw, _COMMON | (_P_TUNING if p_tuning else set()), _IGNORED, config_path, method)
     sub = raw.get("num_transformer_submodules")
-    if sub not in (None, 1):
-        raise CheckpointError(f"load_adapter: {config_path} sets num_transformer_submodules={sub!r}: the adapter also "
-                              "prompts the decoder (PEFT's default for SEQ_2_SEQ_LM); fastpeft puts the prompt into "
-                              "the encoder's input only. Train the PEFT adapter with num_transformer_submodules=1.")
+    seq2seq = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    if sub not in ((None, 1, 2) if seq2seq else (None, 1)):
+        raise CheckpointError(f"load_adapter: {config_path} sets num_transformer_submodules={sub!r}, which does not "
+                              f"fit this {type(model).__name__}; the adapter was made for another kind of model.")
     saved = present_modules_to_save(model, raw.get("modules_to_save"))
     heads = _auto_heads(model, raw.get("task_type"))  # PEFT's task model saves these whatever the config lists
     saved = list(dict.fromkeys((saved or []) + heads)) or None
@@ -144,8 +145,9 @@ def load(model: nn.Module, name: str, raw: dict, config_path: str, weights_path:
                               "for another base model (base_model_name_or_path="
                               f"{raw.get('base_model_name_or_path')!r}).")
     required = {PREFIX + k: v for k, v in saved_requirements(model, plan.saved).items()}
-    required[KEY] = ("prompt", None, (config.prompt_length, plan.hidden),
-                     "(num_virtual_tokens, hidden size) of the model", None)
+    rows = config.prompt_length * (raw.get("num_transformer_submodules") or 1)
+    required[KEY] = ("prompt", None, (rows, plan.hidden),
+                     "(num_virtual_tokens x num_transformer_submodules, hidden size) of the model", None)
     check_tensors(tensors, required, weights_path, "", model,
                   "the adapter was saved for a base model with another hidden size, or with other num_virtual_tokens "
                   "(or num_transformer_submodules)")
@@ -155,8 +157,8 @@ def load(model: nn.Module, name: str, raw: dict, config_path: str, weights_path:
         module = container.prompt_tunings[name]
         target = module.prompt_embedding if isinstance(config, PromptTuningConfig) else module.embedding
         for key, (kind, where, _, _, _) in required.items():
-            if kind == "prompt":
-                target.weight.copy_(tensors[key])
+            if kind == "prompt":  # PEFT's seq2seq models keep 2P rows and feed the encoder the first P
+                target.weight.copy_(tensors[key][:config.prompt_length])
             else:
                 fill_saved(model, name, where, tensors[key])
 

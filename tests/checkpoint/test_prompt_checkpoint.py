@@ -19,12 +19,11 @@ from tests.models.tiny import IDS, model, out  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore")
 TASKS = {"llama": "CAUSAL_LM", "mistral": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS",
          "t5": "SEQ_2_SEQ_LM"}
-PEFT_CONFIGS = {
-    "prompt": lambda task: peft.PromptTuningConfig(task_type=task, num_virtual_tokens=3, num_transformer_submodules=1),
-    "mlp": lambda task: peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=3, encoder_hidden_size=16,
-                                                 num_transformer_submodules=1),
+PEFT_CONFIGS = {  # PEFT's defaults: T5 (SEQ_2_SEQ_LM) gets num_transformer_submodules=2
+    "prompt": lambda task: peft.PromptTuningConfig(task_type=task, num_virtual_tokens=3),
+    "mlp": lambda task: peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=3, encoder_hidden_size=16),
     "lstm": lambda task: peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=3, encoder_hidden_size=8,
-                                                  encoder_reparameterization_type="LSTM", num_transformer_submodules=1),
+                                                  encoder_reparameterization_type="LSTM"),
 }
 FP_CONFIGS = {"prompt": lambda: fp.PromptTuningConfig(prompt_length=4),
               "mlp": lambda: fp.PTuningConfig(prompt_length=4, encoder_hidden_size=8),
@@ -167,12 +166,14 @@ def test_checkpoints_that_do_not_fit(tmp_path, tensors, config, match):
         fp.load_adapter(m, path)
 
 
-def test_peft_t5_default_prompts_the_decoder_too(tmp_path):
-    peft.get_peft_model(model("t5"), peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)
-                        ).save_pretrained(tmp_path)
+def test_peft_t5_default_keeps_2p_rows_and_feeds_the_encoder_the_first_p(tmp_path):
+    pm = peft.get_peft_model(model("t5"), peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3))
+    assert pm.peft_config["default"].num_transformer_submodules == 2
+    pm.eval().save_pretrained(tmp_path)
     m = model("t5")
-    with unchanged(m), pytest.raises(fp.CheckpointError, match="num_transformer_submodules=1"):
-        fp.load_adapter(m, tmp_path)
+    fp.load_adapter(m, tmp_path)
+    assert fp.adapters(m)["default"].prompt_length == 3
+    torch.testing.assert_close(out(m), _out(pm), atol=1e-6, rtol=1e-5)
 
 
 def test_gpt2_checkpoint_into_llama_with_other_width(tmp_path):
