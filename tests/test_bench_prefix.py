@@ -22,7 +22,7 @@ MODEL_ARGS = ["--device", "cpu", "--quick", "--modes", "step", "--model-lengths"
 
 def run_quick(tmp_path, monkeypatch, args=ARGS) -> dict:
     """bench.main on the tiny cases into tmp_path (a small roofline probe); the complete JSON it wrote."""
-    monkeypatch.setattr(bench, "measure_peaks", lambda device, dtype, cfg: common.measure_peaks(
+    monkeypatch.setattr(bench._driver, "measure_peaks", lambda device, dtype, cfg: common.measure_peaks(
         device, dtype, cfg, matmul_n=128, copy_bytes=2**20))
     argv = [*args, "--out", str(tmp_path)]
     assert bench.main(argv) == 0
