@@ -203,7 +203,7 @@ def test_save_load_round_trip_in_fastpeft_layout(tmp_path, kind, options):
     assert torch.equal(out(fresh), expected)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "roberta"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "gpt2", "bert", "roberta"])
 def test_peft_prefix_checkpoints_both_ways(tmp_path, kind):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
