@@ -129,10 +129,12 @@ def apply(model: nn.Module, name: str, config: PrefixTuningConfig, prefix_plan: 
     attention.acquire(model, undo)
     pool = _container(model, prefix_plan.base, "prefix_tuning", PrefixTuningPool, undo,
                       attach=lambda c: _attach(model, c, prefix_plan))
-    if config.init_weights_seed is not None:
-        torch.manual_seed(config.init_weights_seed)
-    prefixes = {kind: PrefixTuning(len(ids), prefix_plan.heads, prefix_plan.head_dim, prefix_plan.hidden, config)
-                for kind, ids in prefix_plan.layers.items()}
+    seed = config.init_weights_seed
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):  # a seed leaves the caller's RNG alone
+        if seed is not None:
+            torch.manual_seed(seed)
+        prefixes = {kind: PrefixTuning(len(ids), prefix_plan.heads, prefix_plan.head_dim, prefix_plan.hidden, config)
+                    for kind, ids in prefix_plan.layers.items()}
     group = PrefixGroup(prefixes, prefix_plan.layers).to(device=device, dtype=dtype)
     gates = None
     if config.use_gating:
