@@ -104,12 +104,7 @@ def parse_args(family: Family, argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--modes", type=parse_modes, default=list(MODES), help="fwd,fwdbwd (default: both)")
     p.add_argument("--impls", type=str_list, default=list(family.impls), help=f"subset of {','.join(family.impls)}")
-    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="result directory (default: benchmarks/results)")
-    p.add_argument("--warmup-ms", type=float, help="warm-up budget per timing in ms")
-    p.add_argument("--rep-ms", type=float, help="measurement budget per timing in ms")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="CUDA: time CUDA-graph replays (kernel time without host launch overhead)")
+    add_run_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-check", action="store_true", help="skip the per-case correctness check")
     p.add_argument("--no-plot", action="store_true", help="write the JSON only")
@@ -247,6 +242,15 @@ def columns(family: Family) -> list[Column]:
             Column("roofline_pct", "%roof", 6, ".1f"), Column("bound", "bound", 7),
             Column("rel_err", "rel_err", 8, ".1e"), Column("note", "note", 4)]
 
+
+def add_run_args(p) -> None:
+    """The options every benchmark takes: device, result directory, timing budgets, CUDA graphs."""
+    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="result directory (default: benchmarks/results)")
+    p.add_argument("--warmup-ms", type=float, help="warm-up budget per timing in ms")
+    p.add_argument("--rep-ms", type=float, help="measurement budget per timing in ms")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA: time CUDA-graph replays (kernel time without host launch overhead)")
 
 
 def announce_peaks(device, dtype, timer):

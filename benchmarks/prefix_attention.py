@@ -82,13 +82,13 @@ import torch.nn.functional as F
 
 try:  # imported as benchmarks.prefix_attention (repo root on sys.path)
     from . import _driver
-    from .common import (RESULTS_DIR, Column, InputPool, Row, TablePrinter, dtype_name, environment, fill_metrics,
+    from .common import (Column, InputPool, Row, TablePrinter, dtype_name, environment, fill_metrics,
                          free_memory, is_oom, parse_dtype, pick_device, plot_ratio_to_base,
                          print_pivot, result_path, str_list, time_ms, write_json)
 except ImportError:  # run as a script: python benchmarks/prefix_attention.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import _driver
-    from benchmarks.common import (RESULTS_DIR, Column, InputPool, Row, TablePrinter, dtype_name, environment,
+    from benchmarks.common import (Column, InputPool, Row, TablePrinter, dtype_name, environment,
                                    fill_metrics, free_memory, is_oom, parse_dtype,
                                    pick_device, plot_ratio_to_base, print_pivot, result_path, str_list, time_ms,
                                    write_json)
@@ -617,12 +617,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--model-layers", type=int, help="step: Llama layers (default 4, quick 2)")
     p.add_argument("--prefix-kinds", type=parse_kinds, default=list(PREFIX_KINDS),
                    help="step: flat and/or mlp (PEFT prefix_projection False/True; default both)")
-    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="result directory (default: benchmarks/results)")
-    p.add_argument("--warmup-ms", type=float, help="warm-up budget per timing in ms")
-    p.add_argument("--rep-ms", type=float, help="measurement budget per timing in ms")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="CUDA: time CUDA-graph replays (kernel time without host launch overhead)")
+    _driver.add_run_args(p)
     p.add_argument("--check-heads", type=int, default=4, help="query heads in the float64 check (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-check", action="store_true", help="skip the per-case correctness check")
