@@ -120,7 +120,8 @@ class PrefixTuningPool(AdapterContainer):
             k, v = group[kind].layer(group.layers[kind][layer])
             gates = self.prefix_gates[name] if name in self.prefix_gates else None
             if gates is not None and f"{kind}_{layer}" in gates:
-                g = torch.sigmoid(gates[f"{kind}_{layer}"](hidden)).mean(dim=1)   # (B, 1 or 2)
+                gate = gates[f"{kind}_{layer}"]  # float32 on half-precision models: the input follows it
+                g = torch.sigmoid(gate(hidden.to(gate.weight.dtype))).mean(dim=1)   # (B, 1 or 2)
                 k = k * g[:, 0].view(-1, 1, 1, 1).to(k.dtype)
                 v = v * g[:, -1].view(-1, 1, 1, 1).to(v.dtype)
             keys.append(k)

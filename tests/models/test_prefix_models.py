@@ -173,6 +173,21 @@ def test_gating_scales_the_prefix_per_row_and_trains():
     assert all(site_of(x) is None or x.__dict__["_fastpeft_attention"].hidden is None for x in m.modules())
 
 
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_bfloat16_model_with_gating_and_lora_beside(kind):
+    """Half-precision models keep float32 adapter parameters (gates included); LoRA on the same layers."""
+    m = model(kind).to(torch.bfloat16)
+    fp.add_adapter(m, "p", fp.PrefixTuningConfig(**SMALL, use_gating=True))
+    fp.add_adapter(m, "l", fp.LoRAConfig(r=4, init_weights=False))
+    fp.set_active_adapters(m, ["p", "l"])
+    loss = m(**batch(m)).loss
+    loss.backward()
+    grads = [p.grad for n, p in m.named_parameters() if p.requires_grad]
+    assert torch.isfinite(loss)
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any("prefix_gates" in n for n, p in m.named_parameters() if p.requires_grad)
+
+
 def test_two_prefixes_stack_and_switch():
     m = with_prefix("llama")
     fp.add_adapter(m, "q", fp.PrefixTuningConfig(prefix_length=3, flat=True))
