@@ -38,14 +38,18 @@ class Launch:
 
     @property
     def jit(self):
-        return getattr(self.kernel, "fn", self.kernel)
+        from triton.runtime.jit import JITFunction
+
+        return self.kernel if isinstance(self.kernel, JITFunction) else self.kernel.fn  # Autotuner: its .fn
 
     @property
     def configs(self) -> list:
         """The configs autotune may pick for this launch: the kernel's list after its own pruning."""
         import triton
 
-        configs = list(getattr(self.kernel, "configs", None) or [triton.Config({}, num_warps=4, num_stages=3)])
+        default = triton.Config({}, num_warps=self.kwargs.get("num_warps", 4),  # a plain kernel: its launch's
+                                num_stages=self.kwargs.get("num_stages", 3))     # warps and stages
+        configs = list(getattr(self.kernel, "configs", None) or [default])
         prune = getattr(self.kernel, "early_config_prune", None)
         if prune is not None and len(configs) > 1:
             configs = prune(configs, dict(zip(self.jit.arg_names, self.args)), **self.kwargs)
@@ -177,7 +181,9 @@ def prefix_attention_launches(dtype: torch.dtype) -> list[Launch]:
     with the mask (every config), and a shared prefix, whose batch loop adds no tile (the first config). attn_mask:
     a float32 bias (1, H, Lq, Lk) (stride 0 on the batch; the widest mask tile, which the pipeliner stages in shared
     memory) in all three kernels, every config; a bool (B, 1, Lq, Lk) mask, every config at D 128 (the first at
-    D 64). Decode (Lq = 1: the 16-row query blocks): the forward, causal with a bool mask, every config."""
+    D 64). Decode (Lq = 1: the 16-row query blocks): the forward, causal with a bool mask, every config. The
+    split-K decode forward (GQA group of 4 packed, 4 splits: causal, key padding, a bias (B, 1, 1, Lk) in the
+    input dtype) and its combine kernel: half precision only, their one config (compile time)."""
     B, H, Hkv, Lq, Lk, P = 2, 8, 2, 256, 512, 32
     launches = []
     for D in (64, 128):
@@ -219,9 +225,16 @@ def prefix_attention_launches(dtype: torch.dtype) -> list[Launch]:
         launches += capture("attention", "forward", q1, k, v, pk, pv, o1, lse1, scale=D ** -0.5, causal=True,
                             query_offset=Lk - 1, attn_mask=masks["bool"][:, :, :1],
                             label=f"fwd D{D} decode (Lq 1), causal, bool attn_mask")
+        if dtype != torch.float32:
+            launches += capture("attention", "forward_decode", q1, k, v, pk, pv, o1, lse1, scale=D ** -0.5,
+                                causal=True, key_padding_mask=mask, query_offset=Lk - 1,
+                                attn_mask=torch.empty(B, 1, 1, Lk, dtype=dtype), num_splits=4,
+                                label=f"split-K decode D{D} (Lq 1, group 4, 4 splits), causal, mask, bias",
+                                every_config=False)
     return launches
 
 
+ELEMENTWISE_KERNELS = {"prefix_attention_combine_kernel"}  # no matrix product: no tensor-core instructions
 CATALOG = {"lora": lora_launches, "ia3": ia3_launches, "bottleneck": bottleneck_launches,
            "fused_bottleneck": fused_bottleneck_launches, "prefix_attention": prefix_attention_launches}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)

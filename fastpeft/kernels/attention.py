@@ -28,8 +28,15 @@ Query head h reads key/value head h // GROUP (grouped-query attention; GROUP = H
 probabilities are cast to the input dtype for the tensor-core dot with V (float32 inputs: tf32 or ieee, following
 torch's float32 matmul setting). For L_q <= 16 (a decode step over a KV cache) the query block is 16 rows (the
 least tl.dot takes) instead of 64 or 128.
+
+Decode (L_q <= 16, GROUP · L_q <= 64) has its own split-K ("flash-decoding") forward, below the forward kernel:
+one program per (batch, kv head, chunk of the key tiles) packs the GROUP query heads × L_q rows into its tile (each
+K/V tile read once per group) and writes its chunk's partial (O_s, m_s, l_s); a combine kernel merges the chunks
+exactly, O = Σ_s e^{m_s − m} l_s O_s / Σ_s e^{m_s − m} l_s with m = max_s m_s, and LSE = m + log Σ_s e^{m_s − m} l_s.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -559,3 +566,230 @@ def backward_dq(q, do, lse, delta, k, v, prefix_k, prefix_v, dq, *, scale, causa
         BLOCK_D=triton.next_power_of_2(D),
     )
     return dq
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decode forward: split-K ("flash-decoding") with the GQA group packed into the query tile. For L_q <= 16 one
+# program owns one (batch, kv head) and one of NUM_SPLITS chunks of the key tiles (prefix tiles, then real key
+# tiles); its BLOCK_M rows are the group's query heads x the query rows, row r = query head hk · GROUP + r // L_q,
+# query position r % L_q (so each K/V tile is read once per group). Each program writes its chunk's unnormalised
+# float32 accumulator O_s·l_s, row max m_s and row sum l_s (base 2; m_s = −∞, l_s = 0 for a chunk that sees no
+# key); the combine kernel then gives O = Σ_s 2^{m_s − m} l_s O_s / Σ_s 2^{m_s − m} l_s with m = max_s m_s, and
+# LSE = (m + log₂ Σ_s 2^{m_s − m} l_s) · ln 2 (+∞, O = 0 for a row that sees nothing). With one split the
+# program writes O and LSE itself.
+# ----------------------------------------------------------------------------------------------------------
+
+DECODE_MAX_ROWS = 64  # GROUP · L_q rows at most in the packed query tile (BLOCK_M 16, 32 or 64)
+DECODE_NUM_SPLITS = None  # tests: force the number of key splits of the op's decode forward (None: host's choice)
+_COMBINE_ROWS = 16
+
+
+def decode_applies(lq: int, group: int) -> bool:
+    """Whether the split-K decode forward takes L_q query rows of a GQA group of `group` query heads."""
+    return lq <= 16 and group * lq <= DECODE_MAX_ROWS
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def decode_splits(sms: int, programs: int, tiles: int) -> int:
+    """Key splits for `programs` = B · H_kv programs on `sms` SMs: about two programs per SM (B · H_kv · splits
+    ≳ 2 · SMs), each split with at least one of the `tiles` key tiles."""
+    return max(1, min(triton.cdiv(2 * sms, max(programs, 1)), tiles))
+
+
+def _decode_config(el, block_d, block_m, block_n, am):
+    """4 warps; the pipeline depth (3 at most) fitted to shared memory as the forward's prune does."""
+    base = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=3)]
+    if am is not None:
+        return _fit_with_mask(base, lambda c: 2 * block_n * block_d * el, lambda c: block_m * block_d * el,
+                              am.element_size())[0]
+    return (_fit_shared(base, lambda c: 2 * block_n * block_d * el)
+            or [triton.Config(dict(base[0].kwargs), num_warps=4, num_stages=2)])[0]
+
+
+@triton.jit
+def prefix_attention_decode_kernel(
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, am_ptr, o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr,
+    HKV, Lq, Lk, P, D, GROUP, ROWS, NUM_SPLITS, query_offset, qk_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pkb, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvb, stride_pvh, stride_pvn, stride_pvd,
+    stride_mb, stride_mn,
+    stride_ab, stride_ah, stride_am, stride_an,
+    stride_ob, stride_oh, stride_om, stride_od,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Split pid_s of the key tiles for the GROUP query heads of (batch b, kv head hk); ROWS = B · H · L_q, the
+    rows of the partial buffers po (NUM_SPLITS, ROWS, D), pm and pl (NUM_SPLITS, ROWS), float32."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    r = tl.arange(0, BLOCK_M)
+    row_ok = r < GROUP * Lq
+    h = hk * GROUP + r // Lq  # the query head of each packed row
+    i = r % Lq                # and its query position
+    rd = tl.arange(0, BLOCK_D)
+    d_ok = rd < D
+    rn = tl.arange(0, BLOCK_N)
+
+    q = tl.load(q_ptr + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm + rd[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+
+    # This split's key tiles [t0, t1) of the prefix tiles followed by the real key tiles (with `causal`, none
+    # past the last row's last visible key).
+    hi = Lk
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(Lk, query_offset + Lq), 0)
+    tiles_p = (P + BLOCK_N - 1) // BLOCK_N
+    tiles = tiles_p + (hi + BLOCK_N - 1) // BLOCK_N
+    per_split = (tiles + NUM_SPLITS - 1) // NUM_SPLITS
+    t0 = pid_s * per_split
+    t1 = tl.minimum(t0 + per_split, tiles)
+
+    pk_base = pk_ptr + b * stride_pkb + hk * stride_pkh
+    pv_base = pv_ptr + b * stride_pvb + hk * stride_pvh
+    for n0 in range(t0 * BLOCK_N, tl.minimum(t1, tiles_p) * BLOCK_N, BLOCK_N):
+        cols = n0 + rn
+        col_ok = cols < P
+        m_i, l_i, acc = _online_tile(q, pk_base + cols[None, :] * stride_pkn + rd[:, None] * stride_pkd,
+                                     pv_base + cols[:, None] * stride_pvn + rd[None, :] * stride_pvd,
+                                     d_ok[:, None] & col_ok[None, :], col_ok[:, None] & d_ok[None, :],
+                                     col_ok[None, :], 0.0, m_i, l_i, acc, qk_scale, False, DOT_PRECISION)
+
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    am_base = am_ptr + b.to(tl.int64) * stride_ab + h[:, None].to(tl.int64) * stride_ah + i[:, None] * stride_am
+    for n0 in range(tl.maximum(t0 - tiles_p, 0) * BLOCK_N, tl.maximum(t1 - tiles_p, 0) * BLOCK_N, BLOCK_N):
+        cols = n0 + rn
+        col_ok = cols < Lk
+        visible = col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= query_offset + i[:, None])
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b * stride_mb + cols * stride_mn, mask=col_ok, other=0)
+            visible = visible & (keep != 0)[None, :]
+        bias = 0.0
+        if MASK_KIND == 1:  # bool attn_mask (uint8), True = visible; its head stride per packed row
+            shown = tl.load(am_base + cols[None, :] * stride_an, mask=row_ok[:, None] & col_ok[None, :], other=0)
+            visible = visible & (shown != 0)
+        if MASK_KIND == 2:  # additive attn_mask (natural log units); below -1e38 hides the key
+            bias = tl.load(am_base + cols[None, :] * stride_an, mask=row_ok[:, None] & col_ok[None, :],
+                           other=0.0).to(tl.float32)
+            visible = visible & (bias >= -1e38)
+            bias = tl.maximum(bias, -1e38) * 1.4426950408889634  # finite: no inf arithmetic
+        m_i, l_i, acc = _online_tile(q, k_base + cols[None, :] * stride_kn + rd[:, None] * stride_kd,
+                                     v_base + cols[:, None] * stride_vn + rd[None, :] * stride_vd,
+                                     d_ok[:, None] & col_ok[None, :], col_ok[:, None] & d_ok[None, :],
+                                     visible, bias, m_i, l_i, acc, qk_scale, MASK_KIND == 2, DOT_PRECISION)
+
+    flat = pid_bh * (GROUP * Lq) + r  # the row's index in (B, H, L_q): LSE's offset
+    if NUM_SPLITS == 1:  # the whole key range: O and LSE directly, as the forward kernel
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+        tl.store(o_ptr + b * stride_ob + h[:, None] * stride_oh + i[:, None] * stride_om + rd[None, :] * stride_od,
+                 (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + flat, lse, mask=row_ok)
+    else:
+        part = pid_s.to(tl.int64) * ROWS + flat
+        tl.store(po_ptr + part[:, None] * D + rd[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(pm_ptr + part, m_i, mask=row_ok)
+        tl.store(pl_ptr + part, l_i, mask=row_ok)
+
+
+@triton.jit
+def prefix_attention_combine_kernel(
+    po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, H, Lq, D, ROWS, NUM_SPLITS,
+    stride_ob, stride_oh, stride_om, stride_od,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """O and LSE of BLOCK_R rows of (B, H, L_q) from the NUM_SPLITS partials (log-sum-exp rescaling)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < ROWS
+    rd = tl.arange(0, BLOCK_D)
+    d_ok = rd < D
+    m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    for s in range(0, NUM_SPLITS):
+        m = tl.maximum(m, tl.load(pm_ptr + s * ROWS + rows, mask=row_ok, other=float("-inf")))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    l_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for s in range(0, NUM_SPLITS):
+        part = s * ROWS + rows.to(tl.int64)
+        w = tl.exp2(tl.load(pm_ptr + part, mask=row_ok, other=float("-inf")) - m_use)  # 0 for an empty chunk
+        l_sum += w * tl.load(pl_ptr + part, mask=row_ok, other=0.0)
+        acc += w[:, None] * tl.load(po_ptr + part[:, None] * D + rd[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                                    other=0.0)
+    empty = l_sum == 0.0
+    l_safe = tl.where(empty, 1.0, l_sum)
+    lse = tl.where(empty, float("inf"), (m_use + tl.log2(l_safe)) * 0.6931471805599453)
+    b = rows // (H * Lq)
+    h = (rows // Lq) % H
+    i = rows % Lq
+    o_rows = b * stride_ob + h * stride_oh + i * stride_om
+    tl.store(o_ptr + o_rows[:, None] + rd[None, :] * stride_od, (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+
+
+def forward_decode(q, k, v, prefix_k, prefix_v, o, lse, *, scale, causal=False, key_padding_mask=None,
+                   query_offset=0, attn_mask=None, num_splits=None):
+    """`forward` for a decode step (decode_applies(L_q, H / H_kv)): the split-K kernel over NUM_SPLITS chunks of
+    the key tiles (default: DECODE_NUM_SPLITS, else enough for about two programs per SM), then the combine kernel
+    (none with one split). Arguments as `forward`."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    group = H // Hkv
+    assert D in HEAD_DIMS and H % Hkv == 0 and lse.is_contiguous() and decode_applies(Lq, group)
+    if prefix_k is None:
+        pk, pv, P, pk_strides, pv_strides = k, v, 0, (0, 0, 0, 0), (0, 0, 0, 0)
+    else:
+        pk, pv, P = prefix_k, prefix_v, prefix_k.shape[2]
+        pk_strides, pv_strides = _prefix_strides(prefix_k), _prefix_strides(prefix_v)
+    mask = key_padding_mask if key_padding_mask is not None else lse
+    mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    am, am_strides, mask_kind = _attn_mask_args(attn_mask, (B, H, Lq, Lk), lse)
+    block_d = triton.next_power_of_2(D)
+    block_m = max(16, triton.next_power_of_2(group * Lq))
+    block_n = 16 if interpreting() else 64
+    hi = max(min(Lk, int(query_offset) + Lq), 0) if causal else Lk
+    tiles = triton.cdiv(P, block_n) + triton.cdiv(hi, block_n)
+    if num_splits is None:
+        sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
+            if q.is_cuda else 1
+        num_splits = DECODE_NUM_SPLITS or decode_splits(sms, B * Hkv, tiles)
+    num_splits = max(int(num_splits), 1)
+    rows = B * H * Lq
+    if num_splits == 1:
+        po = pm = pl = lse  # unused
+    else:
+        def new(*shape):  # NaN-filled under the interpreter: a partial row left unwritten shows in the tests
+            t = torch.empty(shape, device=q.device, dtype=torch.float32)
+            return t.fill_(float("nan")) if interpreting() else t
+
+        po, pm, pl = new(num_splits, rows, D), new(num_splits, rows), new(num_splits, rows)
+    config = _decode_config(q.element_size(), block_d, block_m, block_n, attn_mask)
+    launch(prefix_attention_decode_kernel)[(num_splits, B * Hkv)](
+        q, k, v, pk, pv, mask, am, o, lse, po, pm, pl,
+        Hkv, Lq, Lk, P, D, group, rows, num_splits, int(query_offset), float(scale) * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides, *mask_strides, *am_strides, *o.stride(),
+        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, MASK_KIND=mask_kind,
+        DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if num_splits > 1:
+        launch(prefix_attention_combine_kernel)[(triton.cdiv(rows, _COMBINE_ROWS),)](
+            po, pm, pl, o, lse, H, Lq, D, rows, num_splits, *o.stride(),
+            BLOCK_R=_COMBINE_ROWS, BLOCK_D=block_d, num_warps=4,
+        )
+    return o, lse

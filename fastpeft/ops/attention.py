@@ -16,10 +16,14 @@ prefix keys at positions 0..P−1 with T5's relative position bias), also runs t
 `fastpeft::prefix_attention` returns (O, LSE): LSE (B, H, L_q) float32 is the natural log-sum-exp of each row's
 visible scaled scores (+inf for a row that sees no key, whose O is 0), saved for the backward. On CUDA one
 flash-attention-style kernel (fastpeft/kernels/attention.py) walks the prefix and then the real keys with an
-online softmax, never concatenating them; head dims 64, 80, 96 and 128; a 16-row query block for L_q <= 16
-(decode). Autograd is registered on the op: its backward (`fastpeft::prefix_attention_backward`) takes
-Δ = rowsum(dO ⊙ O), then a dK/dV kernel over the prefix tiles (summing the batch rows of a shared prefix) and over
-the real key tiles, and a dQ kernel; only the gradients asked for are computed (prefix tuning: the prefix alone).
+online softmax, never concatenating them; head dims 64, 80, 96 and 128. For L_q <= 16 (decode) a split-K
+("flash-decoding") forward packs the query heads of each GQA group (× L_q rows, up to 64) into one tile, so that
+each K/V tile is read once per group, and splits the keys across programs that each write a partial (O_s, m_s,
+l_s); a combine kernel merges them exactly, O = Σ_s e^{m_s − m} l_s O_s / Σ_s e^{m_s − m} l_s with m = max_s m_s
+(larger groups: 16-row query blocks); the backward needs only O and LSE, so it serves training at small L_q too.
+Autograd is registered on the op: its backward (`fastpeft::prefix_attention_backward`) takes Δ = rowsum(dO ⊙ O),
+then a dK/dV kernel over the prefix tiles (summing the batch rows of a shared prefix) and over the real key tiles,
+and a dQ kernel; only the gradients asked for are computed (prefix tuning: the prefix alone).
 Other head dims run the reference (autograd through it) with a one-time warning. Which path runs is listed in the
 registry note (`fastpeft info`).
 """
@@ -40,10 +44,13 @@ registry.describe(
     "prefix_attention", dtypes=TRITON_DTYPES, doc="O = softmax(Q [Pk; K]^T scale + mask) [Pv; V]",
     note=("flash-attention-style kernels (prefix then real keys, online softmax, causal and key padding masks, "
           "attn_mask on the real keys: bool or additive bias, broadcast by strides; GQA/MQA, shared or per-row "
-          "prefix; 16-row query blocks for decode) for head dims 64, 80, 96, 128, forward and backward "
+          "prefix) for head dims 64, 80, 96, 128, forward and backward "
           "(FlashAttention-2 dK/dV and dQ kernels, deterministic: no atomics); the reference runs for other head "
           "dims (with a warning), for dropout_p > 0 (the kernels do not drop), for an attn_mask that requires "
-          "grad (the kernels give it none) and for a prefix_bias (PEFT's T5 layout)"))
+          "grad (the kernels give it none) and for a prefix_bias (PEFT's T5 layout); decode (Lq <= 16, query "
+          "heads x Lq <= 64 per kv head) runs a split-K (flash-decoding) forward: the GQA group's query rows packed "
+          "in one tile, the keys split across programs (about 2 per SM), a combine kernel merging the partial "
+          "softmaxes; else 16-row query blocks"))
 _warned_head_dims: set[int] = set()
 
 
@@ -204,9 +211,12 @@ def _prefix_attention_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | Non
         return _torch_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal, query_offset, attn_mask)
     o = dispatch.new_output((B, H, Lq, D), like=q)
     lse = dispatch.new_output((B, H, Lq), like=q, dtype=torch.float32)
-    _kernels().forward(q, k, v, prefix_k, prefix_v, o, lse, scale=scale, causal=causal,
-                       key_padding_mask=_padding_mask(key_padding_mask), query_offset=query_offset,
-                       attn_mask=_attn_mask(attn_mask))
+    kern = _kernels()
+    # decode (Lq <= 16, the GQA group's rows packed in one tile): the split-K forward and its combine kernel
+    forward = kern.forward_decode if kern.decode_applies(Lq, H // k.shape[1]) else kern.forward
+    forward(q, k, v, prefix_k, prefix_v, o, lse, scale=scale, causal=causal,
+            key_padding_mask=_padding_mask(key_padding_mask), query_offset=query_offset,
+            attn_mask=_attn_mask(attn_mask))
     return o, lse
 
 

@@ -19,16 +19,28 @@ from tests.harness import DEVICE, HAS_TRITON, TOLERANCE, check_op, needs_triton,
 
 
 
+class _Launches(list):
+    """Kernel launcher calls: "fwd", "dq", "dkdv"; `forwards` says which forward each "fwd" ran: "decode" (the
+    split-K decode forward) or "full"."""
+
+    def __init__(self):
+        super().__init__()
+        self.forwards = []
+
+
 @pytest.fixture
 def launches(monkeypatch):
     """One entry per kernel launcher call during the test: "fwd", "dq", "dkdv"."""
+    seen = _Launches()
     if not HAS_TRITON:
-        return []
+        return seen
     kern = op._kernels()
-    seen = []
-    for name, tag in (("forward", "fwd"), ("backward_dq", "dq"), ("backward_dkdv", "dkdv")):
-        def spy(*args, _original=getattr(kern, name), _tag=tag, **kwargs):
+    for name, tag in (("forward", "fwd"), ("forward_decode", "fwd"), ("backward_dq", "dq"),
+                      ("backward_dkdv", "dkdv")):
+        def spy(*args, _original=getattr(kern, name), _tag=tag, _name=name, **kwargs):
             seen.append(_tag)
+            if _tag == "fwd":
+                seen.forwards.append("decode" if _name == "forward_decode" else "full")
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(kern, name, spy)
@@ -89,6 +101,8 @@ def _check_kernel(t, dtype, launches, **kw):
         o, lse = torch.ops.fastpeft.prefix_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"],
                                                      t["key_padding_mask"], scale, causal, offset, t.get("attn_mask"))
     assert launches == ["fwd", "fwd"]
+    decode = op._kernels().decode_applies(Lq, H // t["k"].shape[1])
+    assert launches.forwards == ["decode" if decode else "full"] * 2
     assert out.dtype == dtype and out.shape == (B, H, Lq, D)
     err = rel_err(out, ref)
     assert err <= TOLERANCE[dtype], f"relative error {err:.3e} ({dtype})"
@@ -335,6 +349,58 @@ def test_torch_op_bodies_with_attn_mask_match_reference_autograd():
     assert rel_err(y, y2) < 1e-12
     for name, g, g2 in zip(names, grads, grads2):
         assert rel_err(g, g2) < 1e-6, name  # the backward body reads the float32 LSE
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The split-K decode forward (L_q <= 16): GQA group packed into the query tile, keys split, combine kernel
+# ------------------------------------------------------------------------------------------------------------
+
+DECODE_CASES = {  # (B, H, Hkv, Lq, Lk, P, D, dtype, extra, num_splits); interpreter tiles: 16 keys
+    "lq1_mha_causal": (2, 2, 2, 1, 37, 5, 64, torch.float32, {"causal": True}, 3),
+    "lq3_gqa2_per_row_prefix_offset": (2, 4, 2, 3, 29, 6, 64, torch.float32,
+                                       {"Bp": 2, "causal": True, "query_offset": 20}, 3),
+    "lq3_gqa4_padding_fp16": (1, 8, 2, 3, 33, 4, 64, torch.float16, {"mask": "random", "causal": True}, 1),
+    "mqa_lq1_bool_bh": (2, 4, 1, 1, 25, 3, 64, torch.float32, {"attn": "bool_bh"}, 3),
+    "lq3_gqa2_bias_many_splits_bf16": (2, 4, 2, 3, 21, 2, 64, torch.bfloat16, {"attn": "bias", "causal": True}, 16),
+    "p0_padding_many_splits": (1, 2, 1, 3, 19, 0, 80, torch.float32, {"causal": True, "mask": "random"}, 16),
+    "no_prefix_rows_see_nothing": (2, 2, 2, 3, 9, None, 64, torch.float32, {"causal": True, "query_offset": -1}, 3),
+    "d128_bf16": (1, 4, 2, 1, 17, 3, 128, torch.bfloat16, {}, 3),
+    "group_too_big_full_forward": (1, 8, 1, 9, 13, 2, 64, torch.float32, {"causal": True}, 3),  # 72 rows > 64
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_decode_forward_matches_reference(case, launches, monkeypatch):
+    """The decode forward through the op (outputs poisoned, the partials NaN-filled under the interpreter): O and
+    LSE against float64 for 1, 3 and more splits than key tiles (empty chunks); rows that see nothing give 0."""
+    B, H, Hkv, Lq, Lk, P, D, dtype, extra, splits = DECODE_CASES[case]
+    extra = dict(extra)
+    monkeypatch.setattr(op._kernels(), "DECODE_NUM_SPLITS", splits)
+    t = _inputs(B, H, Hkv, Lq, Lk, P, D, dtype, Bp=extra.pop("Bp", 1), mask=extra.pop("mask", None),
+                attn=extra.pop("attn", None))
+    _check_kernel(t, dtype, launches, **extra)
+    assert launches.forwards == ["full" if H // Hkv * Lq > 64 else "decode"] * 2
+
+
+@needs_triton
+def test_decode_forward_feeds_the_backward(launches, monkeypatch):
+    """Training at L_q = 2 through the split forward (3 splits): its O and LSE drive the backward kernels; every
+    gradient against float64."""
+    monkeypatch.setattr(op._kernels(), "DECODE_NUM_SPLITS", 3)
+    errors = check_op(lambda **t: fp.ops.prefix_attention(**t, causal=True),
+                      lambda dt: _grad_inputs(dt, 2, 4, 2, 2, 19, 5, 64, mask="random", attn="bias"), torch.float32)
+    assert set(errors) == {"output", "dq", "dk", "dv", "dprefix_k", "dprefix_v"}
+    assert launches == ["fwd", "dq", "dkdv", "dkdv"] and launches.forwards == ["decode"]
+
+
+def test_decode_splits_fill_the_sms():
+    """About two programs per SM, at least one key tile per split, one split when the batch fills the GPU."""
+    pytest.importorskip("triton")
+    kern = op._kernels()
+    assert kern.decode_splits(132, 32, 1000) == 9 and kern.decode_splits(132, 1, 5) == 5
+    assert kern.decode_splits(132, 512, 100) == 1 and kern.decode_splits(132, 8, 0) == 1
+    assert kern.decode_applies(16, 4) and not kern.decode_applies(17, 1) and not kern.decode_applies(9, 8)
 
 
 # ------------------------------------------------------------------------------------------------------------
