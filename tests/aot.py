@@ -175,18 +175,21 @@ def fused_bottleneck_launches(dtype: torch.dtype) -> list[Launch]:
 
 
 def prefix_attention_launches(dtype: torch.dtype) -> list[Launch]:
-    """The prefix-attention kernels (fastpeft/kernels/attention.py) at head dims 64 and 128 (BLOCK_D = 64 and 128:
-    the largest tiles). Forward and dQ: causal with the key padding mask and a per-row prefix (every config), and
-    plain with a shared prefix (the first: the mask only adds a load per key tile). dK/dV: the real keys, causal
-    with the mask (every config), and a shared prefix, whose batch loop adds no tile (the first config). attn_mask:
-    a float32 bias (1, H, Lq, Lk) (stride 0 on the batch; the widest mask tile, which the pipeliner stages in shared
-    memory) in all three kernels, every config; a bool (B, 1, Lq, Lk) mask, every config at D 128 (the first at
-    D 64). Decode (Lq = 1: the 16-row query blocks): the forward, causal with a bool mask, every config. The
-    split-K decode forward (GQA group of 4 packed, 4 splits: causal, key padding, a bias (B, 1, 1, Lk) in the
-    input dtype) and its combine kernel: half precision only, their one config (compile time)."""
+    """The prefix-attention kernels (fastpeft/kernels/attention.py) at head dims 64 and 128. Every config autotune
+    may pick is compiled where it matters, at head dim 128 (BLOCK_D 128, the largest tiles): in bf16 (tensor-core
+    instructions) the forward and dQ causal with the key padding mask and a per-row prefix, dK/dV over the real
+    keys and the 16-row decode forward; in float32 (most bytes) the same three with a float32 attn_mask bias
+    (1, H, Lq, Lk) (stride 0 on the batch; the widest mask tile, which the pipeliner stages in shared memory): the
+    largest shared-memory footprint of each config. Everything else compiles its first config (compile time is the
+    suite's budget): head dim 64, the plain forward/dQ with a shared prefix, dK/dV of a shared prefix, a bool
+    (B, 1, Lq, Lk) mask, and the split-K decode forward (GQA group of 4 packed, 4 splits: causal, key padding, a
+    bias (B, 1, 1, Lk) in the input dtype) with its combine kernel (half precision). float16 and float32 compile the
+    subset `_attention_variant_wanted` lists."""
     B, H, Hkv, Lq, Lk, P = 2, 8, 2, 256, 512, 32
     launches = []
+    half, wide = dtype == torch.bfloat16, dtype == torch.float32
     for D in (64, 128):
+        big = D == 128
         q, o = torch.empty(B, H, Lq, D, dtype=dtype), torch.empty(B, H, Lq, D, dtype=dtype)
         k, v = torch.empty(B, Hkv, Lk, D, dtype=dtype), torch.empty(B, Hkv, Lk, D, dtype=dtype)
         lse, mask = torch.empty(B, H, Lq), torch.empty(B, Lk, dtype=torch.int8)
@@ -197,20 +200,21 @@ def prefix_attention_launches(dtype: torch.dtype) -> list[Launch]:
             what = " causal, mask, per-row prefix" if causal else ""
             launches += capture("attention", "forward", q, k, v, pk, pv, o, lse, scale=D ** -0.5, causal=causal,
                                 key_padding_mask=mask if causal else None, query_offset=Lk - Lq,
-                                label=f"fwd D{D}" + what, every_config=causal)
+                                label=f"fwd D{D}" + what, every_config=causal and big and half)
             launches += capture("attention", "backward_dq", q, o, lse, delta, k, v, pk, pv, torch.empty_like(q),
                                 scale=D ** -0.5, causal=causal, key_padding_mask=mask if causal else None,
-                                query_offset=Lk - Lq, label=f"dq D{D}" + what, every_config=causal)
+                                query_offset=Lk - Lq, label=f"dq D{D}" + what, every_config=causal and big and half)
         launches += capture("attention", "backward_dkdv", q, o, lse, delta, k, v, torch.empty_like(k),
                             torch.empty_like(v), scale=D ** -0.5, causal=True, key_padding_mask=mask,
-                            query_offset=Lk - Lq, label=f"dkdv D{D} real keys, causal, mask")
+                            query_offset=Lk - Lq, label=f"dkdv D{D} real keys, causal, mask",
+                            every_config=big and half)
         pk, pv = torch.empty(1, Hkv, P, D, dtype=dtype), torch.empty(1, Hkv, P, D, dtype=dtype)
         launches += capture("attention", "backward_dkdv", q, o, lse, delta, pk, pv, torch.empty_like(pk),
                             torch.empty_like(pv), scale=D ** -0.5, label=f"dkdv D{D} shared prefix",
                             every_config=False)
         masks = {"bias": torch.empty(1, H, Lq, Lk), "bool": torch.empty(B, 1, Lq, Lk, dtype=torch.bool)}
         for kind, am in masks.items():
-            every = kind == "bias" or D == 128
+            every = kind == "bias" and big and wide
             launches += capture("attention", "forward", q, k, v, pk, pv, o, lse, scale=D ** -0.5, causal=True,
                                 query_offset=Lk - Lq, attn_mask=am, label=f"fwd D{D} causal, {kind} attn_mask",
                                 every_config=every)
@@ -224,14 +228,27 @@ def prefix_attention_launches(dtype: torch.dtype) -> list[Launch]:
         q1, o1, lse1 = q[:, :, :1], o[:, :, :1], lse[:, :, :1].contiguous()
         launches += capture("attention", "forward", q1, k, v, pk, pv, o1, lse1, scale=D ** -0.5, causal=True,
                             query_offset=Lk - 1, attn_mask=masks["bool"][:, :, :1],
-                            label=f"fwd D{D} decode (Lq 1), causal, bool attn_mask")
+                            label=f"fwd D{D} decode (Lq 1), causal, bool attn_mask",
+                            every_config=big and half)
         if dtype != torch.float32:
             launches += capture("attention", "forward_decode", q1, k, v, pk, pv, o1, lse1, scale=D ** -0.5,
                                 causal=True, key_padding_mask=mask, query_offset=Lk - 1,
                                 attn_mask=torch.empty(B, 1, 1, Lk, dtype=dtype), num_splits=4,
                                 label=f"split-K decode D{D} (Lq 1, group 4, 4 splits), causal, mask, bias",
                                 every_config=False)
-    return launches
+    return [launch for launch in launches if _attention_variant_wanted(launch.label, dtype)]
+
+
+def _attention_variant_wanted(label: str, dtype: torch.dtype) -> bool:
+    """bf16 compiles every variant. float16 (bf16's instructions) the causal forward, dQ and dK/dV at head dim 128
+    and the split-K decode; float32 (no tensor cores, most bytes) the causal forward, dQ and dK/dV at both head dims
+    and, at head dim 128, the bias variants and the decode forward."""
+    base = "causal, mask, per-row prefix" in label or "real keys, causal, mask" in label
+    if dtype == torch.bfloat16:
+        return True
+    if dtype == torch.float16:
+        return ("D128" in label and base) or label.startswith("split-K")
+    return base or ("D128" in label and ("bias attn_mask" in label or "decode (Lq 1)" in label))
 
 
 ELEMENTWISE_KERNELS = {"prefix_attention_combine_kernel"}  # no matrix product: no tensor-core instructions
