@@ -118,6 +118,30 @@ def _online_tile(q, kt_ptrs, v_ptrs, kt_ok, v_ok, visible, bias, m_i, l_i, acc, 
     return m_new, l_i, acc
 
 
+@triton.jit
+def _real_keys(visible, cols, col_ok, rows, row_ok, query_offset, mask_ptr, stride_mn, am_ptrs, stride_an,
+               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Which of the real keys `cols` each query row (positions `rows`) sees, narrowing `visible`, and the additive
+    attn_mask bias in log₂ units (0.0 without one): the causal rule, the key padding row at `mask_ptr`, and the
+    attn_mask tile at `am_ptrs` (per row) + cols · stride_an (bool: True = visible; floating: below −1e38 hides,
+    clamped there so no inf enters the arithmetic)."""
+    if CAUSAL:
+        visible = visible & (cols[None, :] <= query_offset + rows[:, None])
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + cols * stride_mn, mask=col_ok, other=0)
+        visible = visible & (keep != 0)[None, :]
+    bias = 0.0
+    if MASK_KIND == 1:
+        shown = tl.load(am_ptrs + cols[None, :] * stride_an, mask=row_ok[:, None] & col_ok[None, :], other=0)
+        visible = visible & (shown != 0)
+    if MASK_KIND == 2:
+        bias = tl.load(am_ptrs + cols[None, :] * stride_an, mask=row_ok[:, None] & col_ok[None, :],
+                       other=0.0).to(tl.float32)
+        visible = visible & (bias >= -1e38)
+        bias = tl.maximum(bias, -1e38) * 1.4426950408889634
+    return visible, bias
+
+
 @triton.autotune(configs=configs(),
                  key=["BLOCK_D", "LQ_BUCKET", "LK_BUCKET", "P_BUCKET", "CAUSAL", "HAS_MASK", "MASK_KIND"],
                  prune_configs_by={"early_config_prune": _prune})
@@ -177,21 +201,8 @@ def prefix_attention_fwd_kernel(
     for n0 in range(0, hi, BLOCK_N):
         cols = n0 + rn
         col_ok = cols < Lk
-        visible = col_ok[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= query_offset + rows[:, None])
-        if HAS_MASK:
-            keep = tl.load(mask_ptr + b * stride_mb + cols * stride_mn, mask=col_ok, other=0)
-            visible = visible & (keep != 0)[None, :]
-        bias = 0.0
-        if MASK_KIND == 1:  # bool attn_mask (uint8), True = visible
-            shown = tl.load(am_base + cols[None, :] * stride_an, mask=row_ok[:, None] & col_ok[None, :], other=0)
-            visible = visible & (shown != 0)
-        if MASK_KIND == 2:  # additive attn_mask (natural log units); below -1e38 hides the key
-            bias = tl.load(am_base + cols[None, :] * stride_an, mask=row_ok[:, None] & col_ok[None, :],
-                           other=0.0).to(tl.float32)
-            visible = visible & (bias >= -1e38)
-            bias = tl.maximum(bias, -1e38) * 1.4426950408889634  # finite: no inf arithmetic
+        visible, bias = _real_keys(col_ok[None, :], cols, col_ok, rows, row_ok, query_offset,
+                                   mask_ptr + b * stride_mb, stride_mn, am_base, stride_an, CAUSAL, HAS_MASK, MASK_KIND)
         m_i, l_i, acc = _online_tile(q, k_base + cols[None, :] * stride_kn + rd[:, None] * stride_kd,
                                      v_base + cols[:, None] * stride_vn + rd[None, :] * stride_vd,
                                      d_ok[:, None] & col_ok[None, :], col_ok[:, None] & d_ok[None, :],
@@ -477,21 +488,8 @@ def prefix_attention_bwd_dq_kernel(
     for n0 in range(0, hi, BLOCK_N):
         cols = n0 + rn
         col_ok = cols < Lk
-        visible = row_ok[:, None] & col_ok[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= query_offset + rows[:, None])
-        if HAS_MASK:
-            keep = tl.load(mask_ptr + b * stride_mb + cols * stride_mn, mask=col_ok, other=0)
-            visible = visible & (keep != 0)[None, :]
-        bias = 0.0
-        if MASK_KIND == 1:
-            shown = tl.load(am_base + cols[None, :] * stride_an, mask=row_ok[:, None] & col_ok[None, :], other=0)
-            visible = visible & (shown != 0)
-        if MASK_KIND == 2:  # as the forward: bias in log₂ units added to the scaled scores
-            bias = tl.load(am_base + cols[None, :] * stride_an, mask=row_ok[:, None] & col_ok[None, :],
-                           other=0.0).to(tl.float32)
-            visible = visible & (bias >= -1e38)
-            bias = tl.maximum(bias, -1e38) * 1.4426950408889634  # finite: no inf arithmetic
+        visible, bias = _real_keys(row_ok[:, None] & col_ok[None, :], cols, col_ok, rows, row_ok, query_offset,
+                                   mask_ptr + b * stride_mb, stride_mn, am_base, stride_an, CAUSAL, HAS_MASK, MASK_KIND)
         dq = _dq_tile(q, do, dq, lse2, delta, k_base + cols[:, None] * stride_kn + rd[None, :] * stride_kd,
                       v_base + cols[:, None] * stride_vn + rd[None, :] * stride_vd,
                       col_ok[:, None] & d_ok[None, :], visible, bias, qk_scale, MASK_KIND == 2, DOT_PRECISION)
@@ -672,21 +670,8 @@ def prefix_attention_decode_kernel(
     for n0 in range(tl.maximum(t0 - tiles_p, 0) * BLOCK_N, tl.maximum(t1 - tiles_p, 0) * BLOCK_N, BLOCK_N):
         cols = n0 + rn
         col_ok = cols < Lk
-        visible = col_ok[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= query_offset + i[:, None])
-        if HAS_MASK:
-            keep = tl.load(mask_ptr + b * stride_mb + cols * stride_mn, mask=col_ok, other=0)
-            visible = visible & (keep != 0)[None, :]
-        bias = 0.0
-        if MASK_KIND == 1:  # bool attn_mask (uint8), True = visible; its head stride per packed row
-            shown = tl.load(am_base + cols[None, :] * stride_an, mask=row_ok[:, None] & col_ok[None, :], other=0)
-            visible = visible & (shown != 0)
-        if MASK_KIND == 2:  # additive attn_mask (natural log units); below -1e38 hides the key
-            bias = tl.load(am_base + cols[None, :] * stride_an, mask=row_ok[:, None] & col_ok[None, :],
-                           other=0.0).to(tl.float32)
-            visible = visible & (bias >= -1e38)
-            bias = tl.maximum(bias, -1e38) * 1.4426950408889634  # finite: no inf arithmetic
+        visible, bias = _real_keys(col_ok[None, :], cols, col_ok, i, row_ok, query_offset,  # i: each row's position
+                                   mask_ptr + b * stride_mb, stride_mn, am_base, stride_an, CAUSAL, HAS_MASK, MASK_KIND)
         m_i, l_i, acc = _online_tile(q, k_base + cols[None, :] * stride_kn + rd[:, None] * stride_kd,
                                      v_base + cols[:, None] * stride_vn + rd[None, :] * stride_vd,
                                      d_ok[:, None] & col_ok[None, :], col_ok[:, None] & d_ok[None, :],
