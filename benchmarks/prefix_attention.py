@@ -505,6 +505,16 @@ def model_summary(flat: list[dict]) -> dict:
             "cases": len(rows), "worst": {k: worst[k] for k in ("L", "P", "prefix", "vs_peer", "vs_base")}}
 
 
+def _record(case_rows: list[Row], rows: list[Row], table, payload: dict, key: str, json_path) -> None:
+    """Print a case's rows, add them to `rows` and payload[key], and rewrite the JSON: a cut-off run keeps what it
+    measured."""
+    for row in case_rows:
+        table.row(row.flat())
+    rows += case_rows
+    payload[key] = [row.flat() for row in rows]
+    write_json(json_path, payload)
+
+
 def run_model_section(ctx: dict, payload: dict, json_path: Path) -> None:
     """Every (L, P, prefix kind) of the model section, printed and written as "model" rows of the JSON."""
     args, device, dtype = ctx["args"], ctx["device"], ctx["dtype"]
@@ -561,12 +571,7 @@ def run_model_section(ctx: dict, payload: dict, json_path: Path) -> None:
     for L in lengths:
         for P in prefixes:
             for kind in kinds:
-                case_rows = run_model_case(mctx, L, P, kind)
-                for row in case_rows:
-                    table.row(row.flat())
-                rows += case_rows
-                payload["model"] = [row.flat() for row in rows]
-                write_json(json_path, payload)
+                _record(run_model_case(mctx, L, P, kind), rows, table, payload, "model", json_path)
     del base, floor, mctx
     free_memory(device)
     payload["model_summary"] = model_summary(payload["model"])
@@ -694,12 +699,7 @@ def main(argv=None) -> int:
     for mode in op_modes:
         for L in lengths:
             for P in prefixes:
-                case_rows = run_case(ctx, L, P, mode)
-                for row in case_rows:
-                    table.row(row.flat())
-                all_rows += case_rows
-                payload["rows"] = [row.flat() for row in all_rows]
-                write_json(json_path, payload)  # after every case: a cut-off run keeps what it measured
+                _record(run_case(ctx, L, P, mode), all_rows, table, payload, "rows", json_path)
     if MODEL_MODE in args.modes:
         run_model_section(ctx, payload, json_path)
     payload["complete"] = True

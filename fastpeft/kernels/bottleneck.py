@@ -228,18 +228,9 @@ def bottleneck_fwd_kernel(
         d_ok = dc < D
         wu = tl.load(wu_ptr + dc[None, :] * stride_wud + rr[:, None] * stride_wur,
                      mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-        up = tl.dot(f, wu.to(dtype), input_precision=DOT_PRECISION)
-        if HAS_BU:
-            up += tl.load(bu_ptr + dc, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        if SCALE_MODE == 2:
-            up *= tl.load(scale_ptr + dc * stride_scale, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        else:
-            up *= scale_value
-        if HAS_RES and not RES_AFTER_LN:
-            up += tl.load(res_ptr + rm_in[:, None] * stride_rm + dc[None, :] * stride_rd, mask=d_ok[None, :],
-                          other=0.0).to(tl.float32)
+        up = _up_chunk(f, wu, bu_ptr, scale_ptr, res_ptr, rm_in, dc, d_ok, stride_rm, stride_rd, stride_scale,
+                       scale_value, HAS_BU, SCALE_MODE, HAS_RES and not RES_AFTER_LN, DOT_PRECISION)
         if LN_AFTER:
-            up = tl.where(d_ok[None, :], up, 0.0)
             pivot = tl.where(d0 == 0, tl.sum(up, axis=1) / tl.minimum(D, BLOCK_D), pivot)
             zs = tl.where(d_ok[None, :], up - pivot[:, None], 0.0)
             sum_z += tl.sum(zs, axis=1)
