@@ -1,0 +1,148 @@
+"""Triton kernels of the multi-adapter IA3 linear (oracle: fastpeft/reference/multi_ia3.py) and their launchers.
+
+Each token scales by the vector of its own adapter, read through a pointer table (1, S) int64 of one layer (the
+data_ptr of l_s, contiguous, one dtype; 0 for an empty slot) and the token's slot (-1: none, scale 1):
+
+* ``multi_ia3_gemm``:      OUT = ((X ⊙ u_row) Wkn + bias) ⊙ v_row        one GEMM; u_row gathered per row of the X
+                           tiles as they are loaded (prologue, feed-forward targets), or v_row in the epilogue
+                           (output scaling); only one of the two per launch (a layer scales one side)
+* ``multi_ia3_row_scale``: DST[m] = SRC[m] ⊙ l_row                      in place or into a new tensor: after cuBLAS
+                           at decode sizes (a GEMM tile would leave the GPU idle) and in the backward pass
+
+Scales multiply in float32 and the result is rounded once.
+"""
+from __future__ import annotations
+
+from ._compat import dot_precision, interpreting, launch, tl, triton
+from .lora import _fit_shared, bucket, gemm_configs
+from .multi_lora import TL_DTYPES
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    """Tiles no taller than the problem needs; the pipelined operand tiles (and the gathered input scales) in
+    shared memory."""
+    args = {**named_args, **kwargs}
+    el, v_el = args["x_ptr"].element_size(), args["V_DTYPE"].primitive_bitwidth // 8
+    scales = bool(args["IN_SCALE"])
+    short = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * args["M_BUCKET"])] or configs[-1:]
+
+    def stage_bytes(c):
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        return bk * ((bm + bn) * el + (bm * v_el if scales else 0))
+
+    return _fit_shared(short, stage_bytes) or _fit_shared(configs, stage_bytes)
+
+
+@triton.jit
+def _row_vectors(table_ptr, token_slot_ptr, rows, n_slots, V_DTYPE: tl.constexpr):
+    """(pointer to each row's vector, whether the row has one)."""
+    slot = tl.load(token_slot_ptr + rows)
+    inside = (slot >= 0) & (slot < n_slots)
+    addr = tl.load(table_ptr + tl.where(inside, slot, 0))
+    addr = tl.where(inside, addr, 0)
+    return addr.to(tl.pointer_type(V_DTYPE)), addr != 0
+
+
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "IN_SCALE"],
+                 prune_configs_by={"early_config_prune": _prune_gemm})
+@triton.jit(do_not_specialize=["n_slots"])
+def multi_ia3_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, table_ptr, token_slot_ptr,
+    M, N, K, n_slots,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, M_BUCKET,
+    HAS_BIAS: tl.constexpr, IN_SCALE: tl.constexpr, V_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)  # grouped launch order, as kernels/lora.py
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rm_in = rm % M  # rows past M re-read valid rows; their results are never stored
+    rn_in = rn % N
+    dtype = x_ptr.dtype.element_ty
+    vec, has = _row_vectors(table_ptr, token_slot_ptr, rm_in, n_slots, V_DTYPE)
+    x_ptrs = x_ptr + rm_in.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + rk[:, None] * stride_wk + rn_in[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
+        if IN_SCALE:  # x ⊙ u_row in float32, rounded once
+            u = tl.load(vec[:, None] + (k * BLOCK_K + rk)[None, :], mask=has[:, None] & (rk[None, :] < k_left),
+                        other=1.0)
+            a = (a.to(tl.float32) * u.to(tl.float32)).to(dtype)
+        b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
+    if not IN_SCALE:  # (x W + b) ⊙ v_row
+        v = tl.load(vec[:, None] + rn_in[None, :], mask=has[:, None], other=1.0)
+        acc = acc * v.to(tl.float32)
+    out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit(do_not_specialize=["n_slots"])
+def multi_ia3_row_scale_kernel(
+    src_ptr, dst_ptr, table_ptr, token_slot_ptr, n_slots, D,
+    stride_sm, stride_sd, stride_dm, stride_dd,
+    IN_PLACE: tl.constexpr, V_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    m = tl.program_id(0).to(tl.int64)
+    rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    vec, has = _row_vectors(table_ptr, token_slot_ptr, m, n_slots, V_DTYPE)
+    src_ptrs, dst_ptrs = src_ptr + m * stride_sm + rd * stride_sd, dst_ptr + m * stride_dm + rd * stride_dd
+    if IN_PLACE:  # a row without an adapter is left as it is
+        if has:
+            _scale_row(src_ptrs, dst_ptrs, vec + rd, rd < D, has)
+    else:
+        _scale_row(src_ptrs, dst_ptrs, vec + rd, rd < D, has)
+
+
+@triton.jit
+def _scale_row(src_ptrs, dst_ptrs, vec_ptrs, ok, has):
+    src = tl.load(src_ptrs, mask=ok, other=0.0)
+    has = (ok.to(tl.int32) * 0 + has.to(tl.int32)) != 0  # as a block: the interpreter's block & scalar is not bool
+    v = tl.load(vec_ptrs, mask=ok & has, other=1.0)
+    tl.store(dst_ptrs, (src.to(tl.float32) * v.to(tl.float32)).to(dst_ptrs.dtype.element_ty), mask=ok)
+
+
+def gemm(x, w_kn, bias, out, table, token_slot, *, in_scale, vector_dtype):
+    """out (M, N) = ((x ⊙ u_row) @ w_kn + bias) with in_scale, else (x @ w_kn + bias) ⊙ v_row; rows' vectors from
+    `table` by `token_slot` (-1: none)."""
+    M, K = x.shape
+    N = w_kn.shape[1]
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    launch(multi_ia3_gemm_kernel)[grid](
+        x, w_kn, bias if bias is not None else x, out, table, token_slot,
+        M, N, K, table.shape[-1],
+        x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1), out.stride(0), out.stride(1), bucket(M),
+        HAS_BIAS=bias is not None, IN_SCALE=bool(in_scale), V_DTYPE=TL_DTYPES[vector_dtype],
+        DOT_PRECISION=dot_precision(x.dtype),
+    )
+    return out
+
+
+def row_scale(src, dst, table, token_slot, *, vector_dtype):
+    """dst[m] = src[m] ⊙ l_row (dst may be src: then rows without an adapter are not touched)."""
+    M, D = src.shape
+    block_d = 256 if not interpreting() else 32
+    launch(multi_ia3_row_scale_kernel)[(M, triton.cdiv(D, block_d))](
+        src, dst, table, token_slot, table.shape[-1], D,
+        src.stride(0), src.stride(1), dst.stride(0), dst.stride(1),
+        IN_PLACE=src.data_ptr() == dst.data_ptr(), V_DTYPE=TL_DTYPES[vector_dtype], BLOCK_D=block_d, num_warps=4,
+    )
+    return dst
