@@ -7,6 +7,8 @@
     fp.ops.bottleneck_adapter(x, residual, w_down, b_down, w_up, b_up, non_linearity="relu", scaling=1.0, ...)
     fp.ops.prefix_attention(q, k, v, prefix_k=None, prefix_v=None, scale=None, causal=False, key_padding_mask=None,
                             query_offset=None)
+    fp.ops.multi_lora_linear(x, weight, bias, lora_a=[...], lora_b=[...], scale=[...], adapter_index=idx)
+    fp.ops.multi_ia3_linear(x, weight, bias, vectors=[...], adapter_index=idx, feedforward=False)
 """
 from .attention import prefix_attention
 from .bottleneck import bottleneck_adapter
@@ -14,7 +16,11 @@ from .dispatch import explain, poison_outputs, requested_backend, use_backend
 from .dora import dora_linear, dora_weight_norm, dora_weight_sq_norm
 from .ia3 import ia3_linear
 from .lora import lora_linear
+from .multi_ia3 import IA3Bank, multi_ia3_linear
+from .multi_lora import LoRABank, multi_lora_linear
 from .phm import phm_linear
+from .routing import Routing
 
 __all__ = ["lora_linear", "ia3_linear", "dora_linear", "phm_linear", "bottleneck_adapter", "prefix_attention",
+           "multi_lora_linear", "LoRABank", "multi_ia3_linear", "IA3Bank", "Routing",
            "dora_weight_norm", "dora_weight_sq_norm", "use_backend", "requested_backend", "poison_outputs", "explain"]

@@ -72,7 +72,15 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, *, triton_dtypes, 
         if not has_cuda_kernel:
             raise BackendError(f"{op}: FASTPEFT_BACKEND=cuda, but {op} has no CUDA C++ kernel; "
                                "use FASTPEFT_BACKEND=triton or torch.")
-        raise BackendError(f"{op}: the CUDA C++ extension is not available in this build.")
+        if device.type != "cuda":
+            raise BackendError(f"{op}: FASTPEFT_BACKEND=cuda, but the tensors are on {device.type}; the CUDA C++ "
+                               "kernels run on CUDA tensors.")
+        from . import cuda_ext  # the extension's loader; asking its status never compiles anything
+
+        ok, why = cuda_ext.status()
+        if not ok:
+            raise BackendError(f"{op}: FASTPEFT_BACKEND=cuda, but the CUDA C++ extension cannot be used: {why}.")
+        return "cuda"
     if forced == "triton":
         if not usable:
             raise BackendError(f"{op}: FASTPEFT_BACKEND=triton, but {why_not}. Unset FASTPEFT_BACKEND to use the "
