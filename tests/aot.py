@@ -183,7 +183,8 @@ def prefix_attention_launches(dtype: torch.dtype) -> list[Launch]:
     largest shared-memory footprint of each config. Everything else compiles its first config (compile time is the
     suite's budget): head dim 64, the plain forward/dQ with a shared prefix, dK/dV of a shared prefix, a bool
     (B, 1, Lq, Lk) mask, and the split-K decode forward (GQA group of 4 packed, 4 splits: causal, key padding, a
-    bias (B, 1, 1, Lk) in the input dtype) with its combine kernel (half precision). float16 and float32 compile the
+    bias (B, 1, 1, Lk) in the input dtype) with its combine kernel (half precision); per-row prefix ranges (a packed
+    prefix: forward, dQ, dK/dV, split-K decode) at head dim 128 in bf16 only. float16 and float32 compile the
     subset `_attention_variant_wanted` lists."""
     B, H, Hkv, Lq, Lk, P = 2, 8, 2, 256, 512, 32
     launches = []
@@ -236,14 +237,32 @@ def prefix_attention_launches(dtype: torch.dtype) -> list[Launch]:
                                 attn_mask=torch.empty(B, 1, 1, Lk, dtype=dtype), num_splits=4,
                                 label=f"split-K decode D{D} (Lq 1, group 4, 4 splits), causal, mask, bias",
                                 every_config=False)
+        if big:  # per-row prefix ranges (multi-adapter batches) on a packed prefix: each row walks its own range
+            rows = dict(prefix_offsets=torch.zeros(B, dtype=torch.int32),
+                        prefix_lengths=torch.full((B,), P // 2, dtype=torch.int32), every_config=False)
+            what = "causal, mask, packed prefix ranges"
+            launches += capture("attention", "forward", q, k, v, pk, pv, o, lse, scale=D ** -0.5, causal=True,
+                                key_padding_mask=mask, query_offset=Lk - Lq, label=f"fwd D{D} {what}", **rows)
+            launches += capture("attention", "backward_dq", q, o, lse, delta, k, v, pk, pv, torch.empty_like(q),
+                                scale=D ** -0.5, causal=True, key_padding_mask=mask, query_offset=Lk - Lq,
+                                label=f"dq D{D} {what}", **rows)
+            launches += capture("attention", "backward_dkdv", q, o, lse, delta, pk, pv, torch.empty_like(pk),
+                                torch.empty_like(pv), scale=D ** -0.5, label=f"dkdv D{D} packed prefix ranges", **rows)
+            launches += [launch for launch in capture(  # the combine kernel is unchanged (compiled above)
+                "attention", "forward_decode", q1, k, v, pk, pv, o1, lse1, scale=D ** -0.5, causal=True,
+                key_padding_mask=mask, query_offset=Lk - 1, num_splits=4,
+                label=f"decode D{D} (Lq 1, group 4, 4 splits) {what}", **rows)
+                if launch.jit.fn.__name__ == "prefix_attention_decode_kernel"]
     return [launch for launch in launches if _attention_variant_wanted(launch.label, dtype)]
 
 
 def _attention_variant_wanted(label: str, dtype: torch.dtype) -> bool:
     """bf16 compiles every variant. float16 (bf16's instructions) the causal forward, dQ and dK/dV at head dim 128
     and the split-K decode; float32 (no tensor cores, most bytes) the causal forward, dQ and dK/dV at both head dims
-    and, at head dim 128, the bias variants and the decode forward."""
+    and, at head dim 128, the bias variants and the decode forward. The per-row prefix ranges: bf16 only."""
     base = "causal, mask, per-row prefix" in label or "real keys, causal, mask" in label
+    if "prefix ranges" in label:
+        return dtype == torch.bfloat16
     if dtype == torch.bfloat16:
         return True
     if dtype == torch.float16:
@@ -251,9 +270,67 @@ def _attention_variant_wanted(label: str, dtype: torch.dtype) -> bool:
     return base or ("D128" in label and ("bias attn_mask" in label or "decode (Lq 1)" in label))
 
 
-ELEMENTWISE_KERNELS = {"prefix_attention_combine_kernel"}  # no matrix product: no tensor-core instructions
+def multi_lora_launches(dtype: torch.dtype) -> list[Launch]:
+    """The multi-adapter LoRA kernels (fastpeft/kernels/multi_lora.py): 8 adapter slots (the pointer table), 3
+    segments, ranks up to 64 (the widest rank blocks the configs take). Every config of the forward shrink and
+    expand in float32 (the most bytes in shared memory; bf16's first config checks the instructions); the backward
+    layouts (B as the shrink operand, A as the expand operand) and the weight-gradient reduction's layouts their
+    first config; the decode kernel at its narrowest and widest rank block (16 and 256; no autotuning), and with
+    float32 adapters on a bf16 input; the reduction's combine kernel (compile time is the suite's budget)."""
+    M, K, N, S = 256, 512, 384, 8
+    x, dy, y = torch.empty(M, K, dtype=dtype), torch.empty(M, N, dtype=dtype), torch.empty(M, N, dtype=dtype)
+    table, ranks = torch.empty(3, S, dtype=torch.int64), torch.empty(S, dtype=torch.int32)
+    order, seg_start, seg_slot = (torch.empty(n, dtype=torch.int32) for n in (M, 4, 3))
+    s_buf, token_slot = torch.empty(M, 64), torch.empty(M, dtype=torch.int32)
+    seg = dict(num_segments=3, max_segment=128, max_rank=64, adapter_dtype=dtype)
+    wide = dtype == torch.float32
+    launches = [
+        *capture("multi_lora", "shrink", x, table, ranks, order, seg_start, seg_slot, s_buf, u_row=0, rank_major=True,
+                 label="fwd shrink (A)", every_config=wide, **seg),
+        *capture("multi_lora", "expand", s_buf, table, ranks, order, seg_start, seg_slot, y, e_row=1,
+                 rank_major=False, label="fwd expand (B)", every_config=wide, **seg),
+        *capture("multi_lora", "shrink", dy, table, ranks, order, seg_start, seg_slot, s_buf, u_row=1,
+                 rank_major=False, label="bwd shrink (B)", every_config=False, **seg),
+        *capture("multi_lora", "expand", s_buf, table, ranks, order, seg_start, seg_slot, x, e_row=0,
+                 rank_major=True, label="bwd expand (A)", every_config=False, **seg),
+    ]
+    for rank_major, source in ((True, x), (False, dy)):
+        launches += capture("multi_lora", "reduce", source, s_buf, table, ranks, order, (0, 100, 200, 256), seg_slot,
+                            torch.empty(1, S, dtype=torch.int64), max_rank=64, rank_major=rank_major,
+                            out_dtype=dtype, label=f"reduce {'dA' if rank_major else 'dB'}", every_config=False)
+    for max_rank, adapters in ((16, dtype), (256, dtype), *(((16, torch.float32),) if dtype == torch.bfloat16 else ())):
+        launches += capture("multi_lora", "decode", x[:64], table, ranks, token_slot[:64], y[:64], max_rank=max_rank,
+                            adapter_dtype=adapters, target_programs=264,
+                            label=f"decode r<={max_rank}, {str(adapters)[6:]} adapters", every_config=False)
+    return launches
+
+
+def multi_ia3_launches(dtype: torch.dtype) -> list[Launch]:
+    """The multi-adapter IA3 kernels (fastpeft/kernels/multi_ia3.py): the GEMM with per-row input scales (the
+    gathered scale tiles add shared memory: every config) and output scales (first config), float32 vectors; the
+    row-scale kernel in place and into a new tensor. Every config of the input-scaled GEMM in float32 (the most
+    shared memory) and bfloat16 (the instructions); the rest their first config."""
+    M, K, N, S = 256, 512, 384, 8
+    x, y = torch.empty(M, K, dtype=dtype), torch.empty(M, N, dtype=dtype)
+    w, bias = torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype)
+    table, token_slot = torch.empty(1, S, dtype=torch.int64), torch.empty(M, dtype=torch.int32)
+    return [
+        *capture("multi_ia3", "gemm", x, w.t(), bias, y, table, token_slot, in_scale=True, vector_dtype=torch.float32,
+                 label="gemm, input scales"),
+        *capture("multi_ia3", "gemm", x, w.t(), bias, y, table, token_slot, in_scale=False,
+                 vector_dtype=torch.float32, label="gemm, output scales", every_config=False),
+        *capture("multi_ia3", "row_scale", y, y, table, token_slot, vector_dtype=torch.float32, label="row scale, in place",
+                 every_config=False),
+        *capture("multi_ia3", "row_scale", y, torch.empty_like(y), table, token_slot, vector_dtype=dtype,
+                 label="row scale", every_config=False),
+    ]
+
+
+ELEMENTWISE_KERNELS = {"prefix_attention_combine_kernel", "multi_lora_decode_kernel",  # no matrix product: no
+                       "multi_lora_reduce_combine_kernel", "multi_ia3_row_scale_kernel"}  # tensor-core instructions
 CATALOG = {"lora": lora_launches, "ia3": ia3_launches, "bottleneck": bottleneck_launches,
-           "fused_bottleneck": fused_bottleneck_launches, "prefix_attention": prefix_attention_launches}
+           "fused_bottleneck": fused_bottleneck_launches, "prefix_attention": prefix_attention_launches,
+           "multi_lora": multi_lora_launches, "multi_ia3": multi_ia3_launches}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 

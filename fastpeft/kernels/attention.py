@@ -10,7 +10,9 @@ sum l_i and a float32 (BLOCK_M x BLOCK_D) accumulator (online softmax, flash-att
 sources one after the other, never concatenating them:
 
 * the prefix P_K, P_V (B_p, H_kv, P, D), B_p = 1 (read with batch stride 0) or B: BLOCK_N keys a tile, every key
-  visible to every query;
+  visible to every query. With per-row ranges (constexpr PREFIX_ROWS; prefix_offsets, prefix_lengths (B,) int32,
+  e.g. adapters' prefixes packed along P) batch row b walks only the keys [off_b, off_b + len_b), off_b clamped
+  into [0, P] and len_b into [0, P − off_b] (`_prefix_range`: no input reads outside the prefix); else [0, P);
 * the real keys K, V (B, H_kv, L_k, D): key j is visible to query i iff j <= query_offset + i (with `causal`),
   key_padding_mask[b, j] != 0 and attn_mask[b, h, i, j] allows it (when given). With `causal` the loop stops
   after the block's last visible key (query_offset + the block's last row), so tiles wholly in the future are
@@ -33,6 +35,7 @@ Decode (L_q <= 16, GROUP · L_q <= 64) has its own split-K ("flash-decoding") fo
 one program per (batch, kv head, chunk of the key tiles) packs the GROUP query heads × L_q rows into its tile (each
 K/V tile read once per group) and writes its chunk's partial (O_s, m_s, l_s); a combine kernel merges the chunks
 exactly, O = Σ_s e^{m_s − m} l_s O_s / Σ_s e^{m_s − m} l_s with m = max_s m_s, and LSE = m + log Σ_s e^{m_s − m} l_s.
+With per-row prefix ranges each row splits its own tiles (its range's, then the real keys') across the programs.
 """
 from __future__ import annotations
 
@@ -142,12 +145,26 @@ def _real_keys(visible, cols, col_ok, rows, row_ok, query_offset, mask_ptr, stri
     return visible, bias
 
 
+@triton.jit
+def _prefix_range(off_ptr, len_ptr, b, P, PREFIX_ROWS: tl.constexpr):
+    """[lo, hi) of batch row b's prefix keys: with PREFIX_ROWS [off_b, off_b + len_b), off_b clamped into [0, P]
+    and len_b into [0, P − off_b] (so that no input makes a kernel read outside the prefix); else [0, P)."""
+    if PREFIX_ROWS:
+        lo = tl.minimum(tl.maximum(tl.load(off_ptr + b), 0), P)
+        hi = lo + tl.minimum(tl.maximum(tl.load(len_ptr + b), 0), P - lo)
+    else:
+        lo = 0
+        hi = P
+    return lo, hi
+
+
 @triton.autotune(configs=configs(),
-                 key=["BLOCK_D", "LQ_BUCKET", "LK_BUCKET", "P_BUCKET", "CAUSAL", "HAS_MASK", "MASK_KIND"],
+                 key=["BLOCK_D", "LQ_BUCKET", "LK_BUCKET", "P_BUCKET", "CAUSAL", "HAS_MASK", "MASK_KIND",
+                      "PREFIX_ROWS"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def prefix_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, am_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, poff_ptr, plen_ptr, mask_ptr, am_ptr, o_ptr, lse_ptr,
     H, Lq, Lk, P, D, GROUP, query_offset, qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -158,8 +175,8 @@ def prefix_attention_fwd_kernel(
     stride_ab, stride_ah, stride_am, stride_an,
     stride_ob, stride_oh, stride_om, stride_od,
     LQ_BUCKET, LK_BUCKET, P_BUCKET,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KIND: tl.constexpr, PREFIX_ROWS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -178,12 +195,13 @@ def prefix_attention_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
-    # The prefix: every key visible, masked only by P.
+    # The prefix: the keys [p_lo, p_hi) of this row's range (all P without per-row ranges), every one visible.
+    p_lo, p_hi = _prefix_range(poff_ptr, plen_ptr, b, P, PREFIX_ROWS)
     pk_base = pk_ptr + b * stride_pkb + hk * stride_pkh
     pv_base = pv_ptr + b * stride_pvb + hk * stride_pvh
-    for n0 in range(0, P, BLOCK_N):
+    for n0 in range(p_lo, p_hi, BLOCK_N):
         cols = n0 + rn
-        col_ok = cols < P
+        col_ok = cols < p_hi
         m_i, l_i, acc = _online_tile(q, pk_base + cols[None, :] * stride_pkn + rd[:, None] * stride_pkd,
                                      pv_base + cols[:, None] * stride_pvn + rd[None, :] * stride_pvd,
                                      d_ok[:, None] & col_ok[None, :], col_ok[:, None] & d_ok[None, :],
@@ -235,22 +253,43 @@ def _attn_mask_args(attn_mask, shape, dummy):
     return attn_mask, attn_mask.expand(shape).stride(), kind
 
 
+def _prefix_args(prefix_k, prefix_v, k, v, B, dummy, prefix_offsets=None, prefix_lengths=None):
+    """(pk, pv, P, pk strides, pv strides, offsets, lengths, PREFIX_ROWS) of a launch's prefix: batch stride 0 when
+    shared (first dimension 1); without a prefix k and v with P = 0. The per-row ranges: (B,) int32, contiguous (a
+    missing one filled with its default, offsets 0 or lengths P, which the kernels clamp to P − off_b); without
+    either (or without a prefix) (dummy, dummy, False): every row walks the whole prefix."""
+    if prefix_k is None:
+        return k, v, 0, (0, 0, 0, 0), (0, 0, 0, 0), dummy, dummy, False
+    P = prefix_k.shape[2]
+    offsets, lengths, rows = _prefix_rows_args(prefix_offsets, prefix_lengths, B, P, dummy)
+    return prefix_k, prefix_v, P, _prefix_strides(prefix_k), _prefix_strides(prefix_v), offsets, lengths, rows
+
+
+def _prefix_rows_args(prefix_offsets, prefix_lengths, B, P, dummy):
+    """(offsets, lengths, PREFIX_ROWS) of the per-row prefix ranges, as `_prefix_args`."""
+    if prefix_offsets is None and prefix_lengths is None:
+        return dummy, dummy, False
+    if prefix_offsets is None:
+        prefix_offsets = torch.zeros(B, dtype=torch.int32, device=dummy.device)
+    if prefix_lengths is None:
+        prefix_lengths = torch.full((B,), P, dtype=torch.int32, device=dummy.device)
+    for t in (prefix_offsets, prefix_lengths):
+        assert t.dtype == torch.int32 and tuple(t.shape) == (B,) and t.is_contiguous(), "(B,) int32, contiguous"
+    return prefix_offsets, prefix_lengths, True
+
+
 def forward(q, k, v, prefix_k, prefix_v, o, lse, *, scale, causal=False, key_padding_mask=None, query_offset=0,
-            attn_mask=None):
+            attn_mask=None, prefix_offsets=None, prefix_lengths=None):
     """O (B, H, Lq, D) and LSE (B, H, Lq) float32 (contiguous) for q (B, H, Lq, D), k and v (B, H_kv, Lk, D),
     prefix_k and prefix_v (1 or B, H_kv, P, D) or None, key_padding_mask (B, Lk) int8 (nonzero: keep) or None,
-    attn_mask (see _attn_mask_args) or None. Shapes are checked by the caller (fastpeft/ops/attention.py); D must
-    be one of HEAD_DIMS."""
+    attn_mask (see _attn_mask_args) or None, prefix_offsets and prefix_lengths (B,) int32 or None (row b's prefix
+    keys [off_b, off_b + len_b), clamped into the prefix). Shapes are checked by the caller
+    (fastpeft/ops/attention.py); D must be one of HEAD_DIMS."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     assert D in HEAD_DIMS and H % Hkv == 0 and lse.is_contiguous()
-    if prefix_k is None:
-        pk, pv, P, pk_strides, pv_strides = k, v, 0, (0, 0, 0, 0), (0, 0, 0, 0)
-    else:
-        pk, pv, P = prefix_k, prefix_v, prefix_k.shape[2]
-        shared = prefix_k.shape[0] == 1
-        pk_strides = (0 if shared else prefix_k.stride(0), *prefix_k.stride()[1:])
-        pv_strides = (0 if shared else prefix_v.stride(0), *prefix_v.stride()[1:])
+    pk, pv, P, pk_strides, pv_strides, poff, plen, rows = _prefix_args(prefix_k, prefix_v, k, v, B, lse,
+                                                                       prefix_offsets, prefix_lengths)
     mask = key_padding_mask if key_padding_mask is not None else lse
     mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
     am, am_strides, mask_kind = _attn_mask_args(attn_mask, (B, H, Lq, Lk), lse)
@@ -259,11 +298,11 @@ def forward(q, k, v, prefix_k, prefix_v, o, lse, *, scale, causal=False, key_pad
         return (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
 
     launch(prefix_attention_fwd_kernel)[grid](
-        q, k, v, pk, pv, mask, am, o, lse,
+        q, k, v, pk, pv, poff, plen, mask, am, o, lse,
         H, Lq, Lk, P, D, H // Hkv, int(query_offset), float(scale) * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides, *mask_strides, *am_strides, *o.stride(),
         bucket(Lq), bucket(Lk), bucket(P),
-        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, MASK_KIND=mask_kind,
+        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, MASK_KIND=mask_kind, PREFIX_ROWS=rows,
         DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_D=triton.next_power_of_2(D),
     )
@@ -279,10 +318,11 @@ def forward(q, k, v, prefix_k, prefix_v, o, lse, *, scale, causal=False, key_pad
 # * dK/dV: one program per (BLOCK_N keys of one source, key batch · kv head); it holds its K and V tiles and the
 #   float32 dK, dV accumulators, and loops over the query rows of every query head of its GQA group (and, for a
 #   prefix shared by the batch, over every batch row: the sum over the batch stays in registers). Launched once on
-#   the prefix (no mask) and once on the real keys (causal rule and padding mask; with `causal`, the row loop starts
-#   at the first row block that can see the tile).
-# * dQ: one program per (BLOCK_M query rows, batch · head), walking the prefix tiles and then the real key tiles
-#   like the forward.
+#   the prefix (no mask; with per-row ranges only the rows whose [off_b, off_b + len_b) covers a key add to it, a
+#   row whose range misses the tile is skipped, and a key no row reads gets 0) and once on the real keys (causal
+#   rule and padding mask; with `causal`, the row loop starts at the first row block that can see the tile).
+# * dQ: one program per (BLOCK_M query rows, batch · head), walking the prefix tiles (its row's range) and then the
+#   real key tiles like the forward.
 # Scores use base-2 exponents as in the forward (LSE is scaled by log₂e on load); the attn_mask tile (MASK_KIND)
 # is reloaded and the bias added exactly as in the forward, so P is recomputed identically.
 # ----------------------------------------------------------------------------------------------------------
@@ -327,11 +367,12 @@ def _prune_dq(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=bwd_configs(_DKDV_SHAPES),
-                 key=["BLOCK_D", "LQ_BUCKET", "N_BUCKET", "NB", "GROUP", "CAUSAL", "HAS_MASK", "MASK_KIND"],
+                 key=["BLOCK_D", "LQ_BUCKET", "N_BUCKET", "NB", "GROUP", "CAUSAL", "HAS_MASK", "MASK_KIND",
+                      "PREFIX_ROWS"],
                  prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit
 def prefix_attention_bwd_dkdv_kernel(
-    q_ptr, do_ptr, lse_ptr, delta_ptr, k_ptr, v_ptr, mask_ptr, am_ptr, dk_ptr, dv_ptr,
+    q_ptr, do_ptr, lse_ptr, delta_ptr, k_ptr, v_ptr, poff_ptr, plen_ptr, mask_ptr, am_ptr, dk_ptr, dv_ptr,
     H, HKV, Lq, N, D, GROUP, NB, query_offset, scale, qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_dob, stride_doh, stride_dom, stride_dod,
@@ -342,11 +383,13 @@ def prefix_attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     LQ_BUCKET, N_BUCKET,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KIND: tl.constexpr, PREFIX_ROWS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of keys [n0, n0 + BLOCK_N) of source (k_ptr, v_ptr), batch bk (of the source), kv head hk; query
-    batches bk + 0 .. bk + NB − 1 (NB = B for a shared prefix, whose bk is 0; else 1)."""
+    batches bk + 0 .. bk + NB − 1 (NB = B for a shared prefix, whose bk is 0; else 1). With PREFIX_ROWS (a prefix
+    source) query batch b reads only the keys of its range: the others are masked, and a row whose range misses
+    the tile runs no row block."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bk = pid_bh // HKV
@@ -370,6 +413,11 @@ def prefix_attention_bwd_dkdv_kernel(
     for bi in range(0, NB):
         b = bk + bi
         key_ok = col_ok
+        m_hi = Lq
+        if PREFIX_ROWS:
+            r_lo, r_hi = _prefix_range(poff_ptr, plen_ptr, b, N, PREFIX_ROWS)
+            key_ok = key_ok & (cols >= r_lo) & (cols < r_hi)
+            m_hi = tl.where((r_lo < n0 + BLOCK_N) & (r_hi > n0), Lq, 0)  # 0: none of the tile is row b's
         if HAS_MASK:
             keep = tl.load(mask_ptr + b * stride_mb + cols * stride_mn, mask=col_ok, other=0)
             key_ok = key_ok & (keep != 0)
@@ -379,7 +427,7 @@ def prefix_attention_bwd_dkdv_kernel(
             do_base = do_ptr + b * stride_dob + h * stride_doh
             row_base = (b * H + h) * Lq
             am_base = am_ptr + b.to(tl.int64) * stride_ab + h.to(tl.int64) * stride_ah + cols[:, None] * stride_an
-            for m0 in range(lo, Lq, BLOCK_M):
+            for m0 in range(lo, m_hi, BLOCK_M):
                 rows = m0 + rm
                 row_ok = rows < Lq
                 qt = tl.load(q_base + rows[None, :] * stride_qm + rd[:, None] * stride_qd,
@@ -430,11 +478,12 @@ def _dq_tile(q, do, dq, lse2, delta, k_ptrs, v_ptrs, kv_ok, visible, bias, qk_sc
 
 
 @triton.autotune(configs=bwd_configs(_DQ_SHAPES),
-                 key=["BLOCK_D", "LQ_BUCKET", "LK_BUCKET", "P_BUCKET", "CAUSAL", "HAS_MASK", "MASK_KIND"],
+                 key=["BLOCK_D", "LQ_BUCKET", "LK_BUCKET", "P_BUCKET", "CAUSAL", "HAS_MASK", "MASK_KIND",
+                      "PREFIX_ROWS"],
                  prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit
 def prefix_attention_bwd_dq_kernel(
-    q_ptr, do_ptr, lse_ptr, delta_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, am_ptr, dq_ptr,
+    q_ptr, do_ptr, lse_ptr, delta_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, poff_ptr, plen_ptr, mask_ptr, am_ptr, dq_ptr,
     H, Lq, Lk, P, D, GROUP, query_offset, scale, qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_dob, stride_doh, stride_dom, stride_dod,
@@ -446,8 +495,8 @@ def prefix_attention_bwd_dq_kernel(
     stride_ab, stride_ah, stride_am, stride_an,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     LQ_BUCKET, LK_BUCKET, P_BUCKET,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KIND: tl.constexpr, PREFIX_ROWS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -468,11 +517,12 @@ def prefix_attention_bwd_dq_kernel(
     delta = tl.load(delta_ptr + pid_bh * Lq + rows, mask=row_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
+    p_lo, p_hi = _prefix_range(poff_ptr, plen_ptr, b, P, PREFIX_ROWS)  # this row's prefix keys
     pk_base = pk_ptr + b * stride_pkb + hk * stride_pkh
     pv_base = pv_ptr + b * stride_pvb + hk * stride_pvh
-    for n0 in range(0, P, BLOCK_N):
+    for n0 in range(p_lo, p_hi, BLOCK_N):
         cols = n0 + rn
-        col_ok = cols < P
+        col_ok = cols < p_hi
         dq = _dq_tile(q, do, dq, lse2, delta, pk_base + cols[:, None] * stride_pkn + rd[None, :] * stride_pkd,
                       pv_base + cols[:, None] * stride_pvn + rd[None, :] * stride_pvd,
                       col_ok[:, None] & d_ok[None, :], row_ok[:, None] & col_ok[None, :], 0.0, qk_scale, False,
@@ -505,17 +555,19 @@ def _prefix_strides(t):
 
 
 def backward_dkdv(q, do, lse, delta, k, v, dk, dv, *, scale, causal=False, key_padding_mask=None,
-                  query_offset=0, attn_mask=None):
+                  query_offset=0, attn_mask=None, prefix_offsets=None, prefix_lengths=None):
     """dK, dV (written into dk, dv, shaped like k and v) of one key source k, v: the real keys (B, H_kv, L_k, D),
     with `causal`, key_padding_mask (B, L_k) int8 or None and attn_mask (as `forward`) or None; or a prefix
-    (1 or B, H_kv, P, D), with causal=False and no masks — a shared prefix (first dimension 1) sums the
-    contributions of every batch row. lse and delta (B, H, Lq) float32, contiguous."""
+    (1 or B, H_kv, P, D), with causal=False, no masks and its per-row ranges (prefix_offsets, prefix_lengths as
+    `forward`) — a shared prefix (first dimension 1) sums the contributions of every batch row, each over its own
+    range (0 for a key no row reads). lse and delta (B, H, Lq) float32, contiguous."""
     B, H, Lq, D = q.shape
     Bk, Hkv, N = k.shape[0], k.shape[1], k.shape[2]
     assert D in HEAD_DIMS and H % Hkv == 0 and lse.is_contiguous() and delta.is_contiguous()
     if N == 0 or Bk == 0:
         return dk, dv
     NB = B if Bk == 1 and B > 1 else 1
+    poff, plen, rows = _prefix_rows_args(prefix_offsets, prefix_lengths, B, N, lse)
     mask = key_padding_mask if key_padding_mask is not None else lse
     mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
     am, am_strides, mask_kind = _attn_mask_args(attn_mask, (B, H, Lq, N), lse)
@@ -524,11 +576,11 @@ def backward_dkdv(q, do, lse, delta, k, v, dk, dv, *, scale, causal=False, key_p
         return (triton.cdiv(N, meta["BLOCK_N"]), Bk * Hkv)
 
     launch(prefix_attention_bwd_dkdv_kernel)[grid](
-        q, do, lse, delta, k, v, mask, am, dk, dv,
+        q, do, lse, delta, k, v, poff, plen, mask, am, dk, dv,
         H, Hkv, Lq, N, D, H // Hkv, NB, int(query_offset), float(scale), float(scale) * LOG2E,
         *q.stride(), *do.stride(), *k.stride(), *v.stride(), *mask_strides, *am_strides, *dk.stride(),
         *dv.stride(), bucket(Lq), bucket(N),
-        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, MASK_KIND=mask_kind,
+        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, MASK_KIND=mask_kind, PREFIX_ROWS=rows,
         DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_D=triton.next_power_of_2(D),
     )
@@ -536,17 +588,14 @@ def backward_dkdv(q, do, lse, delta, k, v, dk, dv, *, scale, causal=False, key_p
 
 
 def backward_dq(q, do, lse, delta, k, v, prefix_k, prefix_v, dq, *, scale, causal=False, key_padding_mask=None,
-                query_offset=0, attn_mask=None):
+                query_offset=0, attn_mask=None, prefix_offsets=None, prefix_lengths=None):
     """dQ (written into dq, shaped like q) over the prefix (or None) and the real keys; arguments as `forward`,
     with dO like q and lse, delta (B, H, Lq) float32, contiguous."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     assert D in HEAD_DIMS and H % Hkv == 0 and lse.is_contiguous() and delta.is_contiguous()
-    if prefix_k is None:
-        pk, pv, P, pk_strides, pv_strides = k, v, 0, (0, 0, 0, 0), (0, 0, 0, 0)
-    else:
-        pk, pv, P = prefix_k, prefix_v, prefix_k.shape[2]
-        pk_strides, pv_strides = _prefix_strides(prefix_k), _prefix_strides(prefix_v)
+    pk, pv, P, pk_strides, pv_strides, poff, plen, rows = _prefix_args(prefix_k, prefix_v, k, v, B, lse,
+                                                                       prefix_offsets, prefix_lengths)
     mask = key_padding_mask if key_padding_mask is not None else lse
     mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
     am, am_strides, mask_kind = _attn_mask_args(attn_mask, (B, H, Lq, Lk), lse)
@@ -555,11 +604,11 @@ def backward_dq(q, do, lse, delta, k, v, prefix_k, prefix_v, dq, *, scale, causa
         return (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
 
     launch(prefix_attention_bwd_dq_kernel)[grid](
-        q, do, lse, delta, k, v, pk, pv, mask, am, dq,
+        q, do, lse, delta, k, v, pk, pv, poff, plen, mask, am, dq,
         H, Lq, Lk, P, D, H // Hkv, int(query_offset), float(scale), float(scale) * LOG2E,
         *q.stride(), *do.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides, *mask_strides,
         *am_strides, *dq.stride(), bucket(Lq), bucket(Lk), bucket(P),
-        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, MASK_KIND=mask_kind,
+        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, MASK_KIND=mask_kind, PREFIX_ROWS=rows,
         DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_D=triton.next_power_of_2(D),
     )
@@ -568,13 +617,13 @@ def backward_dq(q, do, lse, delta, k, v, prefix_k, prefix_v, dq, *, scale, causa
 
 # ----------------------------------------------------------------------------------------------------------
 # Decode forward: split-K ("flash-decoding") with the GQA group packed into the query tile. For L_q <= 16 one
-# program owns one (batch, kv head) and one of NUM_SPLITS chunks of the key tiles (prefix tiles, then real key
-# tiles); its BLOCK_M rows are the group's query heads x the query rows, row r = query head hk · GROUP + r // L_q,
-# query position r % L_q (so each K/V tile is read once per group). Each program writes its chunk's unnormalised
-# float32 accumulator O_s·l_s, row max m_s and row sum l_s (base 2; m_s = −∞, l_s = 0 for a chunk that sees no
-# key); the combine kernel then gives O = Σ_s 2^{m_s − m} l_s O_s / Σ_s 2^{m_s − m} l_s with m = max_s m_s, and
-# LSE = (m + log₂ Σ_s 2^{m_s − m} l_s) · ln 2 (+∞, O = 0 for a row that sees nothing). With one split the
-# program writes O and LSE itself.
+# program owns one (batch, kv head) and one of NUM_SPLITS chunks of the key tiles (the tiles of its row's prefix
+# range, then real key tiles); its BLOCK_M rows are the group's query heads x the query rows, row r = query head
+# hk · GROUP + r // L_q, query position r % L_q (so each K/V tile is read once per group). Each program writes its
+# chunk's unnormalised float32 accumulator O_s·l_s, row max m_s and row sum l_s (base 2; m_s = −∞, l_s = 0 for a
+# chunk that sees no key); the combine kernel then gives O = Σ_s 2^{m_s − m} l_s O_s / Σ_s 2^{m_s − m} l_s with
+# m = max_s m_s, and LSE = (m + log₂ Σ_s 2^{m_s − m} l_s) · ln 2 (+∞, O = 0 for a row that sees nothing). With
+# one split the program writes O and LSE itself.
 # ----------------------------------------------------------------------------------------------------------
 
 DECODE_MAX_ROWS = 64  # GROUP · L_q rows at most in the packed query tile (BLOCK_M 16, 32 or 64)
@@ -610,7 +659,7 @@ def _decode_config(el, block_d, block_m, block_n, am):
 
 @triton.jit
 def prefix_attention_decode_kernel(
-    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, am_ptr, o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr,
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, poff_ptr, plen_ptr, mask_ptr, am_ptr, o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr,
     HKV, Lq, Lk, P, D, GROUP, ROWS, NUM_SPLITS, query_offset, qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -620,8 +669,8 @@ def prefix_attention_decode_kernel(
     stride_mb, stride_mn,
     stride_ab, stride_ah, stride_am, stride_an,
     stride_ob, stride_oh, stride_om, stride_od,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KIND: tl.constexpr, PREFIX_ROWS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Split pid_s of the key tiles for the GROUP query heads of (batch b, kv head hk); ROWS = B · H · L_q, the
     rows of the partial buffers po (NUM_SPLITS, ROWS, D), pm and pl (NUM_SPLITS, ROWS), float32."""
@@ -643,12 +692,13 @@ def prefix_attention_decode_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
-    # This split's key tiles [t0, t1) of the prefix tiles followed by the real key tiles (with `causal`, none
-    # past the last row's last visible key).
+    # This split's key tiles [t0, t1) of the prefix tiles (of this row's range [p_lo, p_hi): the split is the
+    # row's own) followed by the real key tiles (with `causal`, none past the last row's last visible key).
     hi = Lk
     if CAUSAL:
         hi = tl.maximum(tl.minimum(Lk, query_offset + Lq), 0)
-    tiles_p = (P + BLOCK_N - 1) // BLOCK_N
+    p_lo, p_hi = _prefix_range(poff_ptr, plen_ptr, b, P, PREFIX_ROWS)
+    tiles_p = (p_hi - p_lo + BLOCK_N - 1) // BLOCK_N
     tiles = tiles_p + (hi + BLOCK_N - 1) // BLOCK_N
     per_split = (tiles + NUM_SPLITS - 1) // NUM_SPLITS
     t0 = pid_s * per_split
@@ -656,9 +706,9 @@ def prefix_attention_decode_kernel(
 
     pk_base = pk_ptr + b * stride_pkb + hk * stride_pkh
     pv_base = pv_ptr + b * stride_pvb + hk * stride_pvh
-    for n0 in range(t0 * BLOCK_N, tl.minimum(t1, tiles_p) * BLOCK_N, BLOCK_N):
+    for n0 in range(p_lo + t0 * BLOCK_N, p_lo + tl.minimum(t1, tiles_p) * BLOCK_N, BLOCK_N):
         cols = n0 + rn
-        col_ok = cols < P
+        col_ok = cols < p_hi
         m_i, l_i, acc = _online_tile(q, pk_base + cols[None, :] * stride_pkn + rd[:, None] * stride_pkd,
                                      pv_base + cols[:, None] * stride_pvn + rd[None, :] * stride_pvd,
                                      d_ok[:, None] & col_ok[None, :], col_ok[:, None] & d_ok[None, :],
@@ -728,19 +778,20 @@ def prefix_attention_combine_kernel(
 
 
 def forward_decode(q, k, v, prefix_k, prefix_v, o, lse, *, scale, causal=False, key_padding_mask=None,
-                   query_offset=0, attn_mask=None, num_splits=None):
+                   query_offset=0, attn_mask=None, prefix_offsets=None, prefix_lengths=None, num_splits=None):
     """`forward` for a decode step (decode_applies(L_q, H / H_kv)): the split-K kernel over NUM_SPLITS chunks of
-    the key tiles (default: DECODE_NUM_SPLITS, else enough for about two programs per SM), then the combine kernel
-    (none with one split). Arguments as `forward`."""
+    the key tiles (default: DECODE_NUM_SPLITS, else enough for about two programs per SM, sized for the longest
+    prefix range: P, or the longest length when the lengths are on the CPU — no device synchronisation), then the
+    combine kernel (none with one split). Arguments as `forward`."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     group = H // Hkv
     assert D in HEAD_DIMS and H % Hkv == 0 and lse.is_contiguous() and decode_applies(Lq, group)
-    if prefix_k is None:
-        pk, pv, P, pk_strides, pv_strides = k, v, 0, (0, 0, 0, 0), (0, 0, 0, 0)
-    else:
-        pk, pv, P = prefix_k, prefix_v, prefix_k.shape[2]
-        pk_strides, pv_strides = _prefix_strides(prefix_k), _prefix_strides(prefix_v)
+    pk, pv, P, pk_strides, pv_strides, poff, plen, ranges = _prefix_args(prefix_k, prefix_v, k, v, B, lse,
+                                                                         prefix_offsets, prefix_lengths)
+    p_walk = P  # the longest prefix range a row walks (P unless known on the host without tracing or a sync)
+    if ranges and plen.device.type == "cpu" and not torch.compiler.is_compiling():
+        p_walk = int(torch.minimum(plen.clamp(min=0), P - poff.clamp(0, P)).max()) if B else 0
     mask = key_padding_mask if key_padding_mask is not None else lse
     mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
     am, am_strides, mask_kind = _attn_mask_args(attn_mask, (B, H, Lq, Lk), lse)
@@ -748,7 +799,7 @@ def forward_decode(q, k, v, prefix_k, prefix_v, o, lse, *, scale, causal=False, 
     block_m = max(16, triton.next_power_of_2(group * Lq))
     block_n = 16 if interpreting() else 64
     hi = max(min(Lk, int(query_offset) + Lq), 0) if causal else Lk
-    tiles = triton.cdiv(P, block_n) + triton.cdiv(hi, block_n)
+    tiles = triton.cdiv(p_walk, block_n) + triton.cdiv(hi, block_n)
     if num_splits is None:
         sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
             if q.is_cuda else 1
@@ -765,10 +816,10 @@ def forward_decode(q, k, v, prefix_k, prefix_v, o, lse, *, scale, causal=False, 
         po, pm, pl = new(num_splits, rows, D), new(num_splits, rows), new(num_splits, rows)
     config = _decode_config(q.element_size(), block_d, block_m, block_n, attn_mask)
     launch(prefix_attention_decode_kernel)[(num_splits, B * Hkv)](
-        q, k, v, pk, pv, mask, am, o, lse, po, pm, pl,
+        q, k, v, pk, pv, poff, plen, mask, am, o, lse, po, pm, pl,
         Hkv, Lq, Lk, P, D, group, rows, num_splits, int(query_offset), float(scale) * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides, *mask_strides, *am_strides, *o.stride(),
-        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, MASK_KIND=mask_kind,
+        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, MASK_KIND=mask_kind, PREFIX_ROWS=ranges,
         DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -11,7 +11,10 @@ h // (H / H_kv). The kernels take attn_mask through its strides (stride 0 on bro
 give it no gradient: an attn_mask that requires grad (a learned position bias) runs the reference, where autograd
 reaches it. dropout_p > 0 (probabilities dropped after the softmax, scaled by 1/(1 − p), as torch's SDPA) runs the
 reference too: the kernels do not drop. prefix_bias, an additive bias on the prefix keys' scores (PEFT's T5 layout,
-prefix keys at positions 0..P−1 with T5's relative position bias), also runs the reference.
+prefix keys at positions 0..P−1 with T5's relative position bias), also runs the reference. prefix_offsets and
+prefix_lengths (B,) integer (multi-adapter batches) give row b only the prefix keys off_b <= p < off_b + len_b
+(defaults 0 and P − off_b; len_b = 0: no prefix), e.g. adapters' prefixes packed along P in a (1, H_kv, P, D)
+prefix; checked on the host for CPU tensors, clamped into [0, P] by the kernels (CUDA tensors are not synchronised).
 
 `fastpeft::prefix_attention` returns (O, LSE): LSE (B, H, L_q) float32 is the natural log-sum-exp of each row's
 visible scaled scores (+inf for a row that sees no key, whose O is 0), saved for the backward. On CUDA one
@@ -22,8 +25,9 @@ each K/V tile is read once per group, and splits the keys across programs that e
 l_s); a combine kernel merges them exactly, O = Σ_s e^{m_s − m} l_s O_s / Σ_s e^{m_s − m} l_s with m = max_s m_s
 (larger groups: 16-row query blocks); the backward needs only O and LSE, so it serves training at small L_q too.
 Autograd is registered on the op: its backward (`fastpeft::prefix_attention_backward`) takes Δ = rowsum(dO ⊙ O),
-then a dK/dV kernel over the prefix tiles (summing the batch rows of a shared prefix) and over the real key tiles,
-and a dQ kernel; only the gradients asked for are computed (prefix tuning: the prefix alone).
+then a dK/dV kernel over the prefix tiles (summing the batch rows of a shared prefix, each over its own range)
+and over the real key tiles, and a dQ kernel; only the gradients asked for are computed (prefix tuning: the prefix
+alone).
 Other head dims run the reference (autograd through it) with a one-time warning. Which path runs is listed in the
 registry note (`fastpeft info`).
 """
@@ -44,7 +48,8 @@ registry.describe(
     "prefix_attention", dtypes=TRITON_DTYPES, doc="O = softmax(Q [Pk; K]^T scale + mask) [Pv; V]",
     note=("flash-attention-style kernels (prefix then real keys, online softmax, causal and key padding masks, "
           "attn_mask on the real keys: bool or additive bias, broadcast by strides; GQA/MQA, shared or per-row "
-          "prefix) for head dims 64, 80, 96, 128, forward and backward "
+          "prefix, per-row prefix ranges prefix_offsets/prefix_lengths: several adapters' prefixes packed in one "
+          "batch, each range's keys only walked) for head dims 64, 80, 96, 128, forward and backward "
           "(FlashAttention-2 dK/dV and dQ kernels, deterministic: no atomics); the reference runs for other head "
           "dims (with a warning), for dropout_p > 0 (the kernels do not drop), for an attn_mask that requires "
           "grad (the kernels give it none) and for a prefix_bias (PEFT's T5 layout); decode (Lq <= 16, query "
@@ -67,16 +72,20 @@ def _kernels():
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = None, prefix_v: Tensor | None = None,
                      *, scale: float | None = None, causal: bool = False, key_padding_mask: Tensor | None = None,
                      query_offset: int | None = None, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
-                     prefix_bias: Tensor | None = None) -> Tensor:
+                     prefix_bias: Tensor | None = None, prefix_offsets: Tensor | None = None,
+                     prefix_lengths: Tensor | None = None) -> Tensor:
     """Attention of q (B, H, Lq, D) over the prefix (prefix_k, prefix_v: (1 or B, H_kv, P, D), or None) and the
     real keys k, v (B, H_kv, Lk, D). scale: default 1/sqrt(D); causal: query i sees real keys j <= query_offset + i
     (query_offset default Lk − Lq); key_padding_mask: (B, Lk) bool or integer, True/nonzero for real tokens;
     attn_mask: over the real keys only, broadcastable to (B, H, Lq, Lk), bool (True = visible) or floating (added
     to the scaled scores; no gradient through the kernels: one that requires grad runs the reference); dropout_p:
     on the attention probabilities, 0 <= p < 1 (p > 0 runs the reference); prefix_bias: floating, broadcastable
-    to (B, H, Lq, P), added to the prefix keys' scores (PEFT's T5 layout; runs the reference). All masks apply
-    together; a row that sees no key gives 0."""
+    to (B, H, Lq, P), added to the prefix keys' scores (PEFT's T5 layout; runs the reference); prefix_offsets,
+    prefix_lengths: (B,) integer, row b sees only the prefix keys prefix_k[b or 0, :, off_b : off_b + len_b]
+    (multi-adapter batches; defaults 0 and P − off_b, len_b = 0: no prefix). All masks apply together; a row that
+    sees no key gives 0."""
     _check(q, k, v, prefix_k, prefix_v, key_padding_mask, query_offset, attn_mask, dropout_p)
+    _check_prefix_rows(q, prefix_k, prefix_offsets, prefix_lengths)
     if prefix_bias is not None:
         _check_prefix_bias(prefix_bias, q, prefix_k)
     B, H, Lq, D = q.shape
@@ -93,9 +102,10 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = 
     if not kernel_ok or (backend == "torch" and not torch.compiler.is_compiling()):
         return reference.prefix_attention(q, k, v, prefix_k, prefix_v, scale=scale, causal=causal,
                                           key_padding_mask=key_padding_mask, query_offset=query_offset,
-                                          attn_mask=attn_mask, dropout_p=float(dropout_p), prefix_bias=prefix_bias)
+                                          attn_mask=attn_mask, dropout_p=float(dropout_p), prefix_bias=prefix_bias,
+                                          prefix_offsets=prefix_offsets, prefix_lengths=prefix_lengths)
     return torch.ops.fastpeft.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, bool(causal),
-                                               offset, attn_mask)[0]
+                                               offset, attn_mask, prefix_offsets, prefix_lengths)[0]
 
 
 def _check_prefix_bias(bias: Tensor, q: Tensor, prefix_k: Tensor | None) -> None:
@@ -114,6 +124,40 @@ def _check_prefix_bias(bias: Tensor, q: Tensor, prefix_k: Tensor | None) -> None
     if not ok:
         raise ValueError(f"{where}: prefix_bias has shape {tuple(bias.shape)}; expected a shape broadcastable to "
                          f"(B, H, Lq, P) = ({B}, {H}, {Lq}, {P}), one column per prefix key.")
+
+
+def _check_prefix_rows(q, prefix_k, offsets, lengths) -> None:
+    """prefix_offsets / prefix_lengths: (B,) integer on q's device, with a prefix; their values too on the CPU (on
+    CUDA the kernels clamp them instead of a synchronising check)."""
+    where = "fp.ops.prefix_attention"
+    B = q.shape[0]
+    given = [(name, t) for name, t in (("prefix_offsets", offsets), ("prefix_lengths", lengths)) if t is not None]
+    for name, t in given:
+        if prefix_k is None:
+            raise ValueError(f"{where}: {name} is given but there is no prefix; pass prefix_k and prefix_v (the "
+                             "packed prefixes the rows index into) or drop prefix_offsets/prefix_lengths.")
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != B:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{where}: {name} has shape {got}; expected (B,) = ({B},), one entry per batch row "
+                             "(e.g. torch.tensor([...], dtype=torch.int32)).")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"{where}: {name} has dtype {t.dtype}; use an integer tensor (int32 preferred: the "
+                             "kernels read int32), e.g. .to(torch.int32).")
+        if t.device != q.device:
+            raise ValueError(f"{where}: {name} is on {t.device} but q is on {q.device}; move it to {q.device}.")
+    if not given or q.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    P = prefix_k.shape[2]
+    off = torch.zeros(B, dtype=torch.int64) if offsets is None else offsets.to(torch.int64)
+    length = (P - off).clamp(min=0) if lengths is None else lengths.to(torch.int64)
+    for name, bad, what in (("prefix_offsets", off < 0, "is negative"), ("prefix_lengths", length < 0, "is negative"),
+                            ("prefix_offsets", off > P, f"exceeds P = {P}"),
+                            ("prefix_offsets + prefix_lengths", off + length > P, f"exceeds P = {P}")):
+        if bad.any():
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{where}: {name} of row {b} {what} (offset {int(off[b])}, length {int(length[b])}); "
+                             f"each row's prefix slice [off, off + len) must lie inside the prefix: 0 <= off, "
+                             f"0 <= len, off + len <= P = {P} (prefix_k.shape[2], the packed prefixes' length).")
 
 
 def _check(q, k, v, prefix_k, prefix_v, mask, query_offset, attn_mask=None, dropout_p=0.0) -> None:
@@ -202,13 +246,15 @@ def _backend(q: Tensor) -> str:
 @torch.library.triton_op("fastpeft::prefix_attention", mutates_args=())
 def _prefix_attention_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None,
                          key_padding_mask: Tensor | None, scale: float, causal: bool, query_offset: int,
-                         attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                         attn_mask: Tensor | None = None, prefix_offsets: Tensor | None = None,
+                         prefix_lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(O, LSE): O like q, LSE (B, H, Lq) float32, the natural log-sum-exp of each row's visible scaled scores
     (bias included; +inf where a row sees no key). Differentiable in q, k, v, prefix_k, prefix_v (autograd
-    registered below); attn_mask gets no gradient."""
+    registered below); attn_mask, prefix_offsets and prefix_lengths get no gradient."""
     B, H, Lq, D = q.shape
     if _backend(q) == "torch" or q.numel() == 0 or D not in KERNEL_HEAD_DIMS:
-        return _torch_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal, query_offset, attn_mask)
+        return _torch_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal, query_offset, attn_mask,
+                              prefix_offsets, prefix_lengths)
     o = dispatch.new_output((B, H, Lq, D), like=q)
     lse = dispatch.new_output((B, H, Lq), like=q, dtype=torch.float32)
     kern = _kernels()
@@ -216,7 +262,7 @@ def _prefix_attention_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | Non
     forward = kern.forward_decode if kern.decode_applies(Lq, H // k.shape[1]) else kern.forward
     forward(q, k, v, prefix_k, prefix_v, o, lse, scale=scale, causal=causal,
             key_padding_mask=_padding_mask(key_padding_mask), query_offset=query_offset,
-            attn_mask=_attn_mask(attn_mask))
+            attn_mask=_attn_mask(attn_mask), **_prefix_rows(prefix_k, prefix_offsets, prefix_lengths))
     return o, lse
 
 
@@ -225,6 +271,21 @@ def _padding_mask(key_padding_mask):
     if key_padding_mask is None or key_padding_mask.dtype == torch.int8:
         return key_padding_mask
     return (key_padding_mask != 0).to(torch.int8)
+
+
+def _prefix_rows(prefix_k, prefix_offsets, prefix_lengths) -> dict:
+    """The per-row prefix ranges as the kernels read them: int32, contiguous (none without a prefix). Other integer
+    dtypes are clamped into [0, P] first (no wrap-around; the kernels' own clamp then gives the same ranges)."""
+    if prefix_k is None:
+        return {}
+    P = prefix_k.shape[2]
+
+    def int32(t):
+        if t is not None and t.dtype != torch.int32:
+            t = t.to(torch.int64).clamp(0, P).to(torch.int32)
+        return t if t is None or t.is_contiguous() else t.contiguous()
+
+    return {"prefix_offsets": int32(prefix_offsets), "prefix_lengths": int32(prefix_lengths)}
 
 
 def _attn_mask(attn_mask):
@@ -238,10 +299,13 @@ def _attn_mask(attn_mask):
     return attn_mask
 
 
-def _torch_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal, query_offset, attn_mask=None):
+def _torch_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal, query_offset, attn_mask=None,
+                   prefix_offsets=None, prefix_lengths=None):
     """The op body on the reference: O from fastpeft.reference.attention, LSE from the same masked scores."""
+    rows = {"prefix_offsets": prefix_offsets, "prefix_lengths": prefix_lengths}
     o = reference.prefix_attention(q, k, v, prefix_k, prefix_v, scale=scale, causal=causal,
-                                   key_padding_mask=key_padding_mask, query_offset=query_offset, attn_mask=attn_mask)
+                                   key_padding_mask=key_padding_mask, query_offset=query_offset, attn_mask=attn_mask,
+                                   **rows)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     P = prefix_k.shape[2] if prefix_k is not None else 0
@@ -250,7 +314,7 @@ def _torch_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal,
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = reference.add_bias((q.to(work) @ keys.to(work).transpose(-1, -2)) * scale, attn_mask, P)
     visible = reference.visible_keys(B, Lq, Lk, P, causal=causal, query_offset=query_offset,
-                                     key_padding_mask=key_padding_mask, device=q.device, attn_mask=attn_mask)
+                                     key_padding_mask=key_padding_mask, device=q.device, attn_mask=attn_mask, **rows)
     lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
     lse = lse.masked_fill(~visible.any(-1), float("inf")).to(torch.float32)
     return o, lse
@@ -264,27 +328,29 @@ def _torch_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal,
 def _prefix_attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None,
                                   prefix_v: Tensor | None, key_padding_mask: Tensor | None, o: Tensor, lse: Tensor,
                                   scale: float, causal: bool, query_offset: int, need_q: bool, need_kv: bool,
-                                  need_prefix: bool, attn_mask: Tensor | None = None
+                                  need_prefix: bool, attn_mask: Tensor | None = None,
+                                  prefix_offsets: Tensor | None = None, prefix_lengths: Tensor | None = None
                                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dQ, dK, dV, dP_K, dP_V), each like its input (empty when not asked for, or when there is no prefix).
     With P = exp(S · scale + bias − LSE) under the forward's masks and Δ = rowsum(dO ⊙ O): dV = Pᵀ dO,
     dS = P ⊙ (dO Vᵀ − Δ), dK = scale · dSᵀ Q, dQ = scale · dS K, summed over the query heads of each GQA
-    group (and over the batch for a shared prefix)."""
+    group (and over the batch for a shared prefix: each row's range only; 0 for a key no row reads)."""
     B, H, Lq, D = q.shape
     need_prefix = need_prefix and prefix_k is not None
     if _backend(q) == "torch" or q.numel() == 0 or D not in KERNEL_HEAD_DIMS:
         return _torch_backward(do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, scale, causal,
-                               query_offset, need_q, need_kv, need_prefix, attn_mask)
+                               query_offset, need_q, need_kv, need_prefix, attn_mask, prefix_offsets, prefix_lengths)
     kern = _kernels()
     do = do.contiguous()
     delta = (do.float() * o.float()).sum(-1).contiguous()
     lse = lse.contiguous()
     mask, am = _padding_mask(key_padding_mask), _attn_mask(attn_mask)
+    rows = _prefix_rows(prefix_k, prefix_offsets, prefix_lengths)
     dq, dk, dv, dpk, dpv = (q.new_empty(0) for _ in range(5))  # distinct: outputs may not alias each other
     if need_q:
         dq = dispatch.new_output(tuple(q.shape), like=q)
         kern.backward_dq(q, do, lse, delta, k, v, prefix_k, prefix_v, dq, scale=scale, causal=causal,
-                         key_padding_mask=mask, query_offset=query_offset, attn_mask=am)
+                         key_padding_mask=mask, query_offset=query_offset, attn_mask=am, **rows)
     if need_kv:
         dk = dispatch.new_output(tuple(k.shape), like=k)
         dv = dispatch.new_output(tuple(v.shape), like=v)
@@ -293,12 +359,12 @@ def _prefix_attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, p
     if need_prefix:
         dpk = dispatch.new_output(tuple(prefix_k.shape), like=prefix_k)
         dpv = dispatch.new_output(tuple(prefix_v.shape), like=prefix_v)
-        kern.backward_dkdv(q, do, lse, delta, prefix_k, prefix_v, dpk, dpv, scale=scale)
+        kern.backward_dkdv(q, do, lse, delta, prefix_k, prefix_v, dpk, dpv, scale=scale, **rows)
     return dq, dk, dv, dpk, dpv
 
 
 def _torch_backward(do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, scale, causal, query_offset,
-                    need_q, need_kv, need_prefix, attn_mask=None):
+                    need_q, need_kv, need_prefix, attn_mask=None, prefix_offsets=None, prefix_lengths=None):
     """The backward op body in plain PyTorch (the formulas of its docstring on the concatenated keys)."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -313,7 +379,8 @@ def _torch_backward(do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, s
     qw, dow = q.to(work), do.to(work)
     scores = reference.add_bias((qw @ keys.transpose(-1, -2)) * scale, attn_mask, P)
     visible = reference.visible_keys(B, Lq, Lk, P, causal=causal, query_offset=query_offset,
-                                     key_padding_mask=key_padding_mask, device=q.device, attn_mask=attn_mask)
+                                     key_padding_mask=key_padding_mask, device=q.device, attn_mask=attn_mask,
+                                     prefix_offsets=prefix_offsets, prefix_lengths=prefix_lengths)
     probs = torch.exp(scores.masked_fill(~visible, float("-inf")) - lse.to(work)[..., None])
     delta = (dow * o.to(work)).sum(-1, keepdim=True)
     ds = probs * (dow @ values.transpose(-1, -2) - delta)
@@ -334,22 +401,23 @@ def _torch_backward(do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, s
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal, query_offset, attn_mask = inputs
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, output[0], output[1], attn_mask)
+    q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal, query_offset, attn_mask, offsets, lengths = inputs
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, output[0], output[1], attn_mask, offsets,
+                          lengths)
     ctx.scale, ctx.causal, ctx.query_offset = scale, causal, query_offset
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, attn_mask = ctx.saved_tensors
+    q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, attn_mask, offsets, lengths = ctx.saved_tensors
     need_q, need_k, need_v, need_pk, need_pv = ctx.needs_input_grad[:5]
     need_kv, need_prefix = need_k or need_v, (need_pk or need_pv) and prefix_k is not None
     if do is None:  # only LSE was used (it has no gradient)
-        return (None,) * 10
+        return (None,) * 12
     dq, dk, dv, dpk, dpv = torch.ops.fastpeft.prefix_attention_backward(
         do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, ctx.scale, ctx.causal, ctx.query_offset,
-        need_q, need_kv, need_prefix, attn_mask)
+        need_q, need_kv, need_prefix, attn_mask, offsets, lengths)
     return (dq if need_q else None, dk if need_k else None, dv if need_v else None, dpk if need_pk else None,
-            dpv if need_pv else None, None, None, None, None, None)  # no gradient for the masks
+            dpv if need_pv else None, None, None, None, None, None, None, None)  # none for masks and ranges
 
 
 torch.library.register_autograd("fastpeft::prefix_attention", _backward, setup_context=_setup_context)

@@ -4,8 +4,8 @@
 
 Q: (B, H, L_q, D); K, V: (B, H_kv, L_k, D); P_K, P_V: (B or 1, H_kv, P, D), a prefix shared by the batch when its
 first dimension is 1. H is a multiple of H_kv (grouped-query attention; H_kv = 1 is multi-query): query head h
-reads key/value head h // (H / H_kv). The mask M applies to the real keys only — the prefix is visible to every
-query and gets no bias. Its parts, all applied together:
+reads key/value head h // (H / H_kv). The mask M applies to the real keys only — the prefix (its row's range,
+below) is visible to every query and gets no bias. Its parts, all applied together:
 
 * `causal`: query i sits at position `query_offset` + i (by default L_k − L_q: the queries are the last L_q
   tokens, as in a decode step with a KV cache) and sees real keys j ≤ that position;
@@ -17,6 +17,12 @@ query and gets no bias. Its parts, all applied together:
 
 `prefix_bias`, broadcastable to (B, H, L_q, P), is added to the prefix keys' scaled scores (PEFT's T5 layout,
 where the prefix keys sit at positions 0..P−1 and get T5's relative position bias); by default the prefix has none.
+
+Per-row prefixes (multi-adapter batches): `prefix_offsets`, `prefix_lengths` (B,) integer give batch row b the
+prefix keys p with off_b <= p < off_b + len_b, i.e. the slice P_K[b if B_p = B else 0, :, off_b : off_b + len_b]
+(and P_V's), e.g. several adapters' prefixes packed along P in one (1, H_kv, P, D) tensor; len_b = 0: no prefix.
+Defaults: off_b = 0, len_b = P − off_b (the rest); out-of-range values are clamped, off_b into [0, P] and len_b
+into [0, P − off_b] (fp.ops.prefix_attention rejects them on CPU tensors; the kernels clamp likewise).
 
 A query row that sees no key at all gives 0. `dropout_p` > 0 drops attention probabilities after the softmax,
 scaling the kept ones by 1/(1 − p), as torch's scaled_dot_product_attention does (torch's global generator).
@@ -36,7 +42,8 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
                      prefix_v: torch.Tensor | None = None, *, scale: float | None = None, causal: bool = False,
                      key_padding_mask: torch.Tensor | None = None, query_offset: int | None = None,
                      attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-                     prefix_bias: torch.Tensor | None = None) -> torch.Tensor:
+                     prefix_bias: torch.Tensor | None = None, prefix_offsets: torch.Tensor | None = None,
+                     prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """The formula above, differentiable by autograd (a floating attn_mask included); softmax in float32
     (float64 for float64 inputs)."""
     B, H, Lq, D = q.shape
@@ -56,7 +63,8 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
         scores = scores + F.pad(prefix_bias.to(scores.dtype), (0, Lk))
     offset = Lk - Lq if query_offset is None else query_offset
     visible = visible_keys(B, Lq, Lk, P, causal=causal, query_offset=offset, key_padding_mask=key_padding_mask,
-                           device=q.device, attn_mask=attn_mask)
+                           device=q.device, attn_mask=attn_mask, prefix_offsets=prefix_offsets,
+                           prefix_lengths=prefix_lengths)
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)                   # a row with no visible key: zeros
     if dropout_p > 0:
@@ -65,11 +73,14 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
 
 
 def visible_keys(B: int, Lq: int, Lk: int, P: int, *, causal: bool, query_offset: int,
-                 key_padding_mask: torch.Tensor | None, device, attn_mask: torch.Tensor | None = None
+                 key_padding_mask: torch.Tensor | None, device, attn_mask: torch.Tensor | None = None,
+                 prefix_offsets: torch.Tensor | None = None, prefix_lengths: torch.Tensor | None = None
                  ) -> torch.Tensor:
-    """(B, 1 or H, L_q, P + L_k) bool: which keys each query sees (every prefix key; the real keys the rules
-    allow). The head dimension is H only when attn_mask has one."""
+    """(B, 1 or H, L_q, P + L_k) bool: which keys each query sees (the prefix keys of its row's range, every one
+    by default; the real keys the rules allow). The head dimension is H only when attn_mask has one."""
     visible = torch.ones((B, 1, Lq, P + Lk), dtype=torch.bool, device=device)
+    if prefix_offsets is not None or prefix_lengths is not None:
+        visible[..., :P] &= prefix_rows(B, P, prefix_offsets, prefix_lengths, device)[:, None, None, :]
     if causal:
         rows = torch.arange(Lq, device=device)[:, None] + query_offset
         visible[..., P:] &= torch.arange(Lk, device=device)[None, :] <= rows
@@ -80,6 +91,19 @@ def visible_keys(B: int, Lq: int, Lk: int, P: int, *, causal: bool, query_offset
         real = visible[..., P:] & shown                                      # broadcast: (B, 1 or H, Lq, Lk)
         visible = torch.cat([visible[..., :P].expand(*real.shape[:-1], P), real], dim=-1)
     return visible
+
+
+def prefix_rows(B: int, P: int, prefix_offsets: torch.Tensor | None, prefix_lengths: torch.Tensor | None,
+                device) -> torch.Tensor:
+    """(B, P) bool: prefix key p is row b's iff off_b <= p < off_b + len_b, with off_b clamped into [0, P] and
+    len_b into [0, P − off_b] (defaults: off_b = 0, len_b = P − off_b)."""
+    off = torch.zeros(B, dtype=torch.int64, device=device) if prefix_offsets is None else prefix_offsets
+    off = off.to(device=device, dtype=torch.int64).clamp(0, P)
+    length = P - off
+    if prefix_lengths is not None:
+        length = torch.minimum(prefix_lengths.to(device=device, dtype=torch.int64).clamp(min=0), length)
+    p = torch.arange(P, device=device)
+    return (p[None, :] >= off[:, None]) & (p[None, :] < (off + length)[:, None])
 
 
 def add_bias(scores: torch.Tensor, attn_mask: torch.Tensor | None, P: int) -> torch.Tensor:
