@@ -17,7 +17,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "benchmarks"
 NOT_FAMILIES = {"common", "__init__"}
-BENCH_ALIASES = {"prefix": "prefix_attention"}  # `fastpeft bench prefix` runs benchmarks/prefix_attention.py
+BENCH_ALIASES = {"prefix": "prefix_attention", "multi": "multi_adapter"}  # `fastpeft bench multi`: multi_adapter.py
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -42,6 +42,14 @@ def _cuda_line() -> str:
     return f"available, {len(names)} device(s): {', '.join(names)}"
 
 
+def _cuda_ext_line() -> str:
+    """The CUDA C++ extension: built, loadable (compiles on first use) or not available and why. Never compiles."""
+    from fastpeft.ops import cuda_ext
+
+    usable, why = cuda_ext.status()
+    return why if usable else f"not available: {why}"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Print versions, then for every registered op the backend it would use on CPU and CUDA tensors here."""
     import torch
@@ -59,6 +67,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("transformers", _version("transformers")),
         ("peft", _version("peft")),
         ("CUDA", _cuda_line()),
+        ("CUDA extension", _cuda_ext_line()),
     ]
     forced = os.environ.get("FASTPEFT_BACKEND", "")
     try:

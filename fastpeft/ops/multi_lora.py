@@ -242,7 +242,7 @@ def _forward(x2, weight, bias, h2, bank: LoRABank, routing: Routing, used, fan_i
                                "(forward) kernel; training runs the Triton kernels: unset FASTPEFT_BACKEND.")
         from . import cuda_ext
 
-        cuda_ext.load().multi_lora_decode(y, h.contiguous(), bank.table, bank.ranks, routing.token_slot)
+        cuda_ext.load().multi_lora_decode(y, h.contiguous(), bank.table, bank.ranks, routing.token_slot, bank.dtype)
         return y, None
     kern = _kernels()
     if not need_t and M <= DECODE_MAX_TOKENS and bank.max_rank <= kern.DECODE_MAX_RANK:
