@@ -11,8 +11,9 @@ from .config import (AdaLoRAConfig, AdapterConfig, BnConfig, CompacterConfig, Co
                      DoubleSeqBnConfig, DoubleSeqBnInvConfig, IA3Config, LlamaAdapterConfig, LoRAConfig, ParBnConfig,
                      PrefixTuningConfig, PromptTuningConfig, PTuningConfig, SeqBnConfig, SeqBnInvConfig)
 from .errors import AdapterError, BackendError, CheckpointError, ConfigError, FastPEFTError, TargetError
-from .inject import (Stack, adapters, add_adapter, delete_adapter, disable_adapters, eject_prefix_tuning,
-                     merge_adapter, set_active_adapters, trainable_parameters, unload, unmerge_adapter)
+from .inject import (Stack, adapter_batch, adapter_ids, adapters, add_adapter, delete_adapter, disable_adapters,
+                     eject_prefix_tuning, merge_adapter, set_active_adapters, trainable_parameters, unload,
+                     unmerge_adapter)
 from .inject.adalora import RankAllocator
 
 __version__ = "0.1.0"
@@ -24,6 +25,6 @@ __all__ = [
     "Stack",
     "add_adapter", "set_active_adapters", "disable_adapters", "merge_adapter", "unmerge_adapter",
     "delete_adapter", "unload", "trainable_parameters", "adapters", "save_adapter", "load_adapter",
-    "eject_prefix_tuning",
+    "eject_prefix_tuning", "adapter_batch", "adapter_ids",
     "FastPEFTError", "ConfigError", "TargetError", "AdapterError", "CheckpointError", "BackendError",
 ]

@@ -13,7 +13,6 @@ from torch import nn
 from ..config import AdaLoRAConfig
 from ..errors import CheckpointError
 from ..inject import adalora as ada_inject
-from ..modules.lora import is_conv1d
 from .files import (add_and_fill, check_fields, check_tensors, fill_saved, in_out, peft_modules_to_save,
                     peft_target_modules, plan_for_checkpoint, present_modules_to_save, read_tensors,
                     saved_copy_tensors, saved_requirements)
@@ -55,7 +54,7 @@ def export(model: nn.Module, name: str, config: AdaLoRAConfig, targets: list[str
         "layers_to_transform": config.layers_to_transform, "layers_pattern": config.layers_pattern,
         "modules_to_save": peft_modules_to_save(model, saved), "bias": "none",
         "init_lora_weights": config.init_weights, "use_dora": False,
-        "fan_in_fan_out": any(is_conv1d(model.get_submodule(p).base_layer) for p in targets),
+        "fan_in_fan_out": any(model.get_submodule(p).fan_in_fan_out for p in targets),
     }
     return tensors, fields
 

@@ -12,7 +12,6 @@ from torch import nn
 from ..config import IA3Config
 from ..errors import CheckpointError
 from ..inject import ia3 as ia3_inject
-from ..modules.lora import is_conv1d
 from .files import (add_and_fill, check_fields, check_tensors, fill_saved, in_out, peft_modules_to_save,
                     peft_target_modules, plan_for_checkpoint, present_modules_to_save, read_tensors,
                     saved_copy_tensors, saved_requirements, short_names)
@@ -51,7 +50,7 @@ def export(model: nn.Module, name: str, config: IA3Config, targets: list[str], s
         "inference_mode": True, "target_modules": target_modules, "feedforward_modules": ff_modules,
         "exclude_modules": None, "modules_to_save": peft_modules_to_save(model, saved),
         "init_ia3_weights": config.init_weights,
-        "fan_in_fan_out": any(is_conv1d(model.get_submodule(p).base_layer) for p in targets),
+        "fan_in_fan_out": any(model.get_submodule(p).fan_in_fan_out for p in targets),
     }
     return tensors, fields
 

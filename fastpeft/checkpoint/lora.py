@@ -16,7 +16,6 @@ from torch import nn
 from ..config import LoRAConfig
 from ..errors import CheckpointError
 from ..inject import lora as lora_inject
-from ..modules.lora import is_conv1d
 from .files import (add_and_fill, base_state, check_fields, few, fill_saved, in_out, peft_modules_to_save,
                     peft_target_modules, plan_for_checkpoint, present_modules_to_save, read_tensors,
                     saved_requirements)
@@ -83,7 +82,7 @@ def _peft_config(model: nn.Module, config: LoRAConfig, targets: list[str], saved
         "layers_to_transform": config.layers_to_transform, "layers_pattern": config.layers_pattern,
         "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
         "bias": config.bias, "use_rslora": config.use_rslora, "init_lora_weights": config.init_weights,
-        "fan_in_fan_out": any(is_conv1d(model.get_submodule(p).base_layer) for p in targets),
+        "fan_in_fan_out": any(model.get_submodule(p).fan_in_fan_out for p in targets),
         "use_dora": config.use_dora, "lora_bias": False, "layer_replication": None, "target_parameters": None,
         "trainable_token_indices": None,
     }

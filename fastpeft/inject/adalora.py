@@ -52,7 +52,7 @@ def apply(model: nn.Module, name: str, config: AdaLoRAConfig, ada_plan: AdaLoRAP
 
 def svd_layers(model: nn.Module, name: str) -> list[tuple[str, LoRALinear]]:
     """(path, layer) of every layer holding AdaLoRA adapter `name`."""
-    return [(p, m) for p, m in model_modules(model) if isinstance(m, LoRALinear) and name in m.lora_E]
+    return [(p, m) for p, m in model_modules(model, nested=True) if isinstance(m, LoRALinear) and name in m.lora_E]
 
 
 def orth_regularization(model: nn.Module, name: str) -> torch.Tensor:

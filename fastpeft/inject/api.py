@@ -12,8 +12,10 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import AdapterError, ConfigError
-from ..modules import AdapterContainer, AdapterLayer, ModulesToSave
+from ..modules import AdapterContainer, AdapterLayer, IA3Linear, ModulesToSave
+from ..modules.batch import ATTRIBUTE as BATCH_ATTRIBUTE
 from . import adalora, bottleneck, ia3, lora, prefix
+from . import batch as batching
 from . import llama_adapter as llama_adapter_inject
 from . import prompt as prompt_inject
 from .state import AdapterState, clear_state, get_state, require_state
@@ -22,6 +24,7 @@ from .targets import model_modules, parent_of
 HANDLERS = {"lora": lora, "ia3": ia3, "adalora": adalora, "bottleneck": bottleneck, "prefix_tuning": prefix,
             "prompt_tuning": prompt_inject, "p_tuning": prompt_inject, "llama_adapter": llama_adapter_inject}
 MERGEABLE = {"lora", "ia3", "adalora"}
+LAYER_METHODS = {"lora", "ia3"}  # adapters that live only in the layers they wrap (and modules_to_save copies)
 
 
 class Stack(tuple):
@@ -36,7 +39,18 @@ class Stack(tuple):
 
 
 def wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model_modules(model) if isinstance(m, (AdapterLayer, ModulesToSave, AdapterContainer))]
+    """Every fastpeft wrapper and container of the model (LoRA layers inside IA3 layers too), outer first."""
+    return [(n, m) for n, m in model_modules(model, nested=True)
+            if isinstance(m, (AdapterLayer, ModulesToSave, AdapterContainer))]
+
+
+def _holder(model: nn.Module, path: str, name: str) -> tuple[str, nn.Module]:
+    """(path, module) of the wrapper at `path` that holds adapter `name` (the LoRA layer inside an IA3 layer)."""
+    module = model.get_submodule(path)
+    while isinstance(module, AdapterLayer) and name not in module.adapter_names and isinstance(
+            module.base_layer, AdapterLayer):
+        path, module = f"{path}.base_layer", module.base_layer
+    return path, module
 
 
 def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module:
@@ -69,9 +83,15 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
     state.configs[name] = config
     state.modules[name] = [path for path, *_ in plan.targets]
     state.saved[name] = list(plan.saved)
+    state.batch.assign(name)
+    if fresh:
+        batching.install(model, state)
     if not state.active:
         state.active = [name]
-    _refresh(model, state)
+    if name not in state.active and config.method in LAYER_METHODS:
+        _refresh_new(model, state, name)  # only its own layers change: adding the 1000th adapter stays cheap
+    else:
+        _refresh(model, state)
     return model
 
 
@@ -102,6 +122,7 @@ def _refresh(model: nn.Module, state: AdapterState) -> None:
         p.requires_grad_(False)
     for _, module in wrappers(model):
         module.active_adapters = [n for n in state.active if n in module.adapter_names]
+        module.__dict__[BATCH_ATTRIBUTE] = state.batch
         if isinstance(module, (AdapterLayer, AdapterContainer)):
             for n in module.adapter_names:
                 for p in module.adapter_parameters(n):
@@ -120,6 +141,23 @@ def _refresh(model: nn.Module, state: AdapterState) -> None:
                 b = model.get_submodule(path).base_layer.bias
                 if b is not None:
                     b.requires_grad_(True)
+
+
+def _refresh_new(model: nn.Module, state: AdapterState, name: str) -> None:
+    """_refresh for a new, inactive adapter of a layer method: its wrappers learn the model's batch context, and
+    its parameters are frozen; nothing else changes."""
+    for path in state.modules[name] + state.saved[name]:
+        module = model.get_submodule(path)
+        while True:
+            module.__dict__[BATCH_ATTRIBUTE] = state.batch
+            if isinstance(module, ModulesToSave):
+                module.modules_to_save[name].requires_grad_(False)
+            elif name in module.adapter_names:
+                for p in module.adapter_parameters(name):
+                    p.requires_grad_(False)
+            if not (isinstance(module, AdapterLayer) and isinstance(module.base_layer, AdapterLayer)):
+                break
+            module = module.base_layer
 
 
 @contextlib.contextmanager
@@ -148,6 +186,11 @@ def merge_adapter(model: nn.Module, name: str) -> nn.Module:
     if state.configs[name].method not in MERGEABLE:
         raise AdapterError(f"merge_adapter: {type(state.configs[name]).__name__} adapters cannot be merged.")
     layers = [m for _, m in wrappers(model) if isinstance(m, AdapterLayer) and name in m.adapter_names]
+    nested = [p for p, m in wrappers(model) if isinstance(m, IA3Linear) and m.wraps_adapters
+              and (name in m.adapter_names or name in m.base_layer.adapter_names)]
+    if nested:
+        raise AdapterError(f"merge_adapter: {nested[0]} holds both LoRA and IA3 adapters; merging works on layers "
+                           f"whose adapters are of one method. Delete the other method's adapters there first.")
     if any(name in m.merged_adapters for m in layers):
         raise AdapterError(f"merge_adapter: adapter {name!r} is already merged; merging it again would add its "
                            "update twice. Call fp.unmerge_adapter(model) to restore the base weights first.")
@@ -180,11 +223,11 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     state = require_state(model, "delete_adapter")
     state.check_known([name], "delete_adapter")
     for path in state.modules[name]:
-        if name in model.get_submodule(path).merged_adapters:
+        if name in _holder(model, path, name)[1].merged_adapters:
             raise AdapterError(f"delete_adapter: adapter {name!r} is merged into {path}; "
                                "call fp.unmerge_adapter(model) first.")
     for path in state.modules[name] + state.saved[name]:
-        module = model.get_submodule(path)
+        path, module = _holder(model, path, name)
         module.delete_adapter(name)
         if not module.adapter_names:
             _unwrap(model, path, module)
@@ -192,11 +235,13 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
         handle.remove()
     for table in (state.configs, state.modules, state.saved):
         table.pop(name)
+    state.batch.release(name)
     state.active = [n for n in state.active if n != name]
     if state.configs:
         _refresh(model, state)
     else:
         _restore_requires_grad(model, state)
+        batching.uninstall(model, state)
         clear_state(model)
     return model
 
@@ -215,7 +260,7 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
             if state.configs[name].method in MERGEABLE and not any(
                     name in m.merged_adapters for _, m in wrappers(model) if isinstance(m, AdapterLayer)):
                 merge_adapter(model, name)
-    for path, module in wrappers(model):
+    for path, module in reversed(wrappers(model)):  # inner layers first (LoRA inside IA3)
         if isinstance(module, AdapterLayer) and not merge:
             module.unmerge()
         keep = None
@@ -225,6 +270,7 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
     for handle in (h for handles in state.hooks.values() for h in handles):
         handle.remove()
     _restore_requires_grad(model, state)
+    batching.uninstall(model, state)
     clear_state(model)
     return model
 

@@ -122,6 +122,6 @@ def _source(pool: LlamaAdapterPool, index: int, adapter_plan: LlamaAdapterPlan) 
     k_name, v_name = adapter_plan.k_name, adapter_plan.v_name
     heads, head_dim = adapter_plan.heads, adapter_plan.head_dim
 
-    def adaption(module):
-        return pool.terms(module, index, k_name, v_name, heads, head_dim)
+    def adaption(module, rows):
+        return pool.terms(module, index, k_name, v_name, heads, head_dim, rows)
     return adaption

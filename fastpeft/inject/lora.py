@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import LoRAConfig
 from ..errors import TargetError
-from ..modules import AdapterLayer, LoRALinear, ModulesToSave
+from ..modules import AdapterLayer, IA3Linear, LoRALinear, ModulesToSave
 from .targets import model_modules, parent_of, resolve_linear_targets, resolve_modules_to_save
 
 
@@ -40,11 +40,16 @@ def apply(model: nn.Module, name: str, config: LoRAConfig, lora_plan: LoRAPlan, 
 
 
 # ------------------------------------------------------------------------------------------------ shared steps
+NESTING = {LoRALinear, IA3Linear}  # IA3 layers wrap LoRA layers: one layer holds adapters of both methods
+
+
 def check_one_method(model: nn.Module, paths: list[str], wrapper_type: type, method: str) -> None:
-    """A layer holds adapters of one method: refuse targets already wrapped by another method's layer."""
+    """A layer holds adapters of one method (or LoRA and IA3 ones: an IA3Linear around a LoRALinear): refuse targets
+    already wrapped by another method's layer."""
     for path in paths:
         module = model.get_submodule(path)
-        if isinstance(module, AdapterLayer) and not isinstance(module, wrapper_type):
+        nests = {type(module), wrapper_type} <= NESTING
+        if isinstance(module, AdapterLayer) and not isinstance(module, wrapper_type) and not nests:
             raise TargetError(f"{method}: {path} already holds {type(module).__name__} adapters "
                               f"({', '.join(module.adapter_names)}); one layer takes adapters of one method. "
                               "Exclude it (exclude_modules) or delete those adapters first.")
@@ -66,6 +71,13 @@ def wrap(model: nn.Module, path: str, make: Callable[[nn.Module], nn.Module], wr
     module = model.get_submodule(path)
     if isinstance(module, wrapper_type):
         return module
+    if isinstance(module, IA3Linear) and wrapper_type is LoRALinear:  # LoRA goes inside: y = l ⊙ (LoRA layer)
+        original = module.base_layer
+        if isinstance(original, LoRALinear):
+            return original
+        module.base_layer = make(original).train(original.training)
+        undo.append(lambda: setattr(module, "base_layer", original))
+        return module.base_layer
     wrapper = make(module).train(module.training)  # a new module starts in training mode: follow the model's
     parent, attr = parent_of(model, path)
     setattr(parent, attr, wrapper)

@@ -20,6 +20,7 @@ from torch import nn
 from ..config import PrefixTuningConfig
 from ..errors import AdapterError, ConfigError, TargetError
 from ..modules.attention import remove_site_part, site_of
+from ..modules.batch import current_batch
 from ..modules.lora import adapter_dtype
 from ..modules.prefix import PrefixGroup, PrefixTuning, PrefixTuningPool
 from . import attention
@@ -172,6 +173,13 @@ def _source(pool: PrefixTuningPool, kind: str, index: int, site, relative: nn.Mo
     """The site's prefix callable. With `relative` (T5) and shifted positions (PEFT's layout: the prefix at
     positions 0..P-1, the queries at P + L_k - L_q + i), the prefix keys get the relative position bias."""
     def prefix(module, query, key):
+        batch = current_batch(pool)
+        if batch is not None:  # each row its own adapter's prefix (per-row selection inside the kernels)
+            if relative is not None and any(pool.row_shifts(batch, query.shape[0])):
+                raise AdapterError("prefix tuning: T5 prefixes in PEFT's layout (shift_positions=True) do not run in "
+                                   "multi-adapter batches (their position bias is per adapter); run them one at a time.")
+            found = pool.batch_prefix(kind, index, site.hidden, batch, query.shape[0])
+            return None if found is None else (found[0], found[1], None, found[2], found[3])
         found = pool.prefix(kind, index, site.hidden)
         if found is None:
             return None
@@ -179,7 +187,7 @@ def _source(pool: PrefixTuningPool, kind: str, index: int, site, relative: nn.Mo
         if relative is not None and pool.position_shift():
             P, Lq, Lk = found[0].shape[2], query.shape[2], key.shape[2]
             bias = relative.compute_bias(Lq, P, device=query.device, past_seen_tokens=P + Lk - Lq)
-        return (*found, bias)
+        return (*found, bias, None, None)
     return prefix
 
 
@@ -220,21 +228,31 @@ def _hook_positions(model: nn.Module, pool: PrefixTuningPool) -> None:
     by_padding = model.config.model_type in ("roberta", "xlm-roberta")
 
     def shift(mod, args, kwargs):
-        offset = pool.position_shift()
-        if not offset:
-            return None
         ids = kwargs.get("input_ids", args[0] if args else None)
+        batch = current_batch(pool)
+        if batch is not None:  # each row by its own adapter's prefix length
+            rows = (ids if ids is not None else kwargs["inputs_embeds"]).shape[0]
+            shifts = pool.row_shifts(batch, rows)
+            offset = torch.tensor(shifts).view(-1, 1) if any(shifts) else 0
+        else:
+            offset = pool.position_shift()
+        if not isinstance(offset, torch.Tensor) and not offset:
+            return None
         positions = kwargs.get("position_ids")
         if positions is None:
             cache = kwargs.get("past_key_values")
             past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
             source = ids if ids is not None else kwargs["inputs_embeds"]
+            if isinstance(offset, torch.Tensor):
+                offset = offset.to(source.device)
             if by_padding and ids is not None:  # RoBERTa counts real tokens from padding_idx + 1
                 real = ids.ne(pad).int()
                 positions = (torch.cumsum(real, dim=1) + past) * real + pad
                 kwargs["position_ids"] = positions + offset * real
                 return args, kwargs
             positions = torch.arange(past, past + source.shape[1], device=source.device).unsqueeze(0)
+        if isinstance(offset, torch.Tensor):
+            offset = offset.to(positions.device)
         kwargs["position_ids"] = positions + offset
         return args, kwargs
 

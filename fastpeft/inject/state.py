@@ -7,6 +7,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import AdapterError
+from ..modules.batch import BatchContext
 
 ATTRIBUTE = "_fastpeft_state"
 
@@ -20,6 +21,8 @@ class AdapterState:
     original_requires_grad: dict[str, bool] = field(default_factory=dict)  # restored by unload
     hooks: dict[str, list] = field(default_factory=dict)                 # adapter -> hook handles to remove
     attention: str | None = None  # the attention implementation before attention-level adapters switched it
+    batch: BatchContext = field(default_factory=BatchContext)  # adapter ids, the multi-adapter batch being run
+    batch_hooks: list = field(default_factory=list)  # what lets the model take adapter_names=
 
     def check_known(self, names, where: str) -> None:
         for name in names:

@@ -22,8 +22,9 @@ WRAPPERS = (AdapterLayer, ModulesToSave, AdapterContainer)
 CLASSIFIER_HEADS = ("score", "classifier")
 
 
-def model_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """named_modules() without the insides of fastpeft wrappers (their base layer, adapters, copies)."""
+def model_modules(model: nn.Module, *, nested: bool = False) -> Iterator[tuple[str, nn.Module]]:
+    """named_modules() without the insides of fastpeft wrappers (their base layer, adapters, copies); with `nested`,
+    also the adapter layers a wrapper wraps in turn (LoRA inside IA3: '<path>.base_layer')."""
     inside: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in inside):
@@ -31,6 +32,9 @@ def model_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield name, module
         if isinstance(module, WRAPPERS):
             inside.append(name + "." if name else "")
+            while nested and isinstance(module, AdapterLayer) and isinstance(module.base_layer, AdapterLayer):
+                name, module = f"{name}.base_layer", module.base_layer
+                yield name, module
 
 
 def name_matches(name: str, targets) -> bool:

@@ -25,10 +25,12 @@ ATTRIBUTE = "_fastpeft_attention"
 
 
 class AttentionSite:
-    """prefix(module, query, key) -> (P_K, P_V, bias) with P_K, P_V (1 or B, H_kv, P, D) and bias an additive
-    score bias over the prefix keys (broadcastable to (B, H, L_q, P)) or None; or None when no prefix runs.
-    adaption(module) -> list of (A_K, A_V, gate). `hidden` holds the module's input during its forward (prefix
-    gating reads it)."""
+    """prefix(module, query, key) -> (P_K, P_V, bias, offsets, lengths) with P_K, P_V (1 or B, H_kv, P, D), bias an
+    additive score bias over the prefix keys (broadcastable to (B, H, L_q, P)) or None, and the per-row prefix
+    selection of a multi-adapter batch (offsets, lengths: (B,) int32, row b reads keys [offsets[b], offsets[b] +
+    lengths[b])) or None, None; or None when no prefix runs.
+    adaption(module, rows) -> list of (A_K, A_V, gate, offsets, lengths) (the last two as prefix's). `hidden` holds
+    the module's input during its forward (prefix gating reads it)."""
 
     def __init__(self):
         self.prefix: Callable | None = None
@@ -69,10 +71,11 @@ def site_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_
     else:
         out = _with_prefix(module, query, key, value, attention_mask, prefix, dropout, scaling, kwargs)
         weights = None
-    terms = site.adaption(module) if site is not None and site.adaption is not None else []
-    for a_k, a_v, gate in terms:
+    terms = site.adaption(module, query.shape[0]) if site is not None and site.adaption is not None else []
+    for a_k, a_v, gate, offsets, lengths in terms:  # gate: (1,), or (B, 1, 1, 1) per row in a multi-adapter batch
         extra = ops.prefix_attention(query, key[:, :, :0], value[:, :, :0], a_k.to(query.dtype),
-                                     a_v.to(query.dtype), scale=scaling)
+                                     a_v.to(query.dtype), scale=scaling, prefix_offsets=offsets,
+                                     prefix_lengths=lengths)
         out = out + (gate.to(query.dtype) * extra).transpose(1, 2)
     return out, weights
 
@@ -101,10 +104,32 @@ def _with_prefix(module, query, key, value, attention_mask, prefix, dropout, sca
             bias = position_bias + bias
     if bias is not None and bias.dtype != torch.bool and bias.dtype != query.dtype:
         bias = bias.to(query.dtype)
-    prefix_k, prefix_v, prefix_bias = prefix
+    prefix_k, prefix_v, prefix_bias, prefix_offsets, prefix_lengths = prefix
     if prefix_bias is not None:
         prefix_bias = prefix_bias.to(query.dtype)
     out = ops.prefix_attention(query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype), scale=scaling,
                                causal=causal, key_padding_mask=padding, query_offset=offset, attn_mask=bias,
-                               prefix_bias=prefix_bias, dropout_p=float(dropout) if module.training else 0.0)
+                               prefix_bias=prefix_bias, dropout_p=float(dropout) if module.training else 0.0,
+                               prefix_offsets=prefix_offsets, prefix_lengths=prefix_lengths)
     return out.transpose(1, 2)
+
+
+def pack_rows(names: list[str | None], made: dict[str, tuple[Tensor, Tensor] | None]):
+    """(P_K, P_V, offsets, lengths): the distinct prefixes (1, H_kv, P_a, D) concatenated along P, and each row's
+    slice of them (length 0 for a row without one); None when no row has a prefix."""
+    starts, keys, values, start = {}, [], [], 0
+    for n, kv in made.items():
+        if kv is not None:
+            starts[n] = (start, kv[0].shape[2])
+            keys.append(kv[0])
+            values.append(kv[1])
+            start += kv[0].shape[2]
+    if not keys:
+        return None
+    spans = [starts.get(n, (0, 0)) if n is not None else (0, 0) for n in names]
+    device = keys[0].device
+    offsets = torch.tensor([a for a, _ in spans], dtype=torch.int32).to(device)
+    lengths = torch.tensor([n for _, n in spans], dtype=torch.int32).to(device)
+    if len(keys) == 1:
+        return keys[0], values[0], offsets, lengths
+    return torch.cat(keys, dim=2), torch.cat(values, dim=2), offsets, lengths

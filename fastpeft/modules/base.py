@@ -8,6 +8,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..reference.bottleneck import activation
+from .batch import current_batch
 
 
 class AdapterLayer(nn.Module, abc.ABC):
@@ -59,8 +60,11 @@ class AdapterLayer(nn.Module, abc.ABC):
         """Remove adapter `name` (an error while it is merged)."""
 
     def running_adapters(self) -> list[str]:
-        """The adapters this forward applies: active, not merged, unless the layer is disabled."""
-        return [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
+        """The adapters this forward applies: active, not merged, unless the layer is disabled (or a multi-adapter
+        batch runs: then batch-aware layers pick each row's adapter and the others apply none)."""
+        if self.disabled or current_batch(self) is not None:
+            return []
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
 
 
 class AdapterContainer(nn.Module):
@@ -101,7 +105,7 @@ class AdapterContainer(nn.Module):
             self.active_adapters.remove(name)
 
     def running_adapters(self) -> list[str]:
-        return [] if self.disabled else list(self.active_adapters)
+        return [] if self.disabled or current_batch(self) is not None else list(self.active_adapters)
 
     def hook(self, handle) -> None:
         self._handles.append(handle)

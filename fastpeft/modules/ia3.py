@@ -5,6 +5,8 @@
 
 One call of `fp.ops.ia3_linear`: the scaling is folded into the base GEMM. Merging multiplies the vector into
 the weight (and, for output scaling, the bias); the originals are stashed so unmerging restores them bit for bit.
+Around a LoRA layer (a layer holding adapters of both methods) the vector scales that layer's output (or input).
+In a multi-adapter batch each row scales by its own adapter's vector (fp.ops.multi_ia3_linear).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch import nn
 from .. import ops
 from ..errors import AdapterError
 from .base import AdapterLayer
+from .batch import RowBatch, SlotTables, context_of, current_batch
 from .lora import adapter_dtype, is_conv1d
 
 
@@ -22,13 +25,15 @@ class IA3Linear(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, *, is_feedforward: bool):
         super().__init__(base_layer)
-        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.fan_in_fan_out = base_layer.fan_in_fan_out if isinstance(base_layer, AdapterLayer) else is_conv1d(
+            base_layer)
         self.is_feedforward = bool(is_feedforward)
         w = base_layer.weight
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1],
                                                                                                      w.shape[0])
         self.ia3_l = nn.ParameterDict()
         self._originals: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._tables = SlotTables()  # the vectors by slot, for multi-adapter batches
 
     def add_adapter(self, name: str, *, init_weights: bool = True) -> None:
         w = self.base_layer.weight
@@ -37,6 +42,7 @@ class IA3Linear(AdapterLayer):
         if not init_weights:  # random scales around one (tests: the adapter then changes the output)
             vector.add_(torch.randn_like(vector), alpha=0.2)
         self.ia3_l[name] = nn.Parameter(vector)
+        self._tables.clear()
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -44,6 +50,7 @@ class IA3Linear(AdapterLayer):
         del self.ia3_l[name]
         if name in self.active_adapters:
             self.active_adapters.remove(name)
+        self._tables.clear()
 
     @property
     def adapter_names(self) -> list[str]:
@@ -59,14 +66,52 @@ class IA3Linear(AdapterLayer):
             vector = vector * self.ia3_l[n]
         return vector
 
+    @property
+    def wraps_adapters(self) -> bool:
+        """Whether the base layer is itself an adapter layer (LoRA adapters on the same layer)."""
+        return isinstance(self.base_layer, AdapterLayer)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        batch = current_batch(self)
+        if batch is not None and not self.disabled:
+            return self._batch_forward(x, batch)
         names = self.running_adapters()
         if not names:
             return self.base_layer(x, *args, **kwargs)
         scale = self.scale(names)
+        if self.wraps_adapters and self.base_layer.running_adapters():  # scale around the LoRA layer
+            if self.is_feedforward:
+                return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype))
+            y = self.base_layer(x)
+            return (y.to(scale.dtype) * scale).to(y.dtype)
         return ops.ia3_linear(x, self.base_layer.weight, self.base_layer.bias,
                               in_scale=scale if self.is_feedforward else None,
                               out_scale=None if self.is_feedforward else scale, fan_in_fan_out=self.fan_in_fan_out)
+
+    def _batch_forward(self, x: torch.Tensor, batch: RowBatch) -> torch.Tensor:
+        """Each row scaled by its own adapter's vector (rows of the inner LoRA layer's adapters by none)."""
+        if self.merged_adapters:
+            raise AdapterError(f"adapters {self.merged_adapters} are merged into this layer's weight; a multi-adapter "
+                               "batch needs unmerged adapters: call fp.unmerge_adapter(model) first.")
+        bank, _, used = self._tables.get(self, batch, self._slot_source, self._bank)
+        if not used:
+            return self.base_layer(x)
+        routing = batch.routing(x, where="IA3 layer")
+        if self.wraps_adapters:  # the inner LoRA layer adds its rows' low-rank terms
+            if self.is_feedforward:
+                return self.base_layer(ops.multi_ia3_scale(x, bank=bank, adapter_index=routing))
+            return ops.multi_ia3_scale(self.base_layer(x), bank=bank, adapter_index=routing)
+        return ops.multi_ia3_linear(x, self.base_layer.weight, self.base_layer.bias, bank=bank, adapter_index=routing,
+                                    feedforward=self.is_feedforward, fan_in_fan_out=self.fan_in_fan_out)
+
+    def _slot_source(self, name: str) -> tuple:
+        return (context_of(self).ids[name], self.ia3_l[name].data_ptr())
+
+    def _bank(self, names: dict[int, str]) -> ops.IA3Bank:
+        vectors = [None] * (max(names, default=-1) + 1)
+        for slot, n in names.items():
+            vectors[slot] = self.ia3_l[n]
+        return ops.IA3Bank(vectors, where=f"IA3 layer ({self.in_features} -> {self.out_features})")
 
     @torch.no_grad()
     def merge(self, name: str) -> None:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .attention import pack_rows
 from .base import AdapterContainer
+from .batch import context_of, current_batch, no_adapters, row_names
 
 
 class AdaptionPrompt(nn.Module):
@@ -60,10 +62,15 @@ class LlamaAdapterPool(AdapterContainer):
     def store(self) -> nn.Module:
         return self.adaption_prompts
 
-    def terms(self, module: nn.Module, layer: int, k_name: str, v_name: str, heads: int, head_dim: int
-              ) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """(A_K, A_V, gate) of every running adapter that adapts `layer` (whose attention module is `module`)."""
+    def terms(self, module: nn.Module, layer: int, k_name: str, v_name: str, heads: int, head_dim: int,
+              rows: int) -> list[tuple]:
+        """(A_K, A_V, gate, None, None) of every running adapter that adapts `layer` (whose attention module is
+        `module`); in a multi-adapter batch one term: the rows' adaption prompts packed for per-row selection, the
+        gates per row (0 for a row without one)."""
+        batch = current_batch(self)
         key = str(layer)
+        if batch is not None:
+            return self._batch_terms(module, key, k_name, v_name, heads, head_dim, batch, rows)
         found = []
         for name in self.running_adapters():
             group = self.adaption_prompts[name]
@@ -71,5 +78,21 @@ class LlamaAdapterPool(AdapterContainer):
                 continue
             prompt = group[key]
             a_k, a_v = prompt.keys_values(module.get_submodule(k_name), module.get_submodule(v_name), heads, head_dim)
-            found.append((a_k, a_v, prompt.adaption_gate))
+            found.append((a_k, a_v, prompt.adaption_gate, None, None))
         return found
+
+    def _batch_terms(self, module, key, k_name, v_name, heads, head_dim, batch, rows) -> list[tuple]:
+        names = row_names(self, batch, rows)
+        made = {}
+        with context_of(self).running(no_adapters(self)):  # the prompts' keys and values: the base projections
+            for n in dict.fromkeys(x for x in names if x is not None):
+                group = self.adaption_prompts[n]
+                made[n] = group[key].keys_values(module.get_submodule(k_name), module.get_submodule(v_name), heads,
+                                                 head_dim) if key in group else None
+        packed = pack_rows(names, made)
+        if packed is None:
+            return []
+        zero = next(p for p in self.parameters()).new_zeros(1)
+        gates = torch.cat([self.adaption_prompts[n][key].adaption_gate if n is not None and made[n] is not None
+                           else zero for n in names]).view(rows, 1, 1, 1)
+        return [(packed[0], packed[1], gates, packed[2], packed[3])]

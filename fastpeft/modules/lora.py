@@ -19,6 +19,7 @@ from torch import nn
 from .. import ops
 from ..errors import AdapterError
 from .base import AdapterLayer
+from .batch import RowBatch, SlotTables, context_of, current_batch
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -70,6 +71,7 @@ class LoRALinear(AdapterLayer):
         self._original_weight: torch.Tensor | None = None
         self._weight_sq_norm: tuple[tuple, torch.Tensor] | None = None  # ‖W_n‖², valid while W is unchanged
         self._weight_norms: dict[str, tuple[tuple, torch.Tensor]] = {}  # DoRA ‖W + sBA‖ per adapter, with its key
+        self._tables = SlotTables()  # the adapters by slot, for multi-adapter batches
 
     # ---------------------------------------------------------------------------------------------- adapters
     def add_adapter(self, name: str, r: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
@@ -104,11 +106,13 @@ class LoRALinear(AdapterLayer):
         if use_dora:  # m starts as ‖W + s B A‖ (= ‖W‖ when B = 0): the adapter starts as the identity
             norm = ops.dora_weight_norm(w, a, self.lora_B[name], self.scaling[name], fan_in_fan_out=self.fan_in_fan_out)
             self.lora_magnitude_vector[name] = nn.Parameter(norm.to(dtype))
+        self._tables.clear()
 
     def set_scaling(self, name: str, scaling: float) -> None:
         self.scaling[name] = float(scaling)
         device = self.lora_A[name].device
         self.lora_scale.set(name, torch.full((self.r[name],), float(scaling), device=device, dtype=torch.float32))
+        self._tables.clear()
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -124,6 +128,7 @@ class LoRALinear(AdapterLayer):
             table.pop(name)
         if name in self.active_adapters:
             self.active_adapters.remove(name)
+        self._tables.clear()
 
     @property
     def adapter_names(self) -> list[str]:
@@ -144,9 +149,16 @@ class LoRALinear(AdapterLayer):
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        batch = current_batch(self)
+        if batch is not None and not self.disabled:
+            return self._batch_forward(x, batch)
         names = self.running_adapters()
         if not names:
             return self.base_layer(x, *args, **kwargs)
+        return self._forward_names(x, names)
+
+    def _forward_names(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """The forward with these adapters running (not merged)."""
         if any(self.is_dora(n) for n in names):
             return self._dora_forward(x, names)
         fused, extra = self._group_by_dropout(names)
@@ -158,6 +170,62 @@ class LoRALinear(AdapterLayer):
             h = nn.functional.dropout(x, self.dropout[name], training=True).to(self.lora_A[name].dtype)
             y = y + (((h @ self.lora_A[name].t()) * self.rank_scale(name)) @ self.lora_B[name].t()).to(y.dtype)
         return y
+
+    # ---------------------------------------------------------------------------------------- batched forward
+    def _batch_forward(self, x: torch.Tensor, batch: RowBatch) -> torch.Tensor:
+        """Each row with its own adapter (or none): one fp.ops.multi_lora_linear call for every LoRA adapter of the
+        batch, whatever their ranks; DoRA adapters, and AdaLoRA ones being trained, run row group by row group."""
+        if self.merged_adapters:
+            raise AdapterError(f"adapters {self.merged_adapters} are merged into this layer's weight; a multi-adapter "
+                               "batch needs unmerged adapters: call fp.unmerge_adapter(model) first.")
+        routing = batch.routing(x, where="LoRA layer")
+        bank, mine, used = self._tables.get(self, batch, self._slot_source, self._bank)
+        if not used:
+            return self.base_layer(x)
+        if any(self.is_dora(n) or (n in self.lora_E and self.lora_E[n].requires_grad and torch.is_grad_enabled())
+               for n in used):
+            return self._grouped_forward(x, routing, mine)
+        h = self._dropped_input(x, routing, used) if self.training else None
+        return ops.multi_lora_linear(x, self.base_layer.weight, self.base_layer.bias, bank=bank, adapter_index=routing,
+                                     fan_in_fan_out=self.fan_in_fan_out, adapter_input=h)
+
+    def _slot_source(self, name: str) -> tuple:
+        """What the bank holds of adapter `name`: changes when its tensors move or are replaced."""
+        ctx = context_of(self)
+        e = self.lora_E[name] if name in self.lora_E else None
+        extra = (e.data_ptr(), e._version, self.scaling[name]) if e is not None else (
+            getattr(self.lora_scale, name).data_ptr(),)
+        return (ctx.ids[name], self.lora_A[name].data_ptr(), self.lora_B[name].data_ptr(), *extra)
+
+    def _bank(self, names: dict[int, str]) -> ops.LoRABank:
+        size = max(names, default=-1) + 1
+        a, b, s = [None] * size, [None] * size, [None] * size
+        for slot, n in names.items():
+            a[slot], b[slot], s[slot] = self.lora_A[n], self.lora_B[n], self.rank_scale(n).detach()
+        return ops.LoRABank(a, b, s, where=f"LoRA layer ({self.in_features} -> {self.out_features})")
+
+    def _dropped_input(self, x: torch.Tensor, routing, used: list[str]) -> torch.Tensor | None:
+        """Each token's input after its own adapter's dropout (None when no used adapter drops)."""
+        ctx = context_of(self)
+        rates = {ctx.ids[n]: self.dropout[n] for n in used if self.dropout[n] > 0.0}
+        if not rates:
+            return None
+        p = torch.zeros(max(rates) + 2, device=x.device, dtype=torch.float32)  # last entry: tokens without one
+        p[list(rates)] = torch.tensor(list(rates.values()), device=x.device)
+        slot = routing.token_slot.long().where(routing.token_slot >= 0, p.shape[0] - 1).clamp(max=p.shape[0] - 1)
+        p_tok = p[slot].view(*x.shape[:-1], 1)
+        keep = torch.rand(x.shape, device=x.device) >= p_tok
+        return (x * keep / (1.0 - p_tok)).to(x.dtype)
+
+    def _grouped_forward(self, x: torch.Tensor, routing, mine: dict[int, str]) -> torch.Tensor:
+        """Row group by row group: the base output, each group's rows replaced by its adapter's forward."""
+        x2 = x.reshape(-1, x.shape[-1])
+        y = self.base_layer(x2)
+        for slot, rows in routing.segments():
+            if slot in mine:
+                rows = rows.to(x.device)
+                y = y.index_copy(0, rows, self._forward_names(x2.index_select(0, rows), [mine[slot]]))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _dora_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         if len(names) > 1:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .attention import pack_rows
 from .base import Activation, AdapterContainer
+from .batch import RowBatch, row_names
 
 
 class PrefixTuning(nn.Module):
@@ -136,5 +138,64 @@ class PrefixTuningPool(AdapterContainer):
 
     def position_shift(self) -> int:
         """How far real tokens' positions move (PEFT's layout: by the prefix length of a running adapter)."""
-        return sum(next(iter(self.prefix_tunings[n].values())).prefix_length
-                   for n in self.running_adapters() if self.shift.get(n))
+        return sum(self._shift_of(n) for n in self.running_adapters())
+
+    def _shift_of(self, name: str | None) -> int:
+        if name is None or name not in self.prefix_tunings or not self.shift.get(name):
+            return 0
+        return next(iter(self.prefix_tunings[name].values())).prefix_length
+
+    def row_shifts(self, batch: RowBatch, rows: int) -> list[int]:
+        """position_shift of each row of a multi-adapter batch (its own adapter's)."""
+        return [self._shift_of(n) for n in row_names(self, batch, rows)]
+
+    def batch_prefix(self, kind: str, layer: int, hidden: Tensor | None, batch: RowBatch, rows: int):
+        """Each row's own adapter's prefix for this layer, for fp.ops.prefix_attention's per-row selection:
+        (P_K, P_V, offsets, lengths) with the distinct adapters' prefixes packed along P (1, H_kv, ΣP, D) and row b
+        reading [offsets[b], offsets[b] + lengths[b]) (length 0: no prefix); with gating, one gated (B, H_kv, P_max,
+        D) prefix per row instead. None when no row has a prefix here. Without gradients it is kept for the batch
+        (decode steps reuse it)."""
+        names = row_names(self, batch, rows)
+        gated = any(n in self.prefix_gates for n in names if n is not None)
+        key = ("prefix", id(self), kind, layer, rows)
+        if not gated and not torch.is_grad_enabled() and key in batch.memo:
+            return batch.memo[key]
+        made: dict[str, tuple[Tensor, Tensor] | None] = {}
+        for n in names:
+            if n is not None and n not in made:
+                group = self.prefix_tunings[n] if n in self.prefix_tunings else None
+                ok = group is not None and kind in group and layer in group.layers[kind]
+                made[n] = group[kind].layer(group.layers[kind][layer]) if ok else None
+        found = self._gated_rows(kind, layer, hidden, names, made) if gated else pack_rows(names, made)
+        if not gated and not torch.is_grad_enabled():
+            batch.memo[key] = found
+        return found
+
+    def _gated_rows(self, kind, layer, hidden, names, made):
+        """One prefix per row, scaled by the row's gate (AdapterHub's gating), padded to the longest."""
+        present = [made.get(n) for n in names]
+        if not any(p is not None for p in present):
+            return None
+        k0 = next(p[0] for p in present if p is not None)
+        longest = max(p[0].shape[2] for p in present if p is not None)
+        keys, values, lengths = [], [], []
+        for b, (n, kv) in enumerate(zip(names, present)):
+            if kv is None:
+                keys.append(k0.new_zeros((1, k0.shape[1], longest, k0.shape[3])))
+                values.append(keys[-1])
+                lengths.append(0)
+                continue
+            k, v = kv
+            gates = self.prefix_gates[n] if n in self.prefix_gates else None
+            if gates is not None and f"{kind}_{layer}" in gates:
+                gate = gates[f"{kind}_{layer}"]
+                g = torch.sigmoid(gate(hidden[b:b + 1].to(gate.weight.dtype))).mean(dim=1)   # (1, 1 or 2)
+                k, v = k * g[:, 0].view(-1, 1, 1, 1).to(k.dtype), v * g[:, -1].view(-1, 1, 1, 1).to(v.dtype)
+            pad = longest - k.shape[2]
+            keys.append(torch.nn.functional.pad(k, (0, 0, 0, pad)))
+            values.append(torch.nn.functional.pad(v, (0, 0, 0, pad)))
+            lengths.append(kv[0].shape[2])
+        device = k0.device
+        return (torch.cat(keys), torch.cat(values), torch.zeros(len(names), dtype=torch.int32, device=device),
+                torch.tensor(lengths, dtype=torch.int32).to(device))
+

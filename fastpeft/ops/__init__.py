@@ -16,11 +16,11 @@ from .dispatch import explain, poison_outputs, requested_backend, use_backend
 from .dora import dora_linear, dora_weight_norm, dora_weight_sq_norm
 from .ia3 import ia3_linear
 from .lora import lora_linear
-from .multi_ia3 import IA3Bank, multi_ia3_linear
+from .multi_ia3 import IA3Bank, multi_ia3_linear, multi_ia3_scale
 from .multi_lora import LoRABank, multi_lora_linear
 from .phm import phm_linear
 from .routing import Routing
 
 __all__ = ["lora_linear", "ia3_linear", "dora_linear", "phm_linear", "bottleneck_adapter", "prefix_attention",
-           "multi_lora_linear", "LoRABank", "multi_ia3_linear", "IA3Bank", "Routing",
+           "multi_lora_linear", "LoRABank", "multi_ia3_linear", "multi_ia3_scale", "IA3Bank", "Routing",
            "dora_weight_norm", "dora_weight_sq_norm", "use_backend", "requested_backend", "poison_outputs", "explain"]

@@ -209,3 +209,51 @@ def _segment_dot(p: Tensor, q: Tensor, routing: Routing, slot: int, dtype) -> Te
     i = routing.seg_slot_host.index(slot)
     rows = routing.order[routing.seg_start_host[i]:routing.seg_start_host[i + 1]]
     return (p.index_select(0, rows).float() * q.index_select(0, rows).float()).sum(0).to(dtype)
+
+
+def multi_ia3_scale(t: Tensor, vectors: Sequence[Tensor | None] | None = None,
+                    adapter_index: Tensor | Routing | None = None, *, bank: IA3Bank | None = None) -> Tensor:
+    """t_m ⊙ l_a for t of shape (..., D), a = the adapter of token m (none: t_m): the per-row IA3 scale alone, for a
+    layer whose product another module computes (IA3 around a LoRA layer). Differentiable in t and the vectors."""
+    if (bank is None) == (vectors is None):
+        raise ValueError("multi_ia3_scale: pass the vectors (one entry per slot) or bank=, exactly one of them.")
+    bank = bank if bank is not None else IA3Bank(vectors, where="multi_ia3_scale")
+    D = t.shape[-1]
+    if bank.size is not None and (bank.size != D or bank.device != t.device):
+        raise ValueError(f"multi_ia3_scale: the vectors are ({bank.size},) on {bank.device}; t has {D} features on "
+                         f"{t.device}.")
+    routing = adapter_index if isinstance(adapter_index, Routing) else _routing(adapter_index, t, bank.num_slots)
+    t2 = t.reshape(-1, D)
+    used = bank.slots_used(routing)
+    backend = dispatch.choose("multi_ia3_linear", t2.device, t2.dtype, triton_dtypes=TRITON_DTYPES)
+    if not used:
+        return t
+    if backend == "torch":
+        y = reference.multi_ia3_scale(t2, bank.vectors, routing.segments())
+    else:
+        y = _MultiIA3Scale.apply(t2, bank, routing, used, *[bank.vectors[s] for s in used])
+    return y.reshape(t.shape)
+
+
+class _MultiIA3Scale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t2, bank, routing, used, *vectors):
+        ctx.save_for_backward(t2)
+        ctx.bank, ctx.routing, ctx.used = bank, routing, used
+        ctx.set_materialize_grads(False)
+        return _kernels().row_scale(t2, torch.empty_like(t2), bank.table, routing.token_slot, vector_dtype=bank.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (t2,) = ctx.saved_tensors
+        n = len(ctx.used)
+        if dy is None:
+            return (None,) * (4 + n)
+        dy = dy.contiguous()
+        dt = None
+        if ctx.needs_input_grad[0]:
+            dt = _kernels().row_scale(dy, torch.empty_like(dy), ctx.bank.table, ctx.routing.token_slot,
+                                      vector_dtype=ctx.bank.dtype)
+        dvs = [_segment_dot(dy, t2, ctx.routing, s, ctx.bank.dtype) if need else None
+               for s, need in zip(ctx.used, ctx.needs_input_grad[4:])]
+        return (dt, None, None, None, *dvs)

@@ -19,12 +19,21 @@ def multi_ia3_linear(x2, weight, bias, vectors, segments, feedforward: bool, fan
     w_t = _base_weight_t(weight, fan_in_fan_out)
     pieces = [(vectors[slot], rows.to(x2.device)) for slot, rows in segments
               if slot < len(vectors) and vectors[slot] is not None]
-    h = x2
+    h = x2.clone() if feedforward and pieces else x2
     if feedforward:
-        for vector, rows in pieces:
-            h = h.index_copy(0, rows, _scaled(x2.index_select(0, rows), vector))
+        for vector, rows in pieces:  # in place on the copy: rows of different segments are disjoint
+            h.index_copy_(0, rows, _scaled(x2.index_select(0, rows), vector))
     y = torch.addmm(_as(bias, h.dtype), h, w_t) if bias is not None else h @ w_t
     if not feedforward:
-        for vector, rows in pieces:
-            y = y.index_copy(0, rows, _scaled(y.index_select(0, rows), vector))
+        for vector, rows in pieces:  # in place: addmm's backward does not read y
+            y.index_copy_(0, rows, _scaled(y.index_select(0, rows), vector))
     return y
+
+
+def multi_ia3_scale(t2, vectors, segments):
+    """t_m ⊙ l_a per token, differentiable by autograd."""
+    for slot, rows in segments:
+        if slot < len(vectors) and vectors[slot] is not None:
+            rows = rows.to(t2.device)
+            t2 = t2.index_copy(0, rows, _scaled(t2.index_select(0, rows), vectors[slot]))
+    return t2

@@ -30,5 +30,5 @@ def multi_lora_linear(x2, weight, bias, lora_a, lora_b, scales, segments, fan_in
         t = h.index_select(0, rows) @ _as(a, dt).t()
         work = torch.float64 if dt == torch.float64 else torch.float32
         ts = _as(_as(t, work) * _as(scales[slot], work), dt)
-        y = y.index_add(0, rows, ts @ _as(lora_b[slot], dt).t())
+        y.index_add_(0, rows, ts @ _as(lora_b[slot], dt).t())  # in place: addmm's backward does not read y
     return y

@@ -95,14 +95,19 @@ def test_bad_targets_leave_the_model_unchanged(config, match):
         fp.add_adapter(m, "ia3", fp.IA3Config(**config))
 
 
-def test_one_method_per_layer():
+def test_lora_and_ia3_nest_on_one_layer():
+    """A layer takes LoRA and IA3 adapters, in either order: the IA3 layer wraps the LoRA layer."""
     m = model()
     fp.add_adapter(m, "lora", fp.LoRAConfig(target_modules=["v_proj"]))
-    with unchanged(m), pytest.raises(fp.TargetError, match="v_proj already holds LoRALinear"):
-        fp.add_adapter(m, "ia3", fp.IA3Config(target_modules=["v_proj"]))
-    fp.add_adapter(m, "ia3", fp.IA3Config(target_modules=["k_proj"]))
-    with unchanged(m), pytest.raises(fp.TargetError, match="k_proj already holds IA3Linear"):
-        fp.add_adapter(m, "lora2", fp.LoRAConfig(target_modules=["k_proj"]))
+    fp.add_adapter(m, "ia3", fp.IA3Config(target_modules=["v_proj"]))
+    fp.add_adapter(m, "ia3k", fp.IA3Config(target_modules=["k_proj"]))
+    fp.add_adapter(m, "lora2", fp.LoRAConfig(target_modules=["k_proj"]))
+    attn = m.model.layers[0].self_attn
+    for proj, lora, ia3 in ((attn.v_proj, "lora", "ia3"), (attn.k_proj, "lora2", "ia3k")):
+        assert type(proj).__name__ == "IA3Linear" and type(proj.base_layer).__name__ == "LoRALinear"
+        assert proj.adapter_names == [ia3] and proj.base_layer.adapter_names == [lora]
+    with unchanged(m), pytest.raises(fp.ConfigError):
+        fp.add_adapter(m, "bad", fp.LoRAConfig(r=0, target_modules=["k_proj"]))
 
 
 def test_a_second_ia3_adapter_must_scale_the_same_side():
