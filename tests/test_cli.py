@@ -50,7 +50,8 @@ def test_bench_unknown_family():
 def test_bench_help_lists_families():
     result = fastpeft("bench", "--help")
     assert result.returncode == 0, result.stderr
-    assert "available families: adalora, bottleneck, dora, ia3, lora, phm" in result.stdout
+    listed = " ".join(result.stdout.split())  # argparse wraps the epilog
+    assert "available families: adalora, bottleneck, dora, ia3, lora, multi, multi_adapter, phm, prefix" in listed
     assert "common" not in result.stdout.split("families:")[1]
 
 

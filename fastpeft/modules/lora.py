@@ -49,6 +49,14 @@ class _Buffers(nn.Module):
     def remove(self, name: str) -> None:
         del self._buffers[name]
 
+    def _apply(self, fn, recurse=True):
+        """.to()/.half() move the scales but keep them float32 (a bf16 alpha / r would lose digits)."""
+        super()._apply(fn, recurse)
+        for key, value in self._buffers.items():
+            if value is not None and value.dtype != torch.float32:
+                self._buffers[key] = value.float()
+        return self
+
 
 class LoRALinear(AdapterLayer):
     """LoRA adapters (any number, any ranks) on one linear layer."""
