@@ -408,7 +408,7 @@ def kernels_defined() -> set[str]:
 
     names = set()
     for file in (ROOT / "fastpeft" / "kernels").glob("*.py"):
-        names |= set(re.findall(r"@triton\.jit\s*\ndef (\w+_kernel)\(", file.read_text()))
+        names |= set(re.findall(r"@triton\.jit(?:\([^)]*\))?\s*\ndef (\w+_kernel)\(", file.read_text()))
     return names
 
 

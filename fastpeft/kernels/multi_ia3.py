@@ -14,7 +14,7 @@ Scales multiply in float32 and the result is rounded once.
 from __future__ import annotations
 
 from ._compat import dot_precision, interpreting, launch, tl, triton
-from .lora import _fit_shared, bucket, gemm_configs
+from .lora import _fit_shared, bucket, gemm_configs, grouped_tile
 from .multi_lora import TL_DTYPES
 
 
@@ -53,15 +53,7 @@ def multi_ia3_gemm_kernel(
     HAS_BIAS: tl.constexpr, IN_SCALE: tl.constexpr, V_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # grouped launch order, as kernels/lora.py
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
-
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)

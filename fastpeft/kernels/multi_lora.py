@@ -113,6 +113,19 @@ def _slot_rank(slot, ranks_ptr, n_slots):
 
 
 @triton.jit
+def _segment_rows(seg_start_ptr, seg_slot_ptr, order_ptr, ranks_ptr, n_slots, seg, tile, BLOCK_M: tl.constexpr):
+    """Tile `tile` (BLOCK_M tokens) of segment `seg`: (token indices, their mask, whether the tile has any, the
+    segment's slot clamped into the table, its rank)."""
+    row0 = tl.load(seg_start_ptr + seg) + tile * BLOCK_M
+    end = tl.load(seg_start_ptr + seg + 1)
+    safe, rank = _slot_rank(tl.load(seg_slot_ptr + seg), ranks_ptr, n_slots)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    tok = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    return tok, row_ok, row0 < end, safe, rank
+
+
+@triton.jit
 def _adapter(table_ptr, row, n_slots, safe, DTYPE: tl.constexpr):
     """Slot `safe`'s tensor in table row `row`, as a typed pointer."""
     return tl.load(table_ptr + row * n_slots + safe).to(tl.pointer_type(DTYPE))
@@ -129,15 +142,10 @@ def multi_lora_shrink_kernel(
 ):
     r_chunks = tl.cdiv(R_MAX, BLOCK_R)
     pid = tl.program_id(0)
-    seg = tl.program_id(1)
-    row0 = tl.load(seg_start_ptr + seg) + (pid // r_chunks) * BLOCK_M
-    end = tl.load(seg_start_ptr + seg + 1)
+    tok, row_ok, any_rows, safe, rank = _segment_rows(seg_start_ptr, seg_slot_ptr, order_ptr, ranks_ptr, n_slots,
+                                                      tl.program_id(1), pid // r_chunks, BLOCK_M)
     r0 = (pid % r_chunks) * BLOCK_R
-    safe, rank = _slot_rank(tl.load(seg_slot_ptr + seg), ranks_ptr, n_slots)
-    if (row0 < end) & (r0 < rank):
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
-        tok = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    if any_rows & (r0 < rank):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_ok = rr < rank
         rk = tl.arange(0, BLOCK_K)
@@ -171,15 +179,10 @@ def multi_lora_expand_kernel(
 ):
     n_tiles = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
-    seg = tl.program_id(1)
-    row0 = tl.load(seg_start_ptr + seg) + (pid // n_tiles) * BLOCK_M
-    end = tl.load(seg_start_ptr + seg + 1)
-    safe, rank = _slot_rank(tl.load(seg_slot_ptr + seg), ranks_ptr, n_slots)
-    if (row0 < end) & (rank > 0):
+    tok, row_ok, any_rows, safe, rank = _segment_rows(seg_start_ptr, seg_slot_ptr, order_ptr, ranks_ptr, n_slots,
+                                                      tl.program_id(1), pid // n_tiles, BLOCK_M)
+    if any_rows & (rank > 0):
         dtype = out_ptr.dtype.element_ty
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
-        tok = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         rn = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         e_base = _adapter(table_ptr, E_ROW, n_slots, safe, E_DTYPE)

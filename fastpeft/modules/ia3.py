@@ -88,6 +88,7 @@ class IA3Linear(AdapterLayer):
                               in_scale=scale if self.is_feedforward else None,
                               out_scale=None if self.is_feedforward else scale, fan_in_fan_out=self.fan_in_fan_out)
 
+    @torch.compiler.disable  # multi-adapter batches run eagerly (host-side routing)
     def _batch_forward(self, x: torch.Tensor, batch: RowBatch) -> torch.Tensor:
         """Each row scaled by its own adapter's vector (rows of the inner LoRA layer's adapters by none)."""
         if self.merged_adapters:

@@ -81,6 +81,7 @@ class LlamaAdapterPool(AdapterContainer):
             found.append((a_k, a_v, prompt.adaption_gate, None, None))
         return found
 
+    @torch.compiler.disable  # multi-adapter batches run eagerly (host-side routing)
     def _batch_terms(self, module, key, k_name, v_name, heads, head_dim, batch, rows) -> list[tuple]:
         names = row_names(self, batch, rows)
         made = {}

@@ -180,6 +180,7 @@ class LoRALinear(AdapterLayer):
         return y
 
     # ---------------------------------------------------------------------------------------- batched forward
+    @torch.compiler.disable  # multi-adapter batches run eagerly (host-side routing)
     def _batch_forward(self, x: torch.Tensor, batch: RowBatch) -> torch.Tensor:
         """Each row with its own adapter (or none): one fp.ops.multi_lora_linear call for every LoRA adapter of the
         batch, whatever their ranks; DoRA adapters, and AdaLoRA ones being trained, run row group by row group."""

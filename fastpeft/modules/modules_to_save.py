@@ -54,6 +54,7 @@ class ModulesToSave(nn.Module):
                     return self.modules_to_save[name](*args, **kwargs)
         return self.original_module(*args, **kwargs)
 
+    @torch.compiler.disable  # multi-adapter batches run eagerly (host-side routing)
     def _batch_forward(self, batch, x: torch.Tensor, *args, **kwargs):
         """The original on every row, then each group of rows whose adapter has a copy replaced by the copy's output
         (rows are x's first dimension)."""

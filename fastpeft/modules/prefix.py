@@ -149,6 +149,7 @@ class PrefixTuningPool(AdapterContainer):
         """position_shift of each row of a multi-adapter batch (its own adapter's)."""
         return [self._shift_of(n) for n in row_names(self, batch, rows)]
 
+    @torch.compiler.disable  # multi-adapter batches run eagerly (host-side routing)
     def batch_prefix(self, kind: str, layer: int, hidden: Tensor | None, batch: RowBatch, rows: int):
         """Each row's own adapter's prefix for this layer, for fp.ops.prefix_attention's per-row selection:
         (P_K, P_V, offsets, lengths) with the distinct adapters' prefixes packed along P (1, H_kv, ΣP, D) and row b

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..reference import multi_ia3 as reference
 from . import dispatch, registry
 from .lora import TINY_M, TRITON_DTYPES, _autocast
-from .multi_lora import _base
+from .multi_lora import _base, check_linear
 from .routing import Routing, pointer_table
 
 registry.describe("multi_ia3_linear", dtypes=TRITON_DTYPES, doc="y_m = ((x_m * u_a) W^T + b) * v_a",
@@ -78,10 +78,7 @@ def multi_ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, vectors: Se
     bank = bank if bank is not None else IA3Bank(vectors)
     x, weight, bias = _autocast(x, weight, bias)
     K, N = _check(x, weight, bias, bank, feedforward, fan_in_fan_out)
-    routing = adapter_index if isinstance(adapter_index, Routing) else _routing(adapter_index, x, bank.num_slots)
-    if routing.num_tokens != x.numel() // max(K, 1) or routing.device != x.device:
-        raise ValueError(f"multi_ia3_linear: the routing covers {routing.num_tokens} tokens on {routing.device}, "
-                         f"x has {x.numel() // max(K, 1)} on {x.device}; build it for this batch.")
+    routing = Routing.for_input(adapter_index, x, bank.num_slots, "multi_ia3_linear")
     x2 = x.reshape(-1, K)
     backend = dispatch.choose("multi_ia3_linear", x2.device, x2.dtype, triton_dtypes=TRITON_DTYPES)
     used = bank.slots_used(routing)
@@ -103,37 +100,14 @@ def multi_ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, vectors: Se
 
 def _check(x, weight, bias, bank: IA3Bank, feedforward, fan_in_fan_out) -> tuple[int, int]:
     where = "multi_ia3_linear"
-    if weight.dim() != 2:
-        raise ValueError(f"{where}: weight must be 2-D, got shape {tuple(weight.shape)}.")
-    K, N = (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"{where}: x has {x.shape[-1] if x.dim() else 0} input features, but the base weight "
-                         f"{tuple(weight.shape)} expects {K}.")
-    if not x.dtype.is_floating_point or x.dtype != weight.dtype:
-        raise TypeError(f"{where}: x is {x.dtype} and the base weight is {weight.dtype}; they must match.")
-    if bias is not None and (bias.shape != (N,) or bias.device != x.device):
-        raise ValueError(f"{where}: bias has shape {tuple(bias.shape)} on {bias.device}; expected ({N},) on "
-                         f"{x.device}.")
+    K, N = check_linear(x, weight, bias, fan_in_fan_out, where)
     size = K if feedforward else N
     if bank.size is not None and bank.size != size:
         raise ValueError(f"{where}: the vectors have {bank.size} entries; {'input' if feedforward else 'output'} "
                          f"scaling of this layer needs {size}.")
-    if bank.device is not None and (bank.device != x.device or weight.device != x.device):
-        raise ValueError(f"{where}: the vectors are on {bank.device}, the weight on {weight.device} and x on "
-                         f"{x.device}; move them together.")
+    if bank.device is not None and bank.device != x.device:
+        raise ValueError(f"{where}: the vectors are on {bank.device} but x is on {x.device}; move them together.")
     return K, N
-
-
-def _routing(adapter_index, x: Tensor, num_slots: int) -> Routing:
-    if not isinstance(adapter_index, Tensor):
-        raise ValueError("multi_ia3_linear: adapter_index must be an integer tensor (one slot per token, or per "
-                         "row of a 3-D x) or a fastpeft.ops.Routing.")
-    if tuple(adapter_index.shape) == tuple(x.shape[:-1]):
-        return Routing.build(adapter_index.reshape(-1), num_slots, x.device)
-    if x.dim() == 3 and tuple(adapter_index.shape) == (x.shape[0],):
-        return Routing.build(adapter_index, num_slots, x.device, tokens_per_slot=x.shape[1])
-    raise ValueError(f"multi_ia3_linear: adapter_index has shape {tuple(adapter_index.shape)}; expected "
-                     f"{tuple(x.shape[:-1])} (one per token) or, for a 3-D x, ({x.shape[0]},) (one per row).")
 
 
 def _forward(x2, weight, bias, bank: IA3Bank, routing: Routing, feedforward, fan_in_fan_out):
@@ -222,7 +196,7 @@ def multi_ia3_scale(t: Tensor, vectors: Sequence[Tensor | None] | None = None,
     if bank.size is not None and (bank.size != D or bank.device != t.device):
         raise ValueError(f"multi_ia3_scale: the vectors are ({bank.size},) on {bank.device}; t has {D} features on "
                          f"{t.device}.")
-    routing = adapter_index if isinstance(adapter_index, Routing) else _routing(adapter_index, t, bank.num_slots)
+    routing = Routing.for_input(adapter_index, t, bank.num_slots, "multi_ia3_scale")
     t2 = t.reshape(-1, D)
     used = bank.slots_used(routing)
     backend = dispatch.choose("multi_ia3_linear", t2.device, t2.dtype, triton_dtypes=TRITON_DTYPES)

@@ -143,10 +143,7 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Se
         raise ValueError("multi_lora_linear: pass either bank= or lora_a/lora_b/scale, not both.")
     x, weight, bias = _autocast(x, weight, bias)
     K, N = _check(x, weight, bias, bank, adapter_input, fan_in_fan_out)
-    routing = adapter_index if isinstance(adapter_index, Routing) else _routing(adapter_index, x, bank)
-    if routing.num_tokens != x.numel() // max(K, 1) or routing.device != x.device:
-        raise ValueError(f"multi_lora_linear: the routing covers {routing.num_tokens} tokens on {routing.device}, "
-                         f"x has {x.numel() // max(K, 1)} on {x.device}; build it for this batch.")
+    routing = Routing.for_input(adapter_index, x, bank.num_slots, "multi_lora_linear")
     x2 = x.reshape(-1, K)
     h2 = None if adapter_input is None else adapter_input.reshape(-1, K)
     backend = _backend(x2)
@@ -165,9 +162,8 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Se
     return y.reshape(*x.shape[:-1], N)
 
 
-def _check(x, weight, bias, bank: LoRABank, adapter_input, fan_in_fan_out) -> tuple[int, int]:
-    """Host-side validation before any launch. Returns (K, N)."""
-    where = "multi_lora_linear"
+def check_linear(x, weight, bias, fan_in_fan_out, where: str) -> tuple[int, int]:
+    """Host-side validation of a multi-adapter op's base layer before any launch. Returns (K, N)."""
     if weight.dim() != 2:
         raise ValueError(f"{where}: weight must be 2-D, got shape {tuple(weight.shape)}.")
     K, N = (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
@@ -181,6 +177,13 @@ def _check(x, weight, bias, bank: LoRABank, adapter_input, fan_in_fan_out) -> tu
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{where}: {name} is on {t.device} but x is on {x.device}; move them together.")
+    return K, N
+
+
+def _check(x, weight, bias, bank: LoRABank, adapter_input, fan_in_fan_out) -> tuple[int, int]:
+    """Host-side validation before any launch. Returns (K, N)."""
+    where = "multi_lora_linear"
+    K, N = check_linear(x, weight, bias, fan_in_fan_out, where)
     if bank.dtype is not None:
         if (bank.in_features, bank.out_features) != (K, N):
             raise ValueError(f"{where}: the adapters map {bank.in_features} -> {bank.out_features} features, the "
@@ -192,18 +195,6 @@ def _check(x, weight, bias, bank: LoRABank, adapter_input, fan_in_fan_out) -> tu
         raise ValueError(f"{where}: adapter_input is {adapter_input.dtype} {tuple(adapter_input.shape)} on "
                          f"{adapter_input.device}; it must be like x ({x.dtype} {tuple(x.shape)} on {x.device}).")
     return K, N
-
-
-def _routing(adapter_index, x: Tensor, bank: LoRABank) -> Routing:
-    if not isinstance(adapter_index, Tensor):
-        raise ValueError("multi_lora_linear: adapter_index must be an integer tensor (one slot per token, or per "
-                         "row of a 3-D x) or a fastpeft.ops.Routing.")
-    if tuple(adapter_index.shape) == tuple(x.shape[:-1]):
-        return Routing.build(adapter_index.reshape(-1), bank.num_slots, x.device)
-    if x.dim() == 3 and tuple(adapter_index.shape) == (x.shape[0],):
-        return Routing.build(adapter_index, bank.num_slots, x.device, tokens_per_slot=x.shape[1])
-    raise ValueError(f"multi_lora_linear: adapter_index has shape {tuple(adapter_index.shape)}; expected "
-                     f"{tuple(x.shape[:-1])} (one per token) or, for a 3-D x, ({x.shape[0]},) (one per row).")
 
 
 def _backend(x2: Tensor) -> str:

@@ -75,6 +75,28 @@ class Routing:
         return cls(packed[:m], packed[m:m + a], packed[m + a:m + a + s + 1], packed[m + a + s + 1:],
                    tuple(seg_start.tolist()), tuple(seg_slot.tolist()), order)
 
+    @classmethod
+    def for_input(cls, adapter_index, x: Tensor, num_slots: int, where: str) -> Routing:
+        """The routing of an op input x (..., features): adapter_index is a Routing for it, or an integer tensor
+        with one slot per token (x.shape[:-1]) or, for a 3-D x, one per row ((B,))."""
+        if isinstance(adapter_index, Routing):
+            routing = adapter_index
+        elif not isinstance(adapter_index, Tensor):
+            raise ValueError(f"{where}: adapter_index must be an integer tensor (one slot per token, or per row of "
+                             "a 3-D x) or a fastpeft.ops.Routing.")
+        elif tuple(adapter_index.shape) == tuple(x.shape[:-1]):
+            routing = cls.build(adapter_index.reshape(-1), num_slots, x.device, where=where)
+        elif x.dim() == 3 and tuple(adapter_index.shape) == (x.shape[0],):
+            routing = cls.build(adapter_index, num_slots, x.device, tokens_per_slot=x.shape[1], where=where)
+        else:
+            raise ValueError(f"{where}: adapter_index has shape {tuple(adapter_index.shape)}; expected "
+                             f"{tuple(x.shape[:-1])} (one per token) or, for a 3-D x, ({x.shape[0]},) (one per row).")
+        tokens = x.numel() // max(x.shape[-1], 1)
+        if routing.num_tokens != tokens or routing.device != x.device:
+            raise ValueError(f"{where}: the routing covers {routing.num_tokens} tokens on {routing.device}, x has "
+                             f"{tokens} on {x.device}; build it for this batch.")
+        return routing
+
 
 def _host_slots(slots, num_slots: int, where: str) -> Tensor:
     """The slots as a CPU int64 tensor, every one in [-1, num_slots)."""

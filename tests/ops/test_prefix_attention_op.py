@@ -242,10 +242,14 @@ def test_no_grad_mode_runs_forward_only(launches):
 
 def test_compiled_backward_op_body_matches_reference():
     """The backward op body in PyTorch (CPU, torch.compile): every gradient against the reference's autograd."""
-    t = _grad_inputs(torch.float32, 2, 4, 2, 5, 9, 3, 64, mask="random")
+    assert_compiled_matches_reference(_grad_inputs(torch.float32, 2, 4, 2, 5, 9, 3, 64, mask="random"))
+
+
+def assert_compiled_matches_reference(t: dict, names=("q", "k", "v", "prefix_k", "prefix_v")) -> None:
+    """torch.compile(fullgraph) of the op on inputs t (causal): output and the gradients of `names` as the
+    reference's autograd gives them."""
     fn = torch.compile(fp.ops.prefix_attention, fullgraph=True, backend="aot_eager")
     y = fn(**t, causal=True)
-    names = ["q", "k", "v", "prefix_k", "prefix_v"]
     grads = torch.autograd.grad(y, [t[n] for n in names], torch.ones_like(y))
     t2 = {n: (x.detach().requires_grad_() if n in names else x) for n, x in t.items()}
     y2 = reference(**t2, causal=True)

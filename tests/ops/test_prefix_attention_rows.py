@@ -14,6 +14,7 @@ import fastpeft as fp
 from fastpeft.ops import attention as op
 from fastpeft.reference.attention import prefix_attention as reference
 from tests.harness import DEVICE, HAS_TRITON, TOLERANCE, check_op, needs_triton, rel_err
+from tests.ops.test_prefix_attention_op import assert_compiled_matches_reference
 from tests.ops.test_prefix_attention_op import launches  # noqa: F401  (fixture: the kernel launchers called)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -398,15 +399,7 @@ def test_compiled_op_with_ranges_matches_reference():
     """torch.compile (fullgraph) through the op with ranges on CPU: output and gradients as the reference."""
     names = ("q", "k", "v", "prefix_k", "prefix_v")
     t = _make(3, 4, 2, 5, 9, 8, 64, F32, offsets=[5, 0, 2], lengths=[3, 5, 0], mask=True, leaves=names)
-    fn = torch.compile(fp.ops.prefix_attention, fullgraph=True, backend="aot_eager")
-    y = fn(**t, causal=True)
-    grads = torch.autograd.grad(y, [t[n] for n in names], torch.ones_like(y))
-    t2 = {n: (x.detach().requires_grad_() if n in names else x) for n, x in t.items()}
-    y2 = reference(**t2, causal=True)
-    grads2 = torch.autograd.grad(y2, [t2[n] for n in names], torch.ones_like(y2))
-    assert rel_err(y, y2) < 1e-6
-    for name, g, g2 in zip(names, grads, grads2):
-        assert rel_err(g, g2) < 1e-5, name
+    assert_compiled_matches_reference(t, names)
 
 
 def _set(name, value):
