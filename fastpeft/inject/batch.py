@@ -106,12 +106,11 @@ def _pre_forward(model, args, kwargs):
     names = kwargs.pop("adapter_names", None)
     state = get_state(model)
     stack = model.__dict__.setdefault(_STACK, [])
-    if names is None or state is None:
-        stack.append(None)
-        return args, kwargs
-    runner = state.batch.running(make_batch(model, state, names))
-    runner.__enter__()
-    stack.append(runner)
+    stack.append(None)  # popped by _post_forward, which runs even when this call fails
+    if names is not None and state is not None:
+        runner = state.batch.running(make_batch(model, state, names))
+        runner.__enter__()
+        stack[-1] = runner
     return args, kwargs
 
 

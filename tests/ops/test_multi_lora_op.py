@@ -108,6 +108,14 @@ def test_decode_kernel_float32_adapters_and_wide_rank():
 
 
 @needs_triton
+@pytest.mark.parametrize("grad", [False, True], ids=["decode", "segment+backward"])
+def test_ranks_1_to_256_mixed(grad):
+    M = 13
+    check_op(_fn(4), _make(M, 24, 20, [3, 0, -1, 1, 2, 3, 0, 0, 1, 3, 2, -1, 3], ranks=(1, 256, 16, 100), grad=grad),
+             torch.float32)
+
+
+@needs_triton
 def test_segment_kernels_without_gradient():
     """More tokens than the decode kernel takes: the segment kernels serve inference too."""
     M = op.DECODE_MAX_TOKENS + 9
