@@ -149,6 +149,22 @@ def takes_config(peft_class: type) -> bool:
         return False
 
 
+def random_llama(dims: dict, max_positions: int, dtype, device, seed: int):
+    """A random LlamaForCausalLM of the given dims (hidden, intermediate, layers, heads, kv_heads, vocab; no
+    download), frozen, SDPA attention, in eval mode."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=dims["vocab"], hidden_size=dims["hidden"], intermediate_size=dims["intermediate"],
+        num_hidden_layers=dims["layers"], num_attention_heads=dims["heads"], num_key_value_heads=dims["kv_heads"],
+        max_position_embeddings=max_positions, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(config)
+    model.set_attn_implementation("sdpa")
+    return model.to(dtype).requires_grad_(False).eval()
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Input pools: rotate through copies so that operands are not cache-hot
 # ------------------------------------------------------------------------------------------------------------

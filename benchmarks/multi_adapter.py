@@ -71,9 +71,9 @@ min_new_tokens = 64 (quick 4): base (the model without adapters), fastpeft (fp.a
 generate(adapter_names=...)), peft (PeftModel with the same 64 adapters, generate(adapter_names=...)). CUDA:
 LlamaForCausalLM with Llama-7B layer dims and --serve-layers layers (8), random weights, bf16, sdpa; quick: hidden
 64, 2 layers, fp32. Adapters in the model's dtype in both libraries (--serve-adapter-dtype fp32: the libraries'
-default on a half-precision base); PEFT's weights are copied into fastpeft's, then checked: last-token logits of the prompt, fastpeft vs PEFT and both vs PEFT's model in
-float32 (CUDA) / float64 (CPU) (rel_err: within _driver.TOLERANCE or 2x PEFT's own error, else MISMATCH), and a
-short greedy generation (token agreement, recorded: near-ties of a random model may flip). Time: wall clock +
+default on a half-precision base); PEFT's weights are copied into fastpeft's, then checked: last-token logits of
+the prompt, fastpeft vs PEFT and both vs PEFT's model in float32 (CUDA) / float64 (CPU) (rel_err: within
+_driver.TOLERANCE or 2x PEFT's own error, else MISMATCH), and a short greedy generation (token agreement, recorded: near-ties of a random model may flip). Time: wall clock +
 torch.cuda.synchronize, median of 3 runs after one warm-up; tokens/s = B · max_new_tokens / time (prefill
 included); flops (TFLOP/s column) = 2 · tokens · linear weights (+ adapters), attention left out. Target:
 fastpeft's tokens/s >= 0.75x the base model's.
@@ -105,14 +105,15 @@ try:  # imported as benchmarks.multi_adapter (repo root on sys.path)
     from . import _driver
     from .common import (Column, InputPool, Row, TablePrinter, dtype_name, environment, fill_metrics, free_memory,
                          frozen_linear, is_oom, parse_dtype, pick_device, plot_ratio_to_base, print_pivot,
-                         result_path, shape_list, str_list, synchronize, takes_config, time_ms, write_json)
+                         random_llama, result_path, shape_list, str_list, synchronize, takes_config, time_ms,
+                         write_json)
 except ImportError:  # run as a script: python benchmarks/multi_adapter.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import _driver
     from benchmarks.common import (Column, InputPool, Row, TablePrinter, dtype_name, environment, fill_metrics,
                                    free_memory, frozen_linear, is_oom, parse_dtype, pick_device, plot_ratio_to_base,
-                                   print_pivot, result_path, shape_list, str_list, synchronize, takes_config,
-                                   time_ms, write_json)
+                                   print_pivot, random_llama, result_path, shape_list, str_list, synchronize,
+                                   takes_config, time_ms, write_json)
 
 BENCH = "multi_adapter"
 IMPLS = ("base", "fastpeft", "fastpeft_segment", "fastpeft_decode", "fastpeft_cuda", "peft", "loop", "padded_bmm")
@@ -642,21 +643,6 @@ def print_summary(s: dict, device_type: str) -> None:
 # Serving loop: model.generate with one adapter per request
 # ------------------------------------------------------------------------------------------------------------
 
-def build_llama(dims: dict, max_positions: int, dtype, device, seed: int):
-    """A random LlamaForCausalLM of the given dims (no download), frozen, in eval mode, SDPA attention."""
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=dims["vocab"], hidden_size=dims["hidden"], intermediate_size=dims["intermediate"],
-        num_hidden_layers=dims["layers"], num_attention_heads=dims["heads"], num_key_value_heads=dims["kv_heads"],
-        max_position_embeddings=max_positions, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(config)
-    model.set_attn_implementation("sdpa")
-    return model.to(dtype).requires_grad_(False).eval()
-
-
 def serve_models(base, dims: dict, impls, adapter_dtype: torch.dtype | None = None) -> tuple[dict, dict]:
     """{impl: model} and {impl: adapter dtype}: PEFT's model with `adapters` random adapters (init_lora_weights=False:
     B non-zero), fastpeft's with the same ones, PEFT's weights copied in; with `adapter_dtype` both models' adapters
@@ -775,7 +761,7 @@ def run_serve_section(run: dict, payload: dict, json_path: Path) -> None:
           f"{dims['intermediate']}, vocab {dims['vocab']}, {dtype_name(dtype)}; {B} requests over {dims['adapters']} "
           f"rank-{dims['rank']} adapters; prompt {P}, {T} new tokens; impls {impls}", flush=True)
     try:
-        base = build_llama(dims, P + T + 8, dtype, device, args.seed)
+        base = random_llama(dims, P + T + 8, dtype, device, args.seed)
         cast = dtype if args.serve_adapter_dtype == "model" else None
         models, adapter_dtypes = serve_models(base, dims, impls, cast)
     except Exception as exc:

@@ -82,16 +82,15 @@ import torch.nn.functional as F
 
 try:  # imported as benchmarks.prefix_attention (repo root on sys.path)
     from . import _driver
-    from .common import (Column, InputPool, Row, TablePrinter, dtype_name, environment, fill_metrics,
-                         free_memory, is_oom, parse_dtype, pick_device, plot_ratio_to_base,
-                         print_pivot, result_path, str_list, time_ms, write_json)
+    from .common import (Column, InputPool, Row, TablePrinter, dtype_name, environment, fill_metrics, free_memory,
+                         is_oom, parse_dtype, pick_device, plot_ratio_to_base, print_pivot, random_llama, result_path,
+                         str_list, time_ms, write_json)
 except ImportError:  # run as a script: python benchmarks/prefix_attention.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import _driver
-    from benchmarks.common import (Column, InputPool, Row, TablePrinter, dtype_name, environment,
-                                   fill_metrics, free_memory, is_oom, parse_dtype,
-                                   pick_device, plot_ratio_to_base, print_pivot, result_path, str_list, time_ms,
-                                   write_json)
+    from benchmarks.common import (Column, InputPool, Row, TablePrinter, dtype_name, environment, fill_metrics,
+                                   free_memory, is_oom, parse_dtype, pick_device, plot_ratio_to_base, print_pivot,
+                                   random_llama, result_path, str_list, time_ms, write_json)
 
 BENCH = "prefix_attention"
 IMPLS = ("floor", "fastpeft", "torch")
@@ -311,21 +310,6 @@ def model_step_flops(dims: dict, B: int, L: int, P: int) -> float:
     linear = 4 * B * L * (n * per_layer + h * V)
     attention = n * 3.5 * 4 * B * H * D * (L * P + L * L / 2)
     return float(linear + attention)
-
-
-def build_llama(dims: dict, max_positions: int, dtype, device, seed: int):
-    """A random LlamaForCausalLM of the given dims (no download), frozen, in train mode, SDPA attention."""
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=dims["vocab"], hidden_size=dims["hidden"], intermediate_size=dims["intermediate"],
-        num_hidden_layers=dims["layers"], num_attention_heads=dims["heads"], num_key_value_heads=dims["kv_heads"],
-        max_position_embeddings=max_positions, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(config)
-    model.set_attn_implementation("sdpa")
-    return model.to(dtype).requires_grad_(False).train()
 
 
 def peft_prefix_model(base, P: int, kind: str, bottleneck: int):
@@ -556,7 +540,7 @@ def run_model_section(ctx: dict, payload: dict, json_path: Path) -> None:
           f"P {prefixes}; B = {dims['tokens']} // L; prefix {kinds}; impls {impls}", flush=True)
     max_positions = max(lengths) + max(prefixes)
     try:
-        base = build_llama(dims, max_positions, dtype, device, args.seed)
+        base = random_llama(dims, max_positions, dtype, device, args.seed).train()
         floor = copy.deepcopy(base)
         floor.model.norm.weight.requires_grad_(True)
     except Exception as exc:

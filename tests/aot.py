@@ -319,8 +319,8 @@ def multi_ia3_launches(dtype: torch.dtype) -> list[Launch]:
                  label="gemm, input scales"),
         *capture("multi_ia3", "gemm", x, w.t(), bias, y, table, token_slot, in_scale=False,
                  vector_dtype=torch.float32, label="gemm, output scales", every_config=False),
-        *capture("multi_ia3", "row_scale", y, y, table, token_slot, vector_dtype=torch.float32, label="row scale, in place",
-                 every_config=False),
+        *capture("multi_ia3", "row_scale", y, y, table, token_slot, vector_dtype=torch.float32,
+                 label="row scale, in place", every_config=False),
         *capture("multi_ia3", "row_scale", y, torch.empty_like(y), table, token_slot, vector_dtype=dtype,
                  label="row scale", every_config=False),
     ]

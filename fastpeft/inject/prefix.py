@@ -177,7 +177,8 @@ def _source(pool: PrefixTuningPool, kind: str, index: int, site, relative: nn.Mo
         if batch is not None:  # each row its own adapter's prefix (per-row selection inside the kernels)
             if relative is not None and any(pool.row_shifts(batch, query.shape[0])):
                 raise AdapterError("prefix tuning: T5 prefixes in PEFT's layout (shift_positions=True) do not run in "
-                                   "multi-adapter batches (their position bias is per adapter); run them one at a time.")
+                                   "multi-adapter batches (their position bias is per adapter); run them one at a "
+                                   "time.")
             found = pool.batch_prefix(kind, index, site.hidden, batch, query.shape[0])
             return None if found is None else (found[0], found[1], None, found[2], found[3])
         found = pool.prefix(kind, index, site.hidden)

@@ -121,7 +121,8 @@ def test_generate_with_adapter_names_matches_each_row_alone():
 def test_generate_with_beams_repeats_each_rows_adapter():
     m = _mixed()
     prompt = IDS[:2, :4]
-    out = m.generate(input_ids=prompt, adapter_names=["r4", "ia3"], max_new_tokens=3, min_new_tokens=3, num_beams=2, do_sample=False)
+    out = m.generate(input_ids=prompt, adapter_names=["r4", "ia3"], max_new_tokens=3, min_new_tokens=3, num_beams=2,
+                     do_sample=False)
     fp.set_active_adapters(m, "ia3")
     alone = m.generate(input_ids=prompt[1:], max_new_tokens=3, min_new_tokens=3, num_beams=2, do_sample=False)
     assert torch.equal(out[1:], alone)

@@ -33,7 +33,8 @@ def _make(M, K, N, slots, *, ranks=RANKS, bias=True, grad=True, adapter_dtype=No
         for i in range(len(ranks)):
             if i not in empty:  # an adapter no token uses gets no gradient: not a leaf of the check
                 used = i in slots
-                inputs[f"a{i}"], inputs[f"b{i}"] = a[i].requires_grad_(grad and used), b[i].requires_grad_(grad and used)
+                inputs[f"a{i}"] = a[i].requires_grad_(grad and used)
+                inputs[f"b{i}"] = b[i].requires_grad_(grad and used)
         return inputs
     return make
 
