@@ -149,6 +149,25 @@ def takes_config(peft_class: type) -> bool:
         return False
 
 
+def importable_impls(impls: list[str], modules: dict[str, str], required: str, notes: list[str],
+                     where: str) -> list[str] | None:
+    """`impls` without those whose module (modules[impl]) fails to import, each dropped with a note (printed);
+    None when the `required` impl's module fails: the section cannot run."""
+    kept = list(impls)
+    for impl, module in modules.items():
+        if impl not in kept:
+            continue
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            notes.append(f"{where}: {module} unavailable ({type(exc).__name__}: {exc})")
+            print(f"NOTE: {notes[-1]}", flush=True)
+            if impl == required:
+                return None
+            kept.remove(impl)
+    return kept
+
+
 def random_llama(dims: dict, max_positions: int, dtype, device, seed: int):
     """A random LlamaForCausalLM of the given dims (hidden, intermediate, layers, heads, kv_heads, vocab; no
     download), frozen, SDPA attention, in eval mode."""

@@ -86,7 +86,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib
 import statistics
 import sys
 import time
@@ -104,16 +103,16 @@ from fastpeft.ops import multi_lora as multi_lora_op
 try:  # imported as benchmarks.multi_adapter (repo root on sys.path)
     from . import _driver
     from .common import (Column, InputPool, Row, TablePrinter, dtype_name, environment, fill_metrics, free_memory,
-                         frozen_linear, is_oom, parse_dtype, pick_device, plot_ratio_to_base, print_pivot,
-                         random_llama, result_path, shape_list, str_list, synchronize, takes_config, time_ms,
-                         write_json)
+                         frozen_linear, importable_impls, is_oom, parse_dtype, pick_device, plot_ratio_to_base,
+                         print_pivot, random_llama, result_path, shape_list, str_list, synchronize, takes_config,
+                         time_ms, write_json)
 except ImportError:  # run as a script: python benchmarks/multi_adapter.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import _driver
     from benchmarks.common import (Column, InputPool, Row, TablePrinter, dtype_name, environment, fill_metrics,
-                                   free_memory, frozen_linear, is_oom, parse_dtype, pick_device, plot_ratio_to_base,
-                                   print_pivot, random_llama, result_path, shape_list, str_list, synchronize,
-                                   takes_config, time_ms, write_json)
+                                   free_memory, frozen_linear, importable_impls, is_oom, parse_dtype, pick_device,
+                                   plot_ratio_to_base, print_pivot, random_llama, result_path, shape_list, str_list,
+                                   synchronize, takes_config, time_ms, write_json)
 
 BENCH = "multi_adapter"
 IMPLS = ("base", "fastpeft", "fastpeft_segment", "fastpeft_decode", "fastpeft_cuda", "peft", "loop", "padded_bmm")
@@ -733,18 +732,11 @@ def run_serve_section(run: dict, payload: dict, json_path: Path) -> None:
     for k in ("layers", "batch", "prompt", "new_tokens"):
         dims[k] = getattr(args, f"serve_{k}") or dims[k]
     dims["adapters"] = args.serve_adapters or dims["batch"]
-    impls = [i for i in SERVE_IMPLS if i in args.impls or i == "base"]
     notes = payload["notes"]
-    for impl, module in (("base", "transformers"), ("fastpeft", "fastpeft"), ("peft", "peft")):
-        if impl in impls:
-            try:
-                importlib.import_module(module)
-            except Exception as exc:
-                notes.append(f"serve: {module} unavailable ({type(exc).__name__}: {exc})")
-                print(f"NOTE: {notes[-1]}", flush=True)
-                if impl == "base":
-                    return
-                impls.remove(impl)
+    impls = importable_impls([i for i in SERVE_IMPLS if i in args.impls or i == "base"],
+                             {"base": "transformers", "fastpeft": "fastpeft", "peft": "peft"}, "base", notes, "serve")
+    if impls is None:
+        return
     B, P, T = dims["batch"], dims["prompt"], dims["new_tokens"]
     names = [f"a{i % dims['adapters']}" for i in range(B)]
     payload["serve_config"] = {

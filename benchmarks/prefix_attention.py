@@ -83,14 +83,15 @@ import torch.nn.functional as F
 try:  # imported as benchmarks.prefix_attention (repo root on sys.path)
     from . import _driver
     from .common import (Column, InputPool, Row, TablePrinter, dtype_name, environment, fill_metrics, free_memory,
-                         is_oom, parse_dtype, pick_device, plot_ratio_to_base, print_pivot, random_llama, result_path,
-                         str_list, time_ms, write_json)
+                         importable_impls, is_oom, parse_dtype, pick_device, plot_ratio_to_base, print_pivot,
+                         random_llama, result_path, str_list, time_ms, write_json)
 except ImportError:  # run as a script: python benchmarks/prefix_attention.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import _driver
     from benchmarks.common import (Column, InputPool, Row, TablePrinter, dtype_name, environment, fill_metrics,
-                                   free_memory, is_oom, parse_dtype, pick_device, plot_ratio_to_base, print_pivot,
-                                   random_llama, result_path, str_list, time_ms, write_json)
+                                   free_memory, importable_impls, is_oom, parse_dtype, pick_device,
+                                   plot_ratio_to_base, print_pivot, random_llama, result_path, str_list, time_ms,
+                                   write_json)
 
 BENCH = "prefix_attention"
 IMPLS = ("floor", "fastpeft", "torch")
@@ -508,18 +509,12 @@ def run_model_section(ctx: dict, payload: dict, json_path: Path) -> None:
         dims[k] = getattr(args, f"model_{k}") or dims[k]
     lengths, prefixes = args.model_lengths or preset["lengths"], args.model_prefix_lengths or preset["prefix_lengths"]
     kinds = args.prefix_kinds
-    impls = [i for i in MODEL_IMPLS if i in args.impls or i == "floor"]
     notes = payload["notes"]
-    for impl, module in (("fastpeft", "fastpeft"), ("peft", "peft"), ("floor", "transformers")):
-        if impl in impls or impl == "floor":
-            try:
-                importlib.import_module(module)
-            except Exception as exc:
-                notes.append(f"model step: {module} unavailable ({type(exc).__name__}: {exc})")
-                print(f"NOTE: {notes[-1]}", flush=True)
-                if impl == "floor":
-                    return
-                impls.remove(impl)
+    impls = importable_impls([i for i in MODEL_IMPLS if i in args.impls or i == "floor"],
+                             {"fastpeft": "fastpeft", "peft": "peft", "floor": "transformers"}, "floor", notes,
+                             "model step")
+    if impls is None:
+        return
     payload["model_config"] = {
         "model": "LlamaForCausalLM, random weights" + ("" if ctx["quick"] else
                                                        f" with Llama-7B layer dims, {dims['layers']} layers "

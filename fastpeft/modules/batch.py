@@ -35,16 +35,24 @@ class RowBatch:
         key = (rows, tokens, x.device)
         found = self._routings.get(key)
         if found is None:
-            found = self._routings[key] = Routing.build(self._row_slots(rows, tokens, where), self.num_slots,
+            found = self._routings[key] = Routing.build(self.row_slots(rows, where, tokens), self.num_slots,
                                                         x.device, tokens_per_slot=tokens // rows, where=where)
         return found
 
-    def _row_slots(self, rows: int, tokens: int, where: str) -> list[int]:
-        n = len(self.slots)
+    def row_slots(self, rows: int, where: str, tokens: int | None = None) -> list[int]:
+        """The slot of each of a layer's `rows` rows (`tokens` of them in all, a multiple of rows)."""
+        return self._per_row(self.slots, rows, where, rows if tokens is None else tokens)
+
+    def row_names(self, rows: int, where: str) -> list[str | None]:
+        """The adapter name of each of a layer's `rows` rows (None: no adapter)."""
+        return self._per_row(self.names, rows, where, rows)
+
+    def _per_row(self, values: tuple, rows: int, where: str, tokens: int) -> list:
+        n = len(values)
         if rows == n and tokens % rows == 0:
-            return list(self.slots)
+            return list(values)
         if self.expand and rows % n == 0 and tokens % rows == 0:
-            return [s for s in self.slots for _ in range(rows // n)]
+            return [v for v in values for _ in range(rows // n)]
         raise AdapterError(f"{where}: the batch names {n} adapters (adapter_names / fp.adapter_batch), one per row, "
                            f"but this layer sees {rows} rows; pass one adapter name per row of the input.")
 
@@ -73,9 +81,6 @@ class BatchContext:
     def release(self, name: str) -> None:
         self.ids.pop(name, None)
 
-    def name_of(self, slot: int) -> str | None:
-        return next((n for n, i in self.ids.items() if i == slot), None)
-
     @contextlib.contextmanager
     def running(self, batch: RowBatch | None):
         """`batch` is current inside the block (None: no batch); the previous one comes back after."""
@@ -103,11 +108,10 @@ class SlotTables:
     (its tensors moved, were replaced, or its id changed); adding or deleting an adapter on the layer drops it."""
 
     def __init__(self):
-        self.bank = None
-        self.sources: dict[str, tuple] = {}
+        self.clear()
 
     def clear(self) -> None:
-        self.bank, self.sources = None, {}
+        self.bank, self.mine, self.sources = None, None, {}
 
     def get(self, layer, batch: RowBatch, source, build) -> tuple[object, dict[int, str], list[str]]:
         """(bank, {slot: name} of the layer's adapters, the names of them the batch uses), once per batch.
@@ -115,21 +119,21 @@ class SlotTables:
         found = batch.memo.get(layer)
         if found is not None:
             return found
-        ctx = context_of(layer)
-        mine = {ctx.ids[n]: n for n in layer.adapter_names if n in ctx.ids}
-        used = [mine[s] for s in sorted(set(batch.slots)) if s in mine]
+        if self.mine is None:  # ids of a layer's adapters change only when one of them is added or deleted
+            ctx = context_of(layer)
+            self.mine = {ctx.ids[n]: n for n in layer.adapter_names if n in ctx.ids}
+        used = [self.mine[s] for s in sorted(set(batch.slots)) if s in self.mine]  # O(rows), not O(adapters)
         if self.bank is None or any(self.sources.get(n) != source(n) for n in used):
-            self.bank = build(mine)
-            self.sources = {n: source(n) for n in mine.values()}
-        batch.memo[layer] = found = (self.bank, mine, used)
+            self.bank = build(self.mine)
+            self.sources = {n: source(n) for n in self.mine.values()}
+        batch.memo[layer] = found = (self.bank, self.mine, used)
         return found
 
 
 def row_names(container, batch: RowBatch, rows: int) -> list[str | None]:
     """The adapter name of each of `rows` rows for an adapter module (None: no adapter, or not one of its own)."""
-    ctx = context_of(container)
-    names = [ctx.name_of(s) if s >= 0 else None for s in batch._row_slots(rows, rows, type(container).__name__)]
-    return [n if n in container.adapter_names else None for n in names]
+    own = set(container.adapter_names)
+    return [n if n in own else None for n in batch.row_names(rows, type(container).__name__)]
 
 
 def no_adapters(container) -> RowBatch:

@@ -58,10 +58,8 @@ class ModulesToSave(nn.Module):
     def _batch_forward(self, batch, x: torch.Tensor, *args, **kwargs):
         """The original on every row, then each group of rows whose adapter has a copy replaced by the copy's output
         (rows are x's first dimension)."""
-        slots = batch._row_slots(x.shape[0], x.shape[0], "modules_to_save")
         groups: dict[str, list[int]] = {}
-        for row, slot in enumerate(slots):
-            name = batch.names[batch.slots.index(slot)] if slot >= 0 else None
+        for row, name in enumerate(batch.row_names(x.shape[0], "modules_to_save")):
             if name in self.modules_to_save:
                 groups.setdefault(name, []).append(row)
         out = self.original_module(x, *args, **kwargs)

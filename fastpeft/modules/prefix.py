@@ -156,11 +156,11 @@ class PrefixTuningPool(AdapterContainer):
         reading [offsets[b], offsets[b] + lengths[b]) (length 0: no prefix); with gating, one gated (B, H_kv, P_max,
         D) prefix per row instead. None when no row has a prefix here. Without gradients it is kept for the batch
         (decode steps reuse it)."""
-        names = row_names(self, batch, rows)
-        gated = any(n in self.prefix_gates for n in names if n is not None)
+        gated = any(n in self.prefix_gates for n in batch.used)
         key = ("prefix", id(self), kind, layer, rows)
         if not gated and not torch.is_grad_enabled() and key in batch.memo:
             return batch.memo[key]
+        names = row_names(self, batch, rows)
         made: dict[str, tuple[Tensor, Tensor] | None] = {}
         for n in names:
             if n is not None and n not in made:

@@ -6,7 +6,7 @@
     fp.ops.phm_linear(x, rule, w, bias=None, w_right=None)
     fp.ops.bottleneck_adapter(x, residual, w_down, b_down, w_up, b_up, non_linearity="relu", scaling=1.0, ...)
     fp.ops.prefix_attention(q, k, v, prefix_k=None, prefix_v=None, scale=None, causal=False, key_padding_mask=None,
-                            query_offset=None)
+                            query_offset=None, attn_mask=None, prefix_offsets=None, prefix_lengths=None)
     fp.ops.multi_lora_linear(x, weight, bias, lora_a=[...], lora_b=[...], scale=[...], adapter_index=idx)
     fp.ops.multi_ia3_linear(x, weight, bias, vectors=[...], adapter_index=idx, feedforward=False)
 """

@@ -112,16 +112,16 @@ def _check(x, weight, bias, bank: IA3Bank, feedforward, fan_in_fan_out) -> tuple
 
 def _forward(x2, weight, bias, bank: IA3Bank, routing: Routing, feedforward, fan_in_fan_out):
     kern = _kernels()
-    scale = dict(vector_dtype=bank.dtype)
     if x2.shape[0] > TINY_M:
         out = dispatch.new_output((x2.shape[0], weight.shape[1] if fan_in_fan_out else weight.shape[0]), like=x2)
         w_kn = weight if fan_in_fan_out else weight.t()
-        return kern.gemm(x2, w_kn, bias, out, bank.table, routing.token_slot, in_scale=feedforward, **scale)
+        return kern.gemm(x2, w_kn, bias, out, bank.table, routing.token_slot, in_scale=feedforward,
+                         vector_dtype=bank.dtype)
     if feedforward:
-        h = kern.row_scale(x2, torch.empty_like(x2), bank.table, routing.token_slot, **scale)
+        h = _scaled_rows(x2, bank, routing)
         return _base(h, weight, bias, fan_in_fan_out)
     y = _base(x2, weight, bias, fan_in_fan_out)
-    return kern.row_scale(y, y, bank.table, routing.token_slot, **scale)
+    return kern.row_scale(y, y, bank.table, routing.token_slot, vector_dtype=bank.dtype)
 
 
 class _MultiIA3(torch.autograd.Function):
@@ -129,15 +129,13 @@ class _MultiIA3(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, bank, routing, feedforward, fan_in_fan_out, used, *vectors):
-        kern = _kernels()
-        scale = dict(vector_dtype=bank.dtype)
         if feedforward:
-            h = kern.row_scale(x2, torch.empty_like(x2), bank.table, routing.token_slot, **scale)
+            h = _scaled_rows(x2, bank, routing)
             y = _base(h, weight, bias, fan_in_fan_out)
             ctx.save_for_backward(x2, weight, h)
         else:
             z = _base(x2, weight, bias, fan_in_fan_out)
-            y = kern.row_scale(z, torch.empty_like(z), bank.table, routing.token_slot, **scale)
+            y = _scaled_rows(z, bank, routing)
             ctx.save_for_backward(x2, weight, z)
         ctx.bank, ctx.routing, ctx.used = bank, routing, used
         ctx.feedforward, ctx.fan_in_fan_out = feedforward, fan_in_fan_out
@@ -153,18 +151,17 @@ class _MultiIA3(torch.autograd.Function):
         need_v = ctx.needs_input_grad[8:8 + n]
         if dy is None:
             return (None,) * (8 + n)
-        kern, bank, routing = _kernels(), ctx.bank, ctx.routing
-        scale = dict(vector_dtype=bank.dtype)
+        bank, routing = ctx.bank, ctx.routing
         dy = dy.contiguous()
         w_nk = weight.t() if ctx.fan_in_fan_out else weight
         dx = dw = dbias = None
         if ctx.feedforward:  # y = h Wᵀ + b, h = x ⊙ u
             dh = dy @ w_nk if (need_x or any(need_v)) else None
             if need_x:
-                dx = kern.row_scale(dh, torch.empty_like(dh), bank.table, routing.token_slot, **scale)
+                dx = _scaled_rows(dh, bank, routing)
             grad_of, left, right, wrt_w = dy, dh, x2, kept
         else:  # y = z ⊙ v
-            dz = kern.row_scale(dy, torch.empty_like(dy), bank.table, routing.token_slot, **scale)
+            dz = _scaled_rows(dy, bank, routing)
             if need_x:
                 dx = dz @ w_nk
             grad_of, left, right, wrt_w = dz, dy, kept, x2
@@ -176,6 +173,12 @@ class _MultiIA3(torch.autograd.Function):
         dvs = [_segment_dot(left, right, routing, s, bank.vectors[s].dtype) if need else None
                for s, need in zip(ctx.used, need_v)]
         return (dx, dw, dbias, None, None, None, None, None, *dvs)
+
+
+def _scaled_rows(t: Tensor, bank: IA3Bank, routing: Routing) -> Tensor:
+    """A new tensor t_m ⊙ l_a (the row-scale kernel; written everywhere, poisoned under the tests)."""
+    return _kernels().row_scale(t, dispatch.new_output(tuple(t.shape), like=t), bank.table, routing.token_slot,
+                                vector_dtype=bank.dtype)
 
 
 def _segment_dot(p: Tensor, q: Tensor, routing: Routing, slot: int, dtype) -> Tensor:
@@ -215,7 +218,7 @@ class _MultiIA3Scale(torch.autograd.Function):
         ctx.save_for_backward(t2)
         ctx.bank, ctx.routing, ctx.used = bank, routing, used
         ctx.set_materialize_grads(False)
-        return _kernels().row_scale(t2, torch.empty_like(t2), bank.table, routing.token_slot, vector_dtype=bank.dtype)
+        return _scaled_rows(t2, bank, routing)
 
     @staticmethod
     def backward(ctx, dy):
@@ -226,8 +229,7 @@ class _MultiIA3Scale(torch.autograd.Function):
         dy = dy.contiguous()
         dt = None
         if ctx.needs_input_grad[0]:
-            dt = _kernels().row_scale(dy, torch.empty_like(dy), ctx.bank.table, ctx.routing.token_slot,
-                                      vector_dtype=ctx.bank.dtype)
+            dt = _scaled_rows(dy, ctx.bank, ctx.routing)
         dvs = [_segment_dot(dy, t2, ctx.routing, s, ctx.bank.dtype) if need else None
                for s, need in zip(ctx.used, ctx.needs_input_grad[4:])]
         return (dt, None, None, None, *dvs)

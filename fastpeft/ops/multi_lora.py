@@ -302,8 +302,11 @@ def _backward(dy, x2, weight, h2, t, bank: LoRABank, routing: Routing, used, fan
         target = dx if h2 is None else dy.new_zeros(h2.shape)
         kern.expand(g, bank.table, bank.ranks, *segs, target, e_row=kern.ROW_A, rank_major=True, **seg)
         dh = None if h2 is None else target
-    da = [torch.empty_like(bank.a[s]) if need else None for s, need in zip(used, need_a)]
-    db = [torch.empty_like(bank.b[s]) if need else None for s, need in zip(used, need_b)]
+    def grads(tensors, needs):  # every element written by the reduction (poisoned under the tests)
+        return [dispatch.new_output(tuple(tensors[s].shape), like=tensors[s]) if need else None
+                for s, need in zip(used, needs)]
+
+    da, db = grads(bank.a, need_a), grads(bank.b, need_b)
     for grads, source, s_in, rank_major in ((da, h, g, True), (db, dy, t, False)):
         if any(g_ is not None for g_ in grads):
             slots = [None] * bank.num_slots

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastpeft.ops import IA3Bank, multi_ia3_linear
+from fastpeft.ops import IA3Bank, multi_ia3_linear, multi_ia3_scale
 from fastpeft.ops.lora import TINY_M
 from tests.harness import DEVICE, check_op, needs_triton
 
@@ -92,3 +92,22 @@ def test_validation():
         multi_ia3_linear(x, w, None, [torch.ones(6)], torch.tensor([0, 3, 0, 0]))
     with pytest.raises(ValueError, match="one size, dtype and device"):
         IA3Bank([torch.ones(6), torch.ones(5)])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_row_scale_alone_forward_and_backward(dtype):
+    """fp.ops.multi_ia3_scale (IA3 around a LoRA layer): t_m ⊙ l_a, gradients of t and of the used vectors."""
+    M, D = 19, 40
+    slots = _slots(M, 3, seed=8)
+
+    def make(dt):
+        inputs = {"t": torch.randn(M, D, device=DEVICE, dtype=dt, requires_grad=True),
+                  "index": torch.tensor(slots, dtype=torch.int32)}
+        for i in range(3):
+            inputs[f"v{i}"] = (1 + 0.3 * torch.randn(D, device=DEVICE)).requires_grad_(i in slots)
+        return inputs
+
+    def fn(t, index, **vs):
+        return multi_ia3_scale(t, [vs[f"v{i}"] for i in range(3)], index)
+    check_op(fn, make, dtype)
