@@ -19,6 +19,7 @@ from torch import nn
 from ..config import BnConfig, PrefixTuningConfig
 from ..errors import CheckpointError, ConfigError
 from ..inject.state import require_state
+from ..version import __version__
 from .files import CONFIG_NAME, add_and_fill, read_safetensors, safetensors_bytes, write_atomic
 
 SAFETENSORS_NAME = "adapter.safetensors"
@@ -41,8 +42,6 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 def export(model: nn.Module, name: str, config: BnConfig | PrefixTuningConfig, directory: str) -> None:
     """Write adapter `name` as AdapterHub's save_adapter does (safetensors weights), each file atomically."""
-    from .. import __version__
-
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_tensors(model, name).items()}
     fields = {k: v for k, v in config.to_dict().items() if k != "method" or isinstance(config, PrefixTuningConfig)}
     if isinstance(config, PrefixTuningConfig):
