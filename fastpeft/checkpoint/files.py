@@ -14,9 +14,9 @@ from torch import nn
 
 from ..errors import CheckpointError, TargetError
 from ..inject import add_adapter, delete_adapter
-from ..inject.api import wrappers
+from ..inject.swap import wrappers
 from ..modules import AdapterLayer, ModulesToSave
-from ..modules.lora import is_conv1d
+from ..modules.base_layers import is_conv1d
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

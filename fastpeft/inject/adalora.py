@@ -19,8 +19,9 @@ from torch import nn
 from ..config import AdaLoRAConfig
 from ..errors import AdapterError, ConfigError
 from ..modules import LoRALinear
-from .lora import check_one_method, check_saved_overlap, wrap, wrap_saved
+from ..modules.lora import OrthogonalPenalty, orthogonality
 from .state import get_state, require_state
+from .swap import check_one_method, check_saved_overlap, wrap, wrap_saved
 from .targets import model_modules, resolve_linear_targets, resolve_modules_to_save
 
 
@@ -45,7 +46,8 @@ def apply(model: nn.Module, name: str, config: AdaLoRAConfig, ada_plan: AdaLoRAP
                           scaling=config.scaling())
         undo.append(lambda layer=layer: layer.delete_adapter(name))
     wrap_saved(model, name, ada_plan.saved, undo)
-    handle = model.register_forward_hook(lambda module, args, output: _add_orth_reg(module, name, output))
+    layers = [m for _, m in svd_layers(model, name)]
+    handle = model.register_forward_hook(OrthogonalPenalty(name, config, layers))
     get_state(model).hooks[name] = [handle]
     undo.append(lambda: (handle.remove(), get_state(model).hooks.pop(name, None)))
 
@@ -57,24 +59,7 @@ def svd_layers(model: nn.Module, name: str) -> list[tuple[str, LoRALinear]]:
 
 def orth_regularization(model: nn.Module, name: str) -> torch.Tensor:
     """mean over the adapter's A and B of ‖AAᵀ - I‖_F and ‖BᵀB - I‖_F (PEFT's orthogonality penalty)."""
-    terms = []
-    for _, layer in svd_layers(model, name):
-        for p, gram in ((layer.lora_A[name], lambda t: t @ t.t()), (layer.lora_B[name], lambda t: t.t() @ t)):
-            cov = gram(p)
-            terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], device=cov.device, dtype=cov.dtype)))
-    return torch.stack(terms).mean()
-
-
-def _add_orth_reg(model: nn.Module, name: str, output):
-    """Forward hook: output.loss += orth_reg_weight · penalty while adapter `name` is active (as PEFT)."""
-    state = get_state(model)
-    loss = getattr(output, "loss", None)
-    if state is None or name not in state.active or not isinstance(loss, torch.Tensor):
-        return output
-    weight = state.configs[name].orth_reg_weight
-    if weight > 0:
-        output.loss = loss + weight * orth_regularization(model, name).to(loss.dtype)
-    return output
+    return orthogonality(name, [layer for _, layer in svd_layers(model, name)])
 
 
 class RankAllocator:

@@ -19,7 +19,7 @@ from . import batch as batching
 from . import llama_adapter as llama_adapter_inject
 from . import prompt as prompt_inject
 from .state import AdapterState, clear_state, get_state, require_state
-from .targets import model_modules, parent_of
+from .swap import holder, unwrap, wrappers
 
 HANDLERS = {"lora": lora, "ia3": ia3, "adalora": adalora, "bottleneck": bottleneck, "prefix_tuning": prefix,
             "prompt_tuning": prompt_inject, "p_tuning": prompt_inject, "llama_adapter": llama_adapter_inject}
@@ -36,21 +36,6 @@ class Stack(tuple):
 
     def __repr__(self) -> str:
         return f"Stack({', '.join(repr(n) for n in self)})"
-
-
-def wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every fastpeft wrapper and container of the model (LoRA layers inside IA3 layers too), outer first."""
-    return [(n, m) for n, m in model_modules(model, nested=True)
-            if isinstance(m, (AdapterLayer, ModulesToSave, AdapterContainer))]
-
-
-def _holder(model: nn.Module, path: str, name: str) -> tuple[str, nn.Module]:
-    """(path, module) of the wrapper at `path` that holds adapter `name` (the LoRA layer inside an IA3 layer)."""
-    module = model.get_submodule(path)
-    while isinstance(module, AdapterLayer) and name not in module.adapter_names and isinstance(
-            module.base_layer, AdapterLayer):
-        path, module = f"{path}.base_layer", module.base_layer
-    return path, module
 
 
 def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module:
@@ -83,7 +68,7 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
     state.configs[name] = config
     state.modules[name] = [path for path, *_ in plan.targets]
     state.saved[name] = list(plan.saved)
-    state.batch.assign(name)
+    batching.register(state, name, config)
     if fresh:
         batching.install(model, state)
     if not state.active:
@@ -223,14 +208,14 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     state = require_state(model, "delete_adapter")
     state.check_known([name], "delete_adapter")
     for path in state.modules[name]:
-        if name in _holder(model, path, name)[1].merged_adapters:
+        if name in holder(model, path, name)[1].merged_adapters:
             raise AdapterError(f"delete_adapter: adapter {name!r} is merged into {path}; "
                                "call fp.unmerge_adapter(model) first.")
     for path in state.modules[name] + state.saved[name]:
-        path, module = _holder(model, path, name)
+        path, module = holder(model, path, name)
         module.delete_adapter(name)
         if not module.adapter_names:
-            _unwrap(model, path, module)
+            unwrap(model, path, module)
     for handle in state.hooks.pop(name, []):
         handle.remove()
     for table in (state.configs, state.modules, state.saved):
@@ -266,23 +251,13 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
         keep = None
         if merge and isinstance(module, ModulesToSave):
             keep = next((module.modules_to_save[n] for n in module.active_adapters), None)
-        _unwrap(model, path, module, replacement=keep)
+        unwrap(model, path, module, replacement=keep)
     for handle in (h for handles in state.hooks.values() for h in handles):
         handle.remove()
     _restore_requires_grad(model, state)
     batching.uninstall(model, state)
     clear_state(model)
     return model
-
-
-def _unwrap(model: nn.Module, path: str, wrapper: nn.Module, replacement: nn.Module | None = None) -> None:
-    parent, attr = parent_of(model, path)
-    if isinstance(wrapper, AdapterContainer):
-        wrapper.detach()
-        delattr(parent, attr)
-        return
-    original = wrapper.base_layer if isinstance(wrapper, AdapterLayer) else wrapper.original_module
-    setattr(parent, attr, replacement if replacement is not None else original)
 
 
 def _restore_requires_grad(model: nn.Module, state: AdapterState) -> None:

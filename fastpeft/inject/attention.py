@@ -1,25 +1,62 @@
-"""Registering fastpeft's attention with transformers (AttentionInterface and AttentionMaskInterface).
+"""Attention-level adapters' shared steps: which modules of a model call attention (from the family row), and
+registering fastpeft's attention with transformers (AttentionInterface and AttentionMaskInterface).
 
 A model whose attention implementation is X (sdpa, eager, flash_attention_2, ...) is switched to
-"fastpeft_X": its attention function is modules.attention.site_attention with X as the delegate (modules without
-an AttentionSite run X unchanged), its mask function is X's own, so every layer receives the mask X expects.
+"fastpeft_X": its attention function is modules.attention.delegating_attention(X) (modules without an AttentionSite
+run X unchanged), its mask function is X's own, so every layer receives the mask X expects.
 The KV cache, generation and gradient checkpointing are the model's own; the cache holds only real tokens.
 `uninstall` puts X back.
 """
 from __future__ import annotations
 
 import functools
-import sys
 import weakref
 
 from torch import nn
 
 from ..errors import TargetError
-from ..modules.attention import site_attention, site_of
+from ..modules.attention import PREFIX, delegating_attention, site_of
+from .families import FAMILIES, family_of
 from .state import get_state
+from .targets import blocks, join
 
-PREFIX = "fastpeft_"
 MASK_FORMS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+
+def heads_of(config) -> tuple[int, int]:
+    """(key/value heads, head dim) of a transformers config."""
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads
+    return kv, head_dim
+
+
+def attention_calls(model: nn.Module, where: str) -> list[tuple[str, str, int]]:
+    """(path, kind, layer) of every module that calls transformers' attention, from the family row. Kinds:
+    "self_prefix" (decoder-only and encoder-only models, a seq2seq decoder's self-attention), "encoder_prefix" (a
+    seq2seq encoder's self-attention), "cross_prefix" (a seq2seq decoder's cross-attention)."""
+    model_type, family = family_of(model)
+    if family is None or not family.attention_calls:
+        supported = sorted(k for k, f in FAMILIES.items() if f.attention_calls)
+        raise TargetError(f"{where}: attention-level adapters have no row for model_type={model_type!r}; "
+                          f"supported families: {', '.join(supported)}.")
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    calls = []
+    for block, index in blocks(model, family.layers):
+        for relative in family.attention_calls:
+            path = join(block, relative)
+            try:
+                model.get_submodule(path)
+            except AttributeError:
+                continue
+            encoder = ".encoder." in f".{block}."
+            kind = ("cross_prefix" if relative in family.cross_attention_calls else
+                    "encoder_prefix" if encoder and seq2seq else "self_prefix")
+            calls.append((path, kind, index))
+    if not calls:
+        raise TargetError(f"{where}: found no attention modules ({', '.join(family.attention_calls)}) in the "
+                          f"blocks of {type(model).__name__}.")
+    return calls
 
 
 def _interfaces():
@@ -29,29 +66,11 @@ def _interfaces():
     return ALL_ATTENTION_FUNCTIONS, AttentionInterface, ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 
-def _delegate(previous: str, module: nn.Module):
-    if previous == "eager":  # each model file defines its own eager function
-        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        if eager is None:
-            raise TargetError(f"fastpeft attention: {type(module).__name__} has no eager_attention_forward in "
-                              f"{type(module).__module__}; use model.set_attn_implementation('sdpa').")
-        return eager
-    return _interfaces()[0][previous]
-
-
-def _attention(previous: str):
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        return site_attention(module, query, key, value, attention_mask, _delegate(previous, module), **kwargs)
-
-    attention.__name__ = f"{PREFIX}{previous}_attention"
-    return attention
-
-
 @functools.cache
 def _register(previous: str) -> str:
     _, attention_interface, masks, mask_interface = _interfaces()
     name = PREFIX + previous
-    attention_interface.register(name, _attention(previous))
+    attention_interface.register(name, delegating_attention(previous))
     mask_interface.register(name, masks[previous])
     return name
 

@@ -17,10 +17,11 @@ from ..config import BnConfig
 from ..errors import ConfigError, TargetError
 from ..modules.bottleneck import BottleneckAdapter, BottleneckLayer, SharedParameters
 from ..modules.invertible import InvertibleAdapters, make_invertible
-from ..modules.lora import adapter_dtype
+from ..modules.base_layers import adapter_placement
 from ..modules.phm import PHMShared
 from .families import FAMILIES, Site, family_of
-from .targets import model_modules
+from .swap import container
+from .targets import base_model_path, blocks, join
 
 SITES = ("mh_adapter", "output_adapter")
 
@@ -52,28 +53,10 @@ class BottleneckPlan:
     def targets(self) -> list[tuple[str]]:
         paths = [(s.path,) for s in self.sites]
         if self.shared:
-            paths.append((_join(self.base, "shared_parameters"),))
+            paths.append((join(self.base, "shared_parameters"),))
         if self.embeddings is not None:
-            paths.append((_join(self.base, "invertible_adapters"),))
+            paths.append((join(self.base, "invertible_adapters"),))
         return paths
-
-
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
-
-
-def base_model_path(model: nn.Module) -> str:
-    base = getattr(model, "base_model", model)
-    return next((n for n, m in model.named_modules() if m is base), "")
-
-
-def blocks(model: nn.Module, layers: str) -> list[tuple[str, int]]:
-    """(path, index) of every transformer block: the children of a ModuleList called `layers`."""
-    found = []
-    for name, module in model_modules(model):
-        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == layers:
-            found += [(f"{name}.{i}", i) for i in range(len(module))]
-    return found
 
 
 def _reduction(config: BnConfig, index: int):
@@ -138,7 +121,7 @@ def plan(model: nn.Module, name: str, config: BnConfig) -> BottleneckPlan:
         if placement.embeddings is None:
             raise ConfigError(f"BnConfig.inv_adapter: invertible adapters are not placed for model_type="
                               f"{model_type!r} (no embeddings entry in its row); use inv_adapter=None.")
-        result.embeddings = _join(result.base, placement.embeddings)
+        result.embeddings = join(result.base, placement.embeddings)
         _require(model, result.embeddings, "the embedding output")
         get_out = getattr(model, "get_output_embeddings", None)
         result.output_embeddings = get_out() if callable(get_out) else None
@@ -165,17 +148,17 @@ def _require(model: nn.Module, path: str, what: str) -> nn.Module:
 
 
 def _site(model: nn.Module, block: str, site: Site, width: int, site_name: str) -> SitePlan:
-    sub = next((_join(block, s) for s in site.sublayer if _exists(model, _join(block, s))), None)
+    sub = next((join(block, s) for s in site.sublayer if _exists(model, join(block, s))), None)
     if sub is None:
-        raise TargetError(f"BnConfig: none of {[_join(block, s) for s in site.sublayer]} exists ({site_name}).")
-    output, residual = _join(sub, site.output), _join(sub, site.residual)
+        raise TargetError(f"BnConfig: none of {[join(block, s) for s in site.sublayer]} exists ({site_name}).")
+    output, residual = join(sub, site.output), join(sub, site.residual)
     _require(model, output, f"{site_name} sub-layer output")
     _require(model, residual, f"{site_name} residual input")
-    norm = _join(sub, site.norm) if site.norm else None
+    norm = join(sub, site.norm) if site.norm else None
     if norm:
         _require(model, norm, f"{site_name} layer norm")
     attr, _, inner = site.container.partition(".")
-    return SitePlan(_join(sub, attr), sub, attr, inner or None, output, residual, site.residual_arg, norm, width)
+    return SitePlan(join(sub, attr), sub, attr, inner or None, output, residual, site.residual_arg, norm, width)
 
 
 def _exists(model: nn.Module, path: str) -> bool:
@@ -187,53 +170,29 @@ def _exists(model: nn.Module, path: str) -> bool:
 
 
 def apply(model: nn.Module, name: str, config: BnConfig, bn_plan: BottleneckPlan, undo: list[Callable]) -> None:
-    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
-    device = reference.device if reference is not None else None
-    dtype = adapter_dtype(reference) if reference is not None else None
+    device, dtype = adapter_placement(model)
     shared = None
     if bn_plan.shared:
         width = bn_plan.sites[0].bottleneck if bn_plan.sites else 1
-        holder = _container(model, bn_plan.base, "shared_parameters", SharedParameters, undo)
+        holder = container(model, bn_plan.base, "shared_parameters", SharedParameters, undo)
         shared = PHMShared(config, bn_plan.hidden, width).to(device=device, dtype=dtype)
         _add(holder, name, shared, undo)
     for site in bn_plan.sites:
         norm = model.get_submodule(site.norm) if site.norm else None
-        layer = _container(model, site.parent, site.attr, lambda: BottleneckLayer(norm, site.inner), undo,
+        layer = container(model, site.parent, site.attr, lambda: BottleneckLayer(norm, site.inner), undo,
                            attach=lambda c, s=site: c.attach(model.get_submodule(s.output),
                                                              model.get_submodule(s.residual), s.residual_arg))
         adapter = BottleneckAdapter(bn_plan.hidden, site.bottleneck, config, shared).to(device=device, dtype=dtype)
         _add(layer, name, adapter, undo)
     if bn_plan.embeddings is not None:
-        inv = _container(model, bn_plan.base, "invertible_adapters", InvertibleAdapters, undo,
+        inv = container(model, bn_plan.base, "invertible_adapters", InvertibleAdapters, undo,
                          attach=lambda c: c.attach(model.get_submodule(bn_plan.embeddings), bn_plan.output_embeddings))
         block = make_invertible(config.inv_adapter, bn_plan.hidden, config.non_linearity,
                                 config.inv_adapter_reduction_factor)
         _add(inv, name, block.to(device=device, dtype=dtype), undo)
 
 
-def _container(model: nn.Module, parent_path: str, attr: str, make: Callable, undo: list[Callable],
-               attach: Callable | None = None):
-    """The container `attr` of the module at `parent_path`, created (and its hooks attached) if needed."""
-    parent = model.get_submodule(parent_path)
-    existing = getattr(parent, attr, None) if attr in parent._modules else None
-    if existing is not None:
-        return existing
-    if hasattr(parent, attr):
-        raise TargetError(f"BnConfig: {_join(parent_path, attr)} already exists and is not a fastpeft container "
-                          "(a model loaded with AdapterHub?); use a plain transformers model.")
-    container = make().train(parent.training)  # a new module starts in training mode: follow the model's
-    parent.add_module(attr, container)
-    if attach is not None:
-        attach(container)
-
-    def remove():
-        container.detach()
-        delattr(parent, attr)
-    undo.append(remove)
-    return container
-
-
-def _add(container, name: str, module: nn.Module, undo: list[Callable]) -> None:
-    container.add(name, module.train(container.training))
-    undo.append(lambda: container.delete_adapter(name))
+def _add(holder, name: str, module: nn.Module, undo: list[Callable]) -> None:
+    holder.add(name, module.train(holder.training))
+    undo.append(lambda: holder.delete_adapter(name))
 

@@ -51,6 +51,16 @@ class Family:
     embeddings: tuple[str, ...]   # input token embeddings
     bottleneck: Placement | None = None  # where bottleneck adapters go (None: not supported yet)
     attention_calls: tuple[str, ...] = ()  # modules (relative to a block) that call transformers' attention
+    cross_attention_calls: tuple[str, ...] = ()  # those of them that attend to the encoder's output
+    positions: str = "absolute"  # how the family encodes positions (POSITIONS)
+
+
+# What prefix tuning's shifted positions (PEFT's layout: the prefix at positions 0..P-1) mean per family:
+#   "absolute": position ids, shifted by P for the real tokens;
+#   "padding":  position ids counted over real tokens from pad_token_id + 1 (RoBERTa), shifted by P likewise;
+#   "relative": no position ids; the first self-attention of each stack that has `has_relative_attention_bias` (T5)
+#               computes a bias, which the prefix keys get for positions 0..P-1.
+POSITIONS = ("absolute", "padding", "relative")
 
 
 # Pre-LN blocks: x + sublayer(norm(x)); the adapter transforms the sub-layer's output, the model adds x.
@@ -96,8 +106,8 @@ FAMILIES: dict[str, Family] = {
                        embeddings="drop"),
                    attention_calls=("attn",)),
     "bert": _BERT,
-    "roberta": _BERT,
-    "xlm-roberta": _BERT,
+    "roberta": replace(_BERT, positions="padding"),
+    "xlm-roberta": replace(_BERT, positions="padding"),
     "t5": Family(q=("q",), k=("k",), v=("v",), o=("o",), ffn_in=("wi", "wi_0", "wi_1"), ffn_out=("wo",),
                  layers="block", attention=("SelfAttention", "EncDecAttention"), mlp=("DenseReluDense",),
                  embeddings=("shared",),
@@ -107,7 +117,8 @@ FAMILIES: dict[str, Family] = {
                      output_adapter=Site(("layer.2", "layer.1"), output="dropout", residual="layer_norm",
                                          residual_arg=0, norm=None, container="output_adapters.adapters"),
                      embeddings=None),
-                 attention_calls=("layer.0.SelfAttention", "layer.1.EncDecAttention")),
+                 attention_calls=("layer.0.SelfAttention", "layer.1.EncDecAttention"),
+                 cross_attention_calls=("layer.1.EncDecAttention",), positions="relative"),
     "opt": Family(q=("q_proj",), k=("k_proj",), v=("v_proj",), o=("out_proj",), ffn_in=("fc1",), ffn_out=("fc2",),
                   layers="layers", attention=("self_attn",), mlp=(), embeddings=("embed_tokens",)),
 }

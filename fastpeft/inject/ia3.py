@@ -10,7 +10,7 @@ from ..config import IA3Config
 from ..errors import TargetError
 from ..modules import IA3Linear
 from .families import default_ia3_targets, family_of
-from .lora import check_one_method, check_saved_overlap, wrap, wrap_saved
+from .swap import check_one_method, check_saved_overlap, wrap, wrap_saved
 from .targets import name_matches, resolve_linear_targets, resolve_modules_to_save
 
 

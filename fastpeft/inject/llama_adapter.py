@@ -13,18 +13,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..config import LlamaAdapterConfig
 from ..errors import ConfigError, TargetError
 from ..modules.attention import remove_site_part, site_of
-from ..modules.llama_adapter import LlamaAdapterGroup, LlamaAdapterPool
-from ..modules.lora import adapter_dtype
+from ..modules.base import seeded
+from ..modules.base_layers import adapter_placement
+from ..modules.llama_adapter import AdaptionSource, LlamaAdapterGroup, LlamaAdapterPool
 from . import attention
-from .bottleneck import _container, _join, base_model_path
+from .attention import attention_calls, heads_of
 from .families import FAMILIES, family_of
-from .prefix import _Call, attention_calls, heads_of
+from .swap import container
+from .targets import base_model_path, join
 
 WHERE = "LlamaAdapterConfig"
 ATTRIBUTE = "llama_adapter"
@@ -44,7 +45,7 @@ class LlamaAdapterPlan:
 
     @property
     def targets(self) -> list[tuple[str]]:
-        return [(_join(self.base, ATTRIBUTE),)]
+        return [(join(self.base, ATTRIBUTE),)]
 
 
 def _projection(module: nn.Module, names: tuple[str, ...]) -> str | None:
@@ -94,15 +95,12 @@ def plan(model: nn.Module, name: str, config: LlamaAdapterConfig) -> LlamaAdapte
 
 def apply(model: nn.Module, name: str, config: LlamaAdapterConfig, adapter_plan: LlamaAdapterPlan,
           undo: list[Callable]) -> None:
-    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
-    dtype = adapter_dtype(reference) if reference is not None else None
-    device = reference.device if reference is not None else None
+    device, dtype = adapter_placement(model)
     attention.acquire(model, undo)
-    pool = _container(model, adapter_plan.base, ATTRIBUTE, LlamaAdapterPool, undo,
-                      attach=lambda c: _attach(model, c, adapter_plan))
-    if config.init_weights_seed is not None:
-        torch.manual_seed(config.init_weights_seed)
-    group = LlamaAdapterGroup(adapter_plan.layers, config.adapter_len, adapter_plan.hidden)
+    pool = container(model, adapter_plan.base, ATTRIBUTE, LlamaAdapterPool, undo,
+                     attach=lambda c: _attach(model, c, adapter_plan))
+    with seeded(config.init_weights_seed):  # a seed leaves the caller's RNG alone
+        group = LlamaAdapterGroup(adapter_plan.layers, config.adapter_len, adapter_plan.hidden)
     pool.add(name, group.to(device=device, dtype=dtype).train(pool.training))
     undo.append(lambda: pool.delete_adapter(name))
 
@@ -112,16 +110,8 @@ def _attach(model: nn.Module, pool: LlamaAdapterPool, adapter_plan: LlamaAdapter
     modules = []
     for path, index in adapter_plan.calls:
         module = model.get_submodule(path)
-        site_of(module, create=True).adaption = _source(pool, index, adapter_plan)
+        site_of(module, create=True).adaption = AdaptionSource(pool, index, adapter_plan.k_name, adapter_plan.v_name,
+                                                               adapter_plan.heads, adapter_plan.head_dim)
         modules.append(module)
-    pool.hook(_Call(lambda: [remove_site_part(m, "adaption") for m in modules]))
+    pool.on_detach(lambda: [remove_site_part(m, "adaption") for m in modules])
     pool.hook(attention.Release(model))
-
-
-def _source(pool: LlamaAdapterPool, index: int, adapter_plan: LlamaAdapterPlan) -> Callable:
-    k_name, v_name = adapter_plan.k_name, adapter_plan.v_name
-    heads, head_dim = adapter_plan.heads, adapter_plan.head_dim
-
-    def adaption(module, rows):
-        return pool.terms(module, index, k_name, v_name, heads, head_dim, rows)
-    return adaption

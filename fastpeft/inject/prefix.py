@@ -14,21 +14,20 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..config import PrefixTuningConfig
-from ..errors import AdapterError, ConfigError, TargetError
+from ..errors import AdapterError, ConfigError
 from ..modules.attention import remove_site_part, site_of
-from ..modules.batch import current_batch
-from ..modules.lora import adapter_dtype
-from ..modules.prefix import PrefixGroup, PrefixTuning, PrefixTuningPool
+from ..modules.base import seeded
+from ..modules.base_layers import adapter_placement
+from ..modules.prefix import PositionShift, PrefixGroup, PrefixSource, PrefixTuning, PrefixTuningPool
 from . import attention
-from .bottleneck import _container, _join, base_model_path, blocks
-from .families import FAMILIES, family_of
-from .lora import check_saved_overlap, wrap_saved
+from .attention import attention_calls, heads_of
+from .families import Family, family_of
 from .state import require_state
-from .targets import resolve_modules_to_save
+from .swap import check_saved_overlap, container, wrap_saved
+from .targets import base_model_path, join, resolve_modules_to_save
 
 KINDS = ("self_prefix", "encoder_prefix", "cross_prefix")
 
@@ -37,53 +36,17 @@ KINDS = ("self_prefix", "encoder_prefix", "cross_prefix")
 class PrefixPlan:
     base: str
     calls: list[tuple[str, str, int]]   # (attention module path, kind, layer index) of every attention call
-    biases: dict[str, str]              # T5 self-attention path -> its stack's module holding the relative bias
+    biases: dict[str, str]              # self-attention path -> its stack's module computing the relative bias (T5)
     layers: dict[str, list[int]]        # kind -> layers that get this adapter's prefix
     heads: int
     head_dim: int
     hidden: int
     saved: list[str]
+    positions: str                      # the family's position rule (families.POSITIONS)
 
     @property
     def targets(self) -> list[tuple[str]]:
-        return [(_join(self.base, "prefix_tuning"),)]
-
-
-def heads_of(config) -> tuple[int, int]:
-    """(key/value heads, head dim) of a transformers config."""
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads
-    return kv, head_dim
-
-
-def attention_calls(model: nn.Module, where: str) -> list[tuple[str, str, int]]:
-    """(path, kind, layer) of every module that calls transformers' attention, from the family row."""
-    model_type, family = family_of(model)
-    if family is None or not family.attention_calls:
-        supported = sorted(k for k, f in FAMILIES.items() if f.attention_calls)
-        raise TargetError(f"{where}: attention-level adapters have no row for model_type={model_type!r}; "
-                          f"supported families: {', '.join(supported)}.")
-    calls = []
-    for block, index in blocks(model, family.layers):
-        for relative in family.attention_calls:
-            path = _join(block, relative)
-            try:
-                model.get_submodule(path)
-            except AttributeError:
-                continue
-            cross = relative.endswith("EncDecAttention")
-            encoder = ".encoder." in f".{block}."
-            kind = "cross_prefix" if cross else "encoder_prefix" if encoder and _is_seq2seq(model) else "self_prefix"
-            calls.append((path, kind, index))
-    if not calls:
-        raise TargetError(f"{where}: found no attention modules ({', '.join(family.attention_calls)}) in the "
-                          f"blocks of {type(model).__name__}.")
-    return calls
-
-
-def _is_seq2seq(model: nn.Module) -> bool:
-    return bool(getattr(model.config, "is_encoder_decoder", False))
+        return [(join(self.base, "prefix_tuning"),)]
 
 
 def plan(model: nn.Module, name: str, config: PrefixTuningConfig) -> PrefixPlan:
@@ -106,34 +69,34 @@ def plan(model: nn.Module, name: str, config: PrefixTuningConfig) -> PrefixPlan:
     kv, head_dim = heads_of(model.config)
     saved = resolve_modules_to_save(model, config.modules_to_save, where)
     check_saved_overlap(model, [], saved, where)
-    return PrefixPlan(base_model_path(model), calls, _bias_sources(model, calls), layers, kv, head_dim,
-                      model.config.hidden_size, saved)
+    _, family = family_of(model)
+    return PrefixPlan(base_model_path(model), calls, _bias_sources(model, calls, family), layers, kv, head_dim,
+                      model.config.hidden_size, saved, family.positions)
 
 
-def _bias_sources(model: nn.Module, calls) -> dict[str, str]:
-    """T5-style relative position bias: each self-attention path -> the module of its stack that computes the bias
-    (the first with `has_relative_attention_bias`); shift_positions gives the prefix keys that bias."""
+def _bias_sources(model: nn.Module, calls, family: Family) -> dict[str, str]:
+    """Families with relative positions (T5): each self-attention path -> the module of its stack that computes the
+    relative position bias (the first with `has_relative_attention_bias`); shift_positions gives the prefix keys
+    that bias."""
+    if family.positions != "relative":
+        return {}
+    stack = f".{family.layers}."
     holders = {}
     for path, kind, _ in calls:
         module = model.get_submodule(path)
         if kind != "cross_prefix" and getattr(module, "has_relative_attention_bias", False):
-            holders.setdefault(path.split(".block.")[0], path)
-    return {path: holders[path.split(".block.")[0]] for path, kind, _ in calls
-            if kind != "cross_prefix" and path.split(".block.")[0] in holders}
+            holders.setdefault(path.split(stack)[0], path)
+    return {path: holders[path.split(stack)[0]] for path, kind, _ in calls
+            if kind != "cross_prefix" and path.split(stack)[0] in holders}
 
 
 def apply(model: nn.Module, name: str, config: PrefixTuningConfig, prefix_plan: PrefixPlan,
           undo: list[Callable]) -> None:
-    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
-    dtype = adapter_dtype(reference) if reference is not None else None
-    device = reference.device if reference is not None else None
+    device, dtype = adapter_placement(model)
     attention.acquire(model, undo)
-    pool = _container(model, prefix_plan.base, "prefix_tuning", PrefixTuningPool, undo,
-                      attach=lambda c: _attach(model, c, prefix_plan))
-    seed = config.init_weights_seed
-    with torch.random.fork_rng(devices=[], enabled=seed is not None):  # a seed leaves the caller's RNG alone
-        if seed is not None:
-            torch.manual_seed(seed)
+    pool = container(model, prefix_plan.base, "prefix_tuning", PrefixTuningPool, undo,
+                     attach=lambda c: _attach(model, c, prefix_plan))
+    with seeded(config.init_weights_seed):  # a seed leaves the caller's RNG alone
         prefixes = {kind: PrefixTuning(len(ids), prefix_plan.heads, prefix_plan.head_dim, prefix_plan.hidden, config)
                     for kind, ids in prefix_plan.layers.items()}
     group = PrefixGroup(prefixes, prefix_plan.layers).to(device=device, dtype=dtype)
@@ -143,7 +106,7 @@ def apply(model: nn.Module, name: str, config: PrefixTuningConfig, prefix_plan: 
                                for kind, ids in prefix_plan.layers.items() for i in ids}).to(device=device, dtype=dtype)
         _hook_inputs(model, pool, prefix_plan)
     if config.shift_positions:
-        _hook_positions(model, pool)
+        _hook_positions(model, pool, prefix_plan)
     pool.add(name, group.train(pool.training), gates, shift=config.shift_positions)
     undo.append(lambda: pool.delete_adapter(name))
     wrap_saved(model, name, prefix_plan.saved, undo)
@@ -162,101 +125,30 @@ def _attach(model: nn.Module, pool: PrefixTuningPool, prefix_plan: PrefixPlan) -
         module = model.get_submodule(path)
         site = site_of(module, create=True)
         holder = prefix_plan.biases.get(path)
-        site.prefix = _source(pool, kind, index, site, model.get_submodule(holder) if holder else None)
+        site.prefix = PrefixSource(pool, kind, index, site, model.get_submodule(holder) if holder else None)
         modules.append(module)
-    pool.hook(_Call(lambda: [remove_site_part(m, "prefix") for m in modules]))
+    pool.on_detach(lambda: [remove_site_part(m, "prefix") for m in modules])
     pool.hook(attention.Release(model))
     pool.inputs_hooked = pool.positions_hooked = False
 
 
-def _source(pool: PrefixTuningPool, kind: str, index: int, site, relative: nn.Module | None) -> Callable:
-    """The site's prefix callable. With `relative` (T5) and shifted positions (PEFT's layout: the prefix at
-    positions 0..P-1, the queries at P + L_k - L_q + i), the prefix keys get the relative position bias."""
-    def prefix(module, query, key):
-        batch = current_batch(pool)
-        if batch is not None:  # each row its own adapter's prefix (per-row selection inside the kernels)
-            if relative is not None and any(pool.row_shifts(batch, query.shape[0])):
-                raise AdapterError("prefix tuning: T5 prefixes in PEFT's layout (shift_positions=True) do not run in "
-                                   "multi-adapter batches (their position bias is per adapter); run them one at a "
-                                   "time.")
-            found = pool.batch_prefix(kind, index, site.hidden, batch, query.shape[0])
-            return None if found is None else (found[0], found[1], None, found[2], found[3])
-        found = pool.prefix(kind, index, site.hidden)
-        if found is None:
-            return None
-        bias = None
-        if relative is not None and pool.position_shift():
-            P, Lq, Lk = found[0].shape[2], query.shape[2], key.shape[2]
-            bias = relative.compute_bias(Lq, P, device=query.device, past_seen_tokens=P + Lk - Lq)
-        return (*found, bias, None, None)
-    return prefix
-
-
-class _Call:
-    """A hook-handle look-alike: remove() runs a function (the container's detach() calls it)."""
-
-    def __init__(self, fn: Callable):
-        self.fn = fn
-
-    def remove(self) -> None:
-        self.fn()
-
-
 def _hook_inputs(model: nn.Module, pool: PrefixTuningPool, prefix_plan: PrefixPlan) -> None:
-    """Gating reads the attention module's input: a pre-hook keeps it on the site for the duration of the call."""
+    """Gating reads the attention module's input: hooks keep it on the site for the duration of the call."""
     if pool.inputs_hooked:
         return
     for path, _, _ in prefix_plan.calls:
         module = model.get_submodule(path)
-        site = site_of(module)
-
-        def keep(mod, args, kwargs, site=site):
-            site.hidden = args[0] if args else kwargs.get("hidden_states")
-
-        def drop(mod, args, kwargs, output, site=site):
-            site.hidden = None
-
-        pool.hook(module.register_forward_pre_hook(keep, with_kwargs=True))
-        pool.hook(module.register_forward_hook(drop, with_kwargs=True))
+        for handle in site_of(module).keep_input(module):
+            pool.hook(handle)
     pool.inputs_hooked = True
 
 
-def _hook_positions(model: nn.Module, pool: PrefixTuningPool) -> None:
-    """PEFT's layout: the prefix occupies positions 0..P-1, so real tokens start at P."""
-    if pool.positions_hooked or model.config.model_type == "t5":  # T5: relative positions (see _source)
+def _hook_positions(model: nn.Module, pool: PrefixTuningPool, prefix_plan: PrefixPlan) -> None:
+    """PEFT's layout: the prefix occupies positions 0..P-1, so real tokens start at P (relative positions: the
+    prefix keys get the position bias instead, PrefixSource)."""
+    if pool.positions_hooked or prefix_plan.positions == "relative":
         return
-    pad = getattr(model.config, "pad_token_id", None)
-    by_padding = model.config.model_type in ("roberta", "xlm-roberta")
-
-    def shift(mod, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        batch = current_batch(pool)
-        if batch is not None:  # each row by its own adapter's prefix length
-            rows = (ids if ids is not None else kwargs["inputs_embeds"]).shape[0]
-            shifts = pool.row_shifts(batch, rows)
-            offset = torch.tensor(shifts).view(-1, 1) if any(shifts) else 0
-        else:
-            offset = pool.position_shift()
-        if not isinstance(offset, torch.Tensor) and not offset:
-            return None
-        positions = kwargs.get("position_ids")
-        if positions is None:
-            cache = kwargs.get("past_key_values")
-            past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-            source = ids if ids is not None else kwargs["inputs_embeds"]
-            if isinstance(offset, torch.Tensor):
-                offset = offset.to(source.device)
-            if by_padding and ids is not None:  # RoBERTa counts real tokens from padding_idx + 1
-                real = ids.ne(pad).int()
-                positions = (torch.cumsum(real, dim=1) + past) * real + pad
-                kwargs["position_ids"] = positions + offset * real
-                return args, kwargs
-            positions = torch.arange(past, past + source.shape[1], device=source.device).unsqueeze(0)
-        if isinstance(offset, torch.Tensor):
-            offset = offset.to(positions.device)
-        kwargs["position_ids"] = positions + offset
-        return args, kwargs
-
+    shift = PositionShift(pool, getattr(model.config, "pad_token_id", None), prefix_plan.positions == "padding")
     pool.hook(model.register_forward_pre_hook(shift, with_kwargs=True))
     pool.positions_hooked = True
 

@@ -13,11 +13,11 @@ from torch import nn
 
 from ..config import PromptTuningConfig, PTuningConfig
 from ..errors import ConfigError, TargetError
-from ..modules.lora import adapter_dtype
+from ..modules.base import seeded
+from ..modules.base_layers import adapter_dtype
 from ..modules.prompt import PromptEncoder, PromptTuning, PromptTuningLayer, repeat_to
-from .bottleneck import base_model_path
-from .lora import check_saved_overlap, wrap_saved
-from .targets import resolve_modules_to_save
+from .swap import check_saved_overlap, container, wrap_saved
+from .targets import base_model_path, join, resolve_modules_to_save
 
 CONTAINER = "prompt_tuning"
 SEQUENCE_LEVEL = ("ForSequenceClassification", "ForMultipleChoice", "ForQuestionAnswering")
@@ -33,11 +33,7 @@ class PromptPlan:
 
     @property
     def targets(self) -> list[tuple[str]]:
-        return [(_join(self.base, CONTAINER),)]
-
-
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
+        return [(join(self.base, CONTAINER),)]
 
 
 def _what(config) -> str:
@@ -74,7 +70,7 @@ def plan(model: nn.Module, name: str, config: PromptTuningConfig | PTuningConfig
     existing = holder._modules.get(CONTAINER)
     if existing is not None and not isinstance(existing, PromptTuningLayer) or (
             existing is None and hasattr(holder, CONTAINER)):
-        raise TargetError(f"{where}: {_join(base, CONTAINER)} already exists and is not a fastpeft container (a "
+        raise TargetError(f"{where}: {join(base, CONTAINER)} already exists and is not a fastpeft container (a "
                           "model loaded with AdapterHub?); use a plain transformers model.")
     init = None
     if isinstance(config, PromptTuningConfig) and config.prompt_init == "from_string":
@@ -126,27 +122,16 @@ def build(config: PromptTuningConfig | PTuningConfig, hidden: int, init: torch.T
     if isinstance(config, PromptTuningConfig):
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         return PromptTuning(config.prompt_length, hidden, config.combine, init, config.random_uniform_scale, generator)
-    with torch.random.fork_rng(devices=[], enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with seeded(seed):
         return PromptEncoder(config.prompt_length, hidden, config.encoder_type, config.encoder_hidden_size,
                              config.encoder_num_layers, config.encoder_dropout, config.inference_mode)
 
 
 def apply(model: nn.Module, name: str, config, prompt_plan: PromptPlan, undo: list[Callable]) -> None:
     weight = model.get_input_embeddings().weight
-    holder = model.get_submodule(prompt_plan.base)
-    container = holder._modules.get(CONTAINER)
-    if container is None:
-        container = PromptTuningLayer().train(holder.training)
-        holder.add_module(CONTAINER, container)
-        container.attach(model, prompt_plan.token_labels)
-
-        def remove():
-            container.detach()
-            delattr(holder, CONTAINER)
-        undo.append(remove)
+    layer = container(model, prompt_plan.base, CONTAINER, PromptTuningLayer, undo,
+                      attach=lambda c: c.attach(model, prompt_plan.token_labels))
     module = build(config, prompt_plan.hidden, prompt_plan.init)
-    container.add(name, module.to(device=weight.device, dtype=adapter_dtype(weight)).train(container.training))
-    undo.append(lambda: container.delete_adapter(name))
+    layer.add(name, module.to(device=weight.device, dtype=adapter_dtype(weight)).train(layer.training))
+    undo.append(lambda: layer.delete_adapter(name))
     wrap_saved(model, name, prompt_plan.saved, undo)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import TargetError, closest
 from ..modules import AdapterContainer, AdapterLayer, ModulesToSave
-from ..modules.lora import is_conv1d, is_plain_linear
+from ..modules.base_layers import is_conv1d, is_plain_linear
 from .families import default_lora_targets, family_of
 
 WRAPPERS = (AdapterLayer, ModulesToSave, AdapterContainer)
@@ -151,3 +151,23 @@ def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
         parent_name, child = name.rsplit(".", 1)
         return model.get_submodule(parent_name), child
     return model, name
+
+
+def join(*parts: str) -> str:
+    """A module path from its parts, empty parts skipped ("" is the model itself)."""
+    return ".".join(p for p in parts if p)
+
+
+def base_model_path(model: nn.Module) -> str:
+    """The path of the model's base model (its `base_model`, e.g. "model" in a LlamaForCausalLM)."""
+    base = getattr(model, "base_model", model)
+    return next((n for n, m in model.named_modules() if m is base), "")
+
+
+def blocks(model: nn.Module, layers: str) -> list[tuple[str, int]]:
+    """(path, index) of every transformer block: the children of a ModuleList called `layers`."""
+    found = []
+    for name, module in model_modules(model):
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == layers:
+            found += [(f"{name}.{i}", i) for i in range(len(module))]
+    return found

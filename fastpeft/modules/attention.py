@@ -14,32 +14,52 @@ T5's relative position bias joins the 4-D mask. The prefix gets no mask; a bias 
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .. import ops
+from ..errors import TargetError
+from .taps import Tap
 
 ATTRIBUTE = "_fastpeft_attention"
+PREFIX = "fastpeft_"  # fastpeft's attention implementations are named PREFIX + the model's previous one
 
 
 class AttentionSite:
     """prefix(module, query, key) -> (P_K, P_V, bias, offsets, lengths) with P_K, P_V (1 or B, H_kv, P, D), bias an
     additive score bias over the prefix keys (broadcastable to (B, H, L_q, P)) or None, and the per-row prefix
     selection of a multi-adapter batch (offsets, lengths: (B,) int32, row b reads keys [offsets[b], offsets[b] +
-    lengths[b])) or None, None; or None when no prefix runs.
-    adaption(module, rows) -> list of (A_K, A_V, gate, offsets, lengths) (the last two as prefix's). `hidden` holds
-    the module's input during its forward (prefix gating reads it)."""
+    lengths[b])) or None, None; or None when no prefix runs (modules/prefix.py PrefixSource).
+    adaption(module, rows) -> list of (A_K, A_V, gate, offsets, lengths) (the last two as prefix's;
+    modules/llama_adapter.py AdaptionSource). `hidden` is the module's input during its forward, once
+    `keep_input` hooked it (prefix gating reads it)."""
 
     def __init__(self):
         self.prefix: Callable | None = None
         self.adaption: Callable | None = None
-        self.hidden: Tensor | None = None
+        self._input = Tap()
 
     @property
     def empty(self) -> bool:
         return self.prefix is None and self.adaption is None
+
+    @property
+    def hidden(self) -> Tensor | None:
+        return self._input.get()
+
+    def keep_input(self, module: torch.nn.Module) -> list:
+        """Hooks on `module` that make its input this site's `hidden` while its forward runs; returns the handles."""
+        def keep(mod, args, kwargs):
+            self._input.put(args[0] if args else kwargs.get("hidden_states"))
+
+        def drop(mod, args, kwargs, output):
+            self._input.take()
+
+        return [module.register_forward_pre_hook(keep, with_kwargs=True),
+                module.register_forward_hook(drop, with_kwargs=True, always_call=True)]
 
 
 def site_of(module: torch.nn.Module, *, create: bool = False) -> AttentionSite | None:
@@ -58,6 +78,30 @@ def remove_site_part(module: torch.nn.Module, part: str) -> None:
     setattr(site, part, None)
     if site.empty:
         del module.__dict__[ATTRIBUTE]
+
+
+def delegating_attention(previous: str) -> Callable:
+    """fastpeft's attention function for a model whose implementation was `previous` (registered as
+    PREFIX + previous with transformers' AttentionInterface by inject/attention.py): site_attention, delegating to
+    `previous` wherever no adapter adds to the attention."""
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        return site_attention(module, query, key, value, attention_mask, _delegate(previous, module), **kwargs)
+
+    attention.__name__ = f"{PREFIX}{previous}_attention"
+    return attention
+
+
+def _delegate(previous: str, module: torch.nn.Module) -> Callable:
+    """The model's previous attention function for `module`."""
+    if previous == "eager":  # each model file defines its own eager function
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise TargetError(f"fastpeft attention: {type(module).__name__} has no eager_attention_forward in "
+                              f"{type(module).__module__}; use model.set_attn_implementation('sdpa').")
+        return eager
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[previous]
 
 
 def site_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, delegate: Callable,

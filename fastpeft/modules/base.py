@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import abc
+import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -9,6 +11,11 @@ from torch import nn
 from ..errors import ConfigError
 from ..reference.bottleneck import activation
 from .batch import current_batch
+
+
+# What model code reads from a projection beyond weight, bias, in_features and out_features (which wrappers have):
+# forwarded to the wrapped layer by name, so that any other missing attribute is an AttributeError.
+FORWARDED = frozenset({"nf", "nx"})  # transformers' Conv1D sizes (GPT-2)
 
 
 class AdapterLayer(nn.Module, abc.ABC):
@@ -34,9 +41,11 @@ class AdapterLayer(nn.Module, abc.ABC):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)  # model code that reads e.g. `proj.weight.dtype` keeps working
+            if name in FORWARDED:
+                return getattr(self.base_layer, name)
+            wrapped = type(self._modules.get("base_layer")).__name__
+            raise AttributeError(f"{type(self).__name__} (fastpeft's wrapper of {wrapped}) has no attribute {name!r}; "
+                                 "the wrapped layer is its .base_layer.") from None
 
     @property
     @abc.abstractmethod
@@ -108,12 +117,36 @@ class AdapterContainer(nn.Module):
         return [] if self.disabled or current_batch(self) is not None else list(self.active_adapters)
 
     def hook(self, handle) -> None:
+        """Keep a hook handle (anything with remove()); detach() removes it."""
         self._handles.append(handle)
+
+    def on_detach(self, fn: Callable[[], object]) -> None:
+        """Run fn when the container is detached (e.g. clear what it attached to other modules)."""
+        self._handles.append(_Callback(fn))
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None):
+    """Inside the block, `seed` (when not None) fixes torch's random draws; the caller's RNG state is left alone."""
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
+class _Callback:
+    """A hook-handle look-alike whose remove() runs a function."""
+
+    def __init__(self, fn: Callable[[], object]):
+        self.fn = fn
+
+    def remove(self) -> None:
+        self.fn()
 
 
 class Activation(nn.Module):

@@ -8,6 +8,9 @@ other module applies nothing (`running_adapters()` is empty), so a row sees its 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import threading
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -61,34 +64,157 @@ class RowBatch:
         return sorted({n for n in self.names if n is not None})
 
 
+# The RowBatch each model's BatchContext runs, per thread and asyncio task (a context variable: two threads serving
+# two batches on one model never see each other's, and asyncio.to_thread carries a task's batch to its worker).
+_running: contextvars.ContextVar[dict] = contextvars.ContextVar("fastpeft_running_batches", default={})
+_calls: contextvars.ContextVar[tuple] = contextvars.ContextVar("fastpeft_batch_calls", default=())
+BASE = "__base__"  # PEFT's adapter name for a row without an adapter
+
+
+class _Counter:
+    """How many blocks are open anywhere (all threads): while none is, nothing reads the context variables, so that
+    torch.compile traces a forward without a batch (it cannot trace ContextVar.get; with a batch running, the forward
+    graph-breaks into the eager batch paths)."""
+
+    def __init__(self):
+        self.open = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def holding(self):
+        with self._lock:
+            self.open += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.open -= 1
+
+
 class BatchContext:
-    """Adapter ids and the current batch of one model (shared by its adapter modules)."""
+    """Adapter ids and the current batch of one model (shared by its adapter modules). `refused`: the adapters that
+    cannot run in a multi-adapter batch, with their config's name."""
 
     def __init__(self):
         self.ids: dict[str, int] = {}
-        self.current: RowBatch | None = None
+        self.refused: dict[str, str] = {}
+        self._blocks = _Counter()
+
+    @property
+    def current(self) -> RowBatch | None:
+        """The batch this thread (or task) runs on this model, or None."""
+        return _running.get().get(self) if self._blocks.open else None
 
     @property
     def num_slots(self) -> int:
         return max(self.ids.values(), default=-1) + 1
 
-    def assign(self, name: str) -> int:
-        """The lowest free id, for a new adapter."""
+    def assign(self, name: str, refused: str | None = None) -> int:
+        """The lowest free id, for a new adapter (`refused`: its config's name, if it cannot run in batches)."""
         taken = set(self.ids.values())
         self.ids[name] = next(i for i in range(len(taken) + 1) if i not in taken)
+        if refused is not None:
+            self.refused[name] = refused
         return self.ids[name]
 
     def release(self, name: str) -> None:
         self.ids.pop(name, None)
+        self.refused.pop(name, None)
 
     @contextlib.contextmanager
     def running(self, batch: RowBatch | None):
-        """`batch` is current inside the block (None: no batch); the previous one comes back after."""
-        previous, self.current = self.current, batch
-        try:
-            yield batch
-        finally:
-            self.current = previous
+        """`batch` is current inside the block (None: no batch) for this thread; the previous one comes back after."""
+        with self._blocks.holding():
+            token = _running.set({**_running.get(), self: batch})
+            try:
+                yield batch
+            finally:
+                _running.reset(token)
+
+    def make_batch(self, model: torch.nn.Module, adapters, *, expand: bool = False,
+                   where: str = "adapter_names") -> RowBatch:
+        """The RowBatch of `adapters` (one per row: a name, None or "__base__", or an id, -1 for none; a sequence or a
+        1-D integer tensor), everything checked before any layer runs."""
+        names_of = {i: n for n, i in self.ids.items()}
+        if isinstance(adapters, Tensor) or (isinstance(adapters, Sequence) and not isinstance(adapters, str) and
+                                            adapters and all(isinstance(a, int) for a in adapters)):
+            slots = _id_list(adapters, names_of, where)
+            names = tuple(names_of.get(s) for s in slots)
+        elif isinstance(adapters, Sequence) and not isinstance(adapters, str):
+            names = tuple(None if a is None or a == BASE else a for a in adapters)
+            unknown = [n for n in names if n is not None and n not in self.ids]
+            if unknown:
+                known = ", ".join(repr(n) for n in self.ids) or "none"
+                raise AdapterError(f"{where}: no adapter named {unknown[0]!r} on this model (adapters: {known}).")
+            slots = tuple(-1 if n is None else self.ids[n] for n in names)
+        else:
+            raise AdapterError(f"{where}: expected one adapter per row (a list of names, None or '__base__' for no "
+                               f"adapter, or a 1-D tensor of ids from fp.adapter_ids), got {type(adapters).__name__}.")
+        if not slots:
+            raise AdapterError(f"{where}: the batch has no rows; pass one adapter per row.")
+        for name in sorted({n for n in names if n is not None}):
+            if name in self.refused:
+                raise AdapterError(f"{where}: adapter {name!r} is a {self.refused[name]}; multi-adapter batches take "
+                                   "LoRA, AdaLoRA, DoRA, IA3, prefix tuning and LLaMA-Adapter adapters. Run it in its "
+                                   "own batch (fp.set_active_adapters).")
+        merged = [path for path, m in model.named_modules() if getattr(m, "merged_adapters", None)]
+        if merged:
+            where_merged = merged[0] + (f" (and {len(merged) - 1} more)" if len(merged) > 1 else "")
+            raise AdapterError(f"{where}: adapters are merged into the base weights of {where_merged}; a multi-adapter "
+                               "batch needs them unmerged: call fp.unmerge_adapter(model) first.")
+        return RowBatch(tuple(slots), names, self.num_slots, expand=expand)
+
+
+def _id_list(adapters, names_of: dict[int, str], where: str) -> tuple[int, ...]:
+    if isinstance(adapters, Tensor):
+        if adapters.dim() != 1 or adapters.dtype.is_floating_point or adapters.dtype == torch.bool:
+            raise AdapterError(f"{where}: expected a 1-D integer tensor of adapter ids, got {adapters.dtype} of shape "
+                               f"{tuple(adapters.shape)}.")
+        adapters = adapters.tolist()
+    bad = [(i, s) for i, s in enumerate(adapters) if s != -1 and s not in names_of]
+    if bad:
+        i, s = bad[0]
+        known = ", ".join(f"{n}={i}" for i, n in sorted(names_of.items())) or "none"
+        raise AdapterError(f"{where}: adapter id {s} at row {i} names no adapter (ids: {known}; -1 for none).")
+    return tuple(int(s) for s in adapters)
+
+
+class NamedRows:
+    """What lets a model take adapter_names= in forward and generate: a forward pre-hook that makes the names' batch
+    current for the call (a forward hook, which runs even when the call fails, ends it), and a generate that keeps it
+    current for the whole generation, each row repeated as generate repeats it (beams, return sequences)."""
+
+    def __init__(self, ctx: BatchContext, model: torch.nn.Module):
+        self.ctx, self.model = ctx, model
+        self._calls = _Counter()
+
+    def pre_forward(self, model, args, kwargs):
+        names = kwargs.pop("adapter_names", None)
+        if names is not None:
+            batch = self.ctx.make_batch(model, names)
+            calls, runner = self._calls.holding(), self.ctx.running(batch)
+            calls.__enter__()
+            runner.__enter__()
+            _calls.set(_calls.get() + ((kwargs, calls, runner),))  # this call's: post_forward knows it by its kwargs
+        return args, kwargs
+
+    def post_forward(self, model, args, kwargs, output):
+        """Ends the batch of this call's adapter_names (also when the call failed: the hook always runs)."""
+        if not self._calls.open:
+            return
+        calls = _calls.get()
+        if calls and calls[-1][0] is kwargs:
+            _calls.set(calls[:-1])
+            _, counted, runner = calls[-1]
+            runner.__exit__(None, None, None)
+            counted.__exit__(None, None, None)
+
+    def generate(self, *args, adapter_names=None, **kwargs):
+        generate = type(self.model).generate
+        if adapter_names is None:
+            return generate(self.model, *args, **kwargs)
+        with self.ctx.running(self.ctx.make_batch(self.model, adapter_names, expand=True, where="adapter_batch")):
+            return generate(self.model, *args, **kwargs)
 
 
 def context_of(module: torch.nn.Module) -> BatchContext | None:

@@ -28,6 +28,7 @@ from .. import ops
 from ..config import BnConfig
 from .base import AdapterContainer, Activation
 from .phm import PHMLinear, PHMShared
+from .taps import Tap
 
 
 class BottleneckAdapter(nn.Module):
@@ -153,7 +154,7 @@ class BottleneckLayer(AdapterContainer):
         if inner:
             self.add_module(inner, nn.ModuleDict())
         object.__setattr__(self, "_norm", norm)  # the model's post-LN norm: used, not owned
-        self._residual: torch.Tensor | None = None
+        self._residual = Tap()  # the block's residual x, from the residual module's input to the sub-layer's output
 
     def store(self) -> nn.Module:
         return self._modules[self._inner] if self._inner else self
@@ -165,11 +166,11 @@ class BottleneckLayer(AdapterContainer):
     def _tap(self, index: int):
         def tap(module, args, kwargs):
             values = list(args) + list(kwargs.values())
-            self._residual = values[index] if index < len(values) else None
+            self._residual.put(values[index] if index < len(values) else None)
         return tap
 
     def _transform_output(self, module, args, output):
-        x, self._residual = self._residual, None
+        x = self._residual.take()
         names = self.running_adapters()
         if not names:
             return None

@@ -16,8 +16,8 @@ from torch import nn
 from .. import ops
 from ..errors import AdapterError
 from .base import AdapterLayer
+from .base_layers import adapter_dtype, is_conv1d
 from .batch import RowBatch, SlotTables, context_of, current_batch
-from .lora import adapter_dtype, is_conv1d
 
 
 class IA3Linear(AdapterLayer):

@@ -97,3 +97,15 @@ class LlamaAdapterPool(AdapterContainer):
         gates = torch.cat([self.adaption_prompts[n][key].adaption_gate if n is not None and made[n] is not None
                            else zero for n in names]).view(rows, 1, 1, 1)
         return [(packed[0], packed[1], gates, packed[2], packed[3])]
+
+
+class AdaptionSource:
+    """An attention site's `adaption` (modules/attention.py): the pool's terms for model layer `index`, whose prompt
+    keys and values come from the attention module's `k_name` / `v_name` projections (H_kv heads of head_dim)."""
+
+    def __init__(self, pool: LlamaAdapterPool, index: int, k_name: str, v_name: str, heads: int, head_dim: int):
+        self.pool, self.index, self.k_name, self.v_name = pool, index, k_name, v_name
+        self.heads, self.head_dim = heads, head_dim
+
+    def __call__(self, module: nn.Module, rows: int) -> list[tuple]:
+        return self.pool.terms(module, self.index, self.k_name, self.v_name, self.heads, self.head_dim, rows)

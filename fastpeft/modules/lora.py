@@ -19,25 +19,8 @@ from torch import nn
 from .. import ops
 from ..errors import AdapterError
 from .base import AdapterLayer
+from .base_layers import adapter_dtype, is_conv1d
 from .batch import RowBatch, SlotTables, context_of, current_batch
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2): a linear layer whose weight is stored (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
-def is_plain_linear(module: nn.Module) -> bool:
-    """An nn.Linear (or subclass that keeps nn.Linear's forward) or a Conv1D with a floating-point weight."""
-    if is_conv1d(module):
-        return module.weight.dtype.is_floating_point
-    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-            and module.weight.dtype.is_floating_point)
-
-
-def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """Adapter parameters live in float32 on half-precision bases (as PEFT's default), else in the base dtype."""
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
 class _Buffers(nn.Module):
@@ -329,3 +312,31 @@ class LoRALinear(AdapterLayer):
         ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.adapter_names)
         return (f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ranks}], "
                 f"active={self.active_adapters}, merged={self.merged_adapters}")
+
+
+def orthogonality(name: str, layers: list[LoRALinear]) -> torch.Tensor:
+    """mean over AdaLoRA adapter `name`'s A and B on `layers` of ‖AAᵀ - I‖_F and ‖BᵀB - I‖_F (PEFT's penalty)."""
+    terms = []
+    for layer in layers:
+        for p, gram in ((layer.lora_A[name], lambda t: t @ t.t()), (layer.lora_B[name], lambda t: t.t() @ t)):
+            cov = gram(p)
+            terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], device=cov.device, dtype=cov.dtype)))
+    return torch.stack(terms).mean()
+
+
+class OrthogonalPenalty:
+    """AdaLoRA's forward hook on the model: output.loss += orth_reg_weight · orthogonality(name, layers) while the
+    adapter is active (as PEFT). The weight is read from the config on every call."""
+
+    def __init__(self, name: str, config, layers: list[LoRALinear]):
+        self.name, self.config, self.layers = name, config, layers
+
+    def __call__(self, model: nn.Module, args, output):
+        loss = getattr(output, "loss", None)
+        active = any(self.name in layer.active_adapters for layer in self.layers)
+        if not active or not isinstance(loss, torch.Tensor):
+            return output
+        weight = self.config.orth_reg_weight
+        if weight > 0:
+            output.loss = loss + weight * orthogonality(self.name, self.layers).to(loss.dtype)
+        return output

@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import AdapterError
 from .attention import pack_rows
 from .base import Activation, AdapterContainer
-from .batch import RowBatch, row_names
+from .batch import RowBatch, current_batch, row_names
 
 
 class PrefixTuning(nn.Module):
@@ -200,3 +201,69 @@ class PrefixTuningPool(AdapterContainer):
         return (torch.cat(keys), torch.cat(values), torch.zeros(len(names), dtype=torch.int32, device=device),
                 torch.tensor(lengths, dtype=torch.int32).to(device))
 
+
+class PrefixSource:
+    """An attention site's `prefix` (modules/attention.py): the running adapters' prefixes of one attention layer
+    (`kind`, model layer `index`), or in a multi-adapter batch each row's own. With `position_bias` (T5's module
+    that computes the relative position bias) and shifted positions (PEFT's layout: the prefix at positions 0..P-1,
+    the queries at P + L_k - L_q + i), the prefix keys get the relative position bias."""
+
+    def __init__(self, pool: PrefixTuningPool, kind: str, index: int, site, position_bias: nn.Module | None):
+        self.pool, self.kind, self.index, self.site, self.position_bias = pool, kind, index, site, position_bias
+
+    def __call__(self, module: nn.Module, query: Tensor, key: Tensor):
+        pool = self.pool
+        batch = current_batch(pool)
+        if batch is not None:  # each row its own adapter's prefix (per-row selection inside the kernels)
+            if self.position_bias is not None and any(pool.row_shifts(batch, query.shape[0])):
+                raise AdapterError("prefix tuning: T5 prefixes in PEFT's layout (shift_positions=True) do not run in "
+                                   "multi-adapter batches (their position bias is per adapter); run them one at a "
+                                   "time.")
+            found = pool.batch_prefix(self.kind, self.index, self.site.hidden, batch, query.shape[0])
+            return None if found is None else (found[0], found[1], None, found[2], found[3])
+        found = pool.prefix(self.kind, self.index, self.site.hidden)
+        if found is None:
+            return None
+        bias = None
+        if self.position_bias is not None and pool.position_shift():
+            P, Lq, Lk = found[0].shape[2], query.shape[2], key.shape[2]
+            bias = self.position_bias.compute_bias(Lq, P, device=query.device, past_seen_tokens=P + Lk - Lq)
+        return (*found, bias, None, None)
+
+
+class PositionShift:
+    """A model forward pre-hook for PEFT's layout (shift_positions): the prefix occupies positions 0..P-1, so real
+    tokens start at P (in a multi-adapter batch each row by its own adapter's prefix length). `from_padding`: the
+    family counts positions of real tokens from pad_token_id + 1 (RoBERTa)."""
+
+    def __init__(self, pool: PrefixTuningPool, pad_token_id: int | None, from_padding: bool):
+        self.pool, self.pad, self.from_padding = pool, pad_token_id, from_padding
+
+    def __call__(self, model: nn.Module, args: tuple, kwargs: dict):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        batch = current_batch(self.pool)
+        if batch is not None:
+            rows = (ids if ids is not None else kwargs["inputs_embeds"]).shape[0]
+            shifts = self.pool.row_shifts(batch, rows)
+            offset = torch.tensor(shifts).view(-1, 1) if any(shifts) else 0
+        else:
+            offset = self.pool.position_shift()
+        if not isinstance(offset, Tensor) and not offset:
+            return None
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            cache = kwargs.get("past_key_values")
+            past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+            source = ids if ids is not None else kwargs["inputs_embeds"]
+            if isinstance(offset, Tensor):
+                offset = offset.to(source.device)
+            if self.from_padding and ids is not None:  # real tokens counted from padding_idx + 1
+                real = ids.ne(self.pad).int()
+                positions = (torch.cumsum(real, dim=1) + past) * real + self.pad
+                kwargs["position_ids"] = positions + offset * real
+                return args, kwargs
+            positions = torch.arange(past, past + source.shape[1], device=source.device).unsqueeze(0)
+        if isinstance(offset, Tensor):
+            offset = offset.to(positions.device)
+        kwargs["position_ids"] = positions + offset
+        return args, kwargs

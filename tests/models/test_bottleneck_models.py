@@ -124,7 +124,7 @@ def test_stack_matches_adapterhub_composition_by_hand():
     for name in ("a", "b"):
         hidden = up(name, hidden + x) + hidden
     with torch.no_grad():
-        layer._residual = x
+        layer._residual.put(x)
         got = layer._transform_output(None, (), h)
     assert rel_err(got, hidden.detach()) < 1e-6
 
@@ -140,7 +140,7 @@ def test_lora_and_bottleneck_together():
     m = model("llama")
     fp.add_adapter(m, "bn", fp.SeqBnConfig(init_weights="mam"))
     fp.add_adapter(m, "lora", fp.LoRAConfig(target_modules="all-linear"))
-    paths = [n for n, _ in fp.inject.api.wrappers(m)]
+    paths = [n for n, _ in fp.inject.swap.wrappers(m)]
     assert not any("adapters" in p.split(".")[-1] and "lora" in p for p in paths)
     assert not any(".adapters.bn." in p for p in paths)  # the adapter's own Linear layers are not LoRA targets
     fp.set_active_adapters(m, ["bn", "lora"])

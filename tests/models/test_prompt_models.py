@@ -241,7 +241,7 @@ def test_prompt_with_lora():
     fp.add_adapter(m, "p", CONFIGS["mlp"]())
     fp.add_adapter(m, "l", fp.LoRAConfig(target_modules="all-linear"))
     # the prompt encoder's own Linear layers are not LoRA targets
-    assert [n for n, _ in fp.inject.api.wrappers(m) if "prompt_tuning" in n] == ["model.prompt_tuning"]
+    assert [n for n, _ in fp.inject.swap.wrappers(m) if "prompt_tuning" in n] == ["model.prompt_tuning"]
     fp.set_active_adapters(m, ["p", "l"])
     assert out(m).shape[1] == 11
     fp.unload(m)

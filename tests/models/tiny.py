@@ -11,7 +11,7 @@ import torch
 import transformers
 from torch import nn
 
-from fastpeft.inject.api import wrappers
+from fastpeft.inject.swap import wrappers
 from fastpeft.modules import LoRALinear
 
 VOCAB = 100

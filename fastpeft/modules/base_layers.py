@@ -1,0 +1,34 @@
+"""The base layers adapters wrap, and the dtype and device new adapter parameters take on them.
+
+A layer kind fastpeft adapts has a rule here for recognising it; a kind without one is refused at add_adapter
+(inject/targets.py), never computed wrongly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear (or subclass that keeps nn.Linear's forward) or a Conv1D with a floating-point weight."""
+    if is_conv1d(module):
+        return module.weight.dtype.is_floating_point
+    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+            and module.weight.dtype.is_floating_point)
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapter parameters live in float32 on half-precision bases (as PEFT's default), else in the base dtype."""
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+def adapter_placement(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    """(device, dtype) of a model-wide adapter's new parameters: those of the model's first floating-point
+    parameter (adapter_dtype of it); (None, None) for a model without one."""
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return (None, None) if weight is None else (weight.device, adapter_dtype(weight))
