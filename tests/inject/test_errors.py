@@ -223,3 +223,18 @@ def test_a_method_without_injection_yet():
     m = model()
     with unchanged(m), pytest.raises(fp.ConfigError, match="FutureConfig adapters cannot be injected yet"):
         fp.add_adapter(m, "a", FutureConfig())
+
+
+def test_a_typo_on_a_wrapped_layer_is_an_attribute_error():
+    """A wrapper answers what model code reads from a projection (weight, bias, sizes, Conv1D's nf/nx) and nothing
+    else: a misspelt attribute is an AttributeError that names the wrapper and where the wrapped layer is."""
+    m = model("gpt2")
+    fp.add_adapter(m, "a", fp.LoRAConfig(r=2, target_modules=["c_attn"]))
+    layer = m.transformer.h[0].attn.c_attn
+    assert isinstance(layer, LoRALinear)
+    assert layer.nf == layer.base_layer.nf and layer.nx == layer.base_layer.nx
+    assert layer.weight is layer.base_layer.weight and layer.bias is layer.base_layer.bias
+    with pytest.raises(AttributeError, match=r"LoRALinear \(fastpeft's wrapper of Conv1D\) has no attribute "
+                                             r"'wieght'.*\.base_layer"):
+        layer.wieght
+    assert not hasattr(layer, "reset_parameters")  # the base layer's methods are not the wrapper's
