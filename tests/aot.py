@@ -58,7 +58,8 @@ class Launch:
 
 def capture(module: str, launcher: str, *args, label: str = "", every_config: bool = True,
             **kwargs) -> list[Launch]:
-    """Call `fastpeft.kernels.<module>.<launcher>(*args, **kwargs)`, recording its launches instead of running."""
+    """Call `fastpeft.kernels.<module>.<launcher>(*args, **kwargs)`, recording its launches instead of running
+    (those of the launchers it delegates to in other kernel modules too)."""
     mod = importlib.import_module(f"fastpeft.kernels.{module}")
     launches: list[Launch] = []
 
@@ -69,11 +70,16 @@ def capture(module: str, launcher: str, *args, label: str = "", every_config: bo
 
         return Grid()
 
-    original, mod.launch = mod.launch, fake_launch
+    launching = [m for name, m in sorted(sys.modules.items())
+                 if name.startswith("fastpeft.kernels.") and hasattr(m, "launch")]
+    originals = [m.launch for m in launching]
+    for m in launching:
+        m.launch = fake_launch
     try:
         getattr(mod, launcher)(*args, **kwargs)
     finally:
-        mod.launch = original
+        for m, original in zip(launching, originals):
+            m.launch = original
     return launches
 
 
@@ -103,16 +109,17 @@ def lora_launches(dtype: torch.dtype) -> list[Launch]:
 
 
 def ia3_launches(dtype: torch.dtype) -> list[Launch]:
-    """IA3 runs the LoRA GEMM kernel with no low-rank term and its scale and reduction options on."""
+    """IA3 runs the LoRA GEMM kernel with no low-rank term and its scale and reduction options on (the launcher of
+    fastpeft/kernels/ia3.py)."""
     M, K, N = 256, 512, 384
     x, dy = torch.empty(M, K, dtype=dtype), torch.empty(M, N, dtype=dtype)
     w, bias, z = torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype), torch.empty(M, N, dtype=dtype)
     u, v = torch.empty(K), torch.empty(N)
     out, dx = torch.empty(M, N, dtype=dtype), torch.empty(M, K, dtype=dtype)
     return [
-        *capture("lora", "scaled_gemm", x, w.t(), bias, out, in_scale=u, out_scale=v, scale_bias=True, z=z,
+        *capture("ia3", "scaled_gemm", x, w.t(), bias, out, in_scale=u, out_scale=v, scale_bias=True, z=z,
                  label="ia3 fwd"),
-        *capture("lora", "scaled_gemm", dy, w, None, dx, in_scale=v, out_scale=u, in_dot=(z, torch.empty(N)),
+        *capture("ia3", "scaled_gemm", dy, w, None, dx, in_scale=v, out_scale=u, in_dot=(z, torch.empty(N)),
                  in_sum=torch.empty(N), out_dot=(x, torch.empty(K)), label="ia3 dX dv db du"),
     ]
 

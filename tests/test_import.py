@@ -1,5 +1,8 @@
 """`import fastpeft` never initialises CUDA, never loads (so never compiles) the kernels, and works without Triton.
 
+Of fastpeft/kernels it loads only the triton-free table of the kernels' limits (fastpeft/kernels/limits.py), which
+the ops dispatch by; that module imports no triton. (With triton installed, torch itself imports it when the ops
+register as `torch.library.triton_op`s; without it, everything but the kernels works.)
 Each check runs in a fresh interpreter: this test process has long since imported everything.
 """
 from __future__ import annotations
@@ -16,7 +19,8 @@ import torch
 import fastpeft as fp
 assert not torch.cuda.is_initialized(), "import fastpeft initialised CUDA"
 loaded = sorted(m for m in sys.modules if m.startswith("fastpeft.kernels"))
-assert not loaded, f"import fastpeft loaded the kernels: {{loaded}}"
+triton_free = {{"fastpeft.kernels", "fastpeft.kernels.limits"}}  # the package and its table of limits
+assert set(loaded) <= triton_free, f"import fastpeft loaded the kernels: {{loaded}}"
 {after}
 print("ok")
 """
@@ -43,6 +47,26 @@ def _run(prelude: str = "", after: str = "") -> subprocess.CompletedProcess:
 
 def test_import_does_not_initialise_cuda_or_load_kernels():
     result = _run()
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+# The table of limits imports no triton (nor any kernel): run alone, outside the package (whose ops register as
+# triton_ops, which makes torch import triton when it is installed).
+LIMITS_ALONE = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("limits", "fastpeft/kernels/limits.py")
+limits = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(limits)
+assert limits.TRITON_DTYPES and limits.ACTIVATIONS
+assert sys.modules.get("triton") is None, "fastpeft/kernels/limits.py imported triton"
+assert not [m for m in sys.modules if m.startswith("fastpeft")], "fastpeft/kernels/limits.py imported fastpeft"
+print("ok")
+"""
+
+
+def test_kernel_limits_import_no_triton():
+    result = subprocess.run([sys.executable, "-c", LIMITS_ALONE], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 

@@ -1,4 +1,4 @@
-"""Small shims over Triton and torch versions: interpreter mode, traceable launches, dot precision."""
+"""Small shims over Triton and torch versions: interpreter mode, traceable launches, dot precision, dtypes."""
 from __future__ import annotations
 
 import os
@@ -7,6 +7,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}  # torch -> Triton
 
 
 def interpreting() -> bool:

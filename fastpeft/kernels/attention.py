@@ -39,14 +39,12 @@ With per-row prefix ranges each row splits its own tiles (its range's, then the 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ._compat import dot_precision, interpreting, launch, tl, triton
-from .lora import SHARED_BUDGET, _fit_shared, bucket
+from ._tiles import SHARED_BUDGET, bucket, fit_shared
+from .limits import ATTENTION_DECODE_MAX_ROWS, ATTENTION_HEAD_DIMS
 
-HEAD_DIMS = (64, 80, 96, 128)  # the head dimensions the kernel takes (padded to BLOCK_D = 64 or 128)
 LOG2E = 1.4426950408889634
 
 # ----------------------------------------------------------------------------------------------------------
@@ -80,7 +78,7 @@ def _prune(configs, named_args, **kwargs):
     def stage_bytes(c):
         return 2 * c.kwargs["BLOCK_N"] * block_d * el
 
-    return _fit_shared(short, stage_bytes) or _fit_shared(configs[:1], stage_bytes) or configs[:1]
+    return fit_shared(short, stage_bytes) or fit_shared(configs[:1], stage_bytes) or configs[:1]
 
 
 def _fit_with_mask(configs, stage_bytes, resident_bytes, mask_el):
@@ -284,10 +282,10 @@ def forward(q, k, v, prefix_k, prefix_v, o, lse, *, scale, causal=False, key_pad
     prefix_k and prefix_v (1 or B, H_kv, P, D) or None, key_padding_mask (B, Lk) int8 (nonzero: keep) or None,
     attn_mask (see _attn_mask_args) or None, prefix_offsets and prefix_lengths (B,) int32 or None (row b's prefix
     keys [off_b, off_b + len_b), clamped into the prefix). Shapes are checked by the caller
-    (fastpeft/ops/attention.py); D must be one of HEAD_DIMS."""
+    (fastpeft/ops/attention.py); D must be one of limits.ATTENTION_HEAD_DIMS."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    assert D in HEAD_DIMS and H % Hkv == 0 and lse.is_contiguous()
+    assert D in ATTENTION_HEAD_DIMS and H % Hkv == 0 and lse.is_contiguous()
     pk, pv, P, pk_strides, pv_strides, poff, plen, rows = _prefix_args(prefix_k, prefix_v, k, v, B, lse,
                                                                        prefix_offsets, prefix_lengths)
     mask = key_padding_mask if key_padding_mask is not None else lse
@@ -345,7 +343,7 @@ def _prune_dkdv(configs, named_args, **kwargs):
     def stage_bytes(c):
         return 2 * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * block_d * el
 
-    return _fit_shared(configs, stage_bytes) or _fit_shared(configs[:1], stage_bytes) or configs[:1]
+    return fit_shared(configs, stage_bytes) or fit_shared(configs[:1], stage_bytes) or configs[:1]
 
 
 def _prune_dq(configs, named_args, **kwargs):
@@ -563,7 +561,7 @@ def backward_dkdv(q, do, lse, delta, k, v, dk, dv, *, scale, causal=False, key_p
     range (0 for a key no row reads). lse and delta (B, H, Lq) float32, contiguous."""
     B, H, Lq, D = q.shape
     Bk, Hkv, N = k.shape[0], k.shape[1], k.shape[2]
-    assert D in HEAD_DIMS and H % Hkv == 0 and lse.is_contiguous() and delta.is_contiguous()
+    assert D in ATTENTION_HEAD_DIMS and H % Hkv == 0 and lse.is_contiguous() and delta.is_contiguous()
     if N == 0 or Bk == 0:
         return dk, dv
     NB = B if Bk == 1 and B > 1 else 1
@@ -593,7 +591,7 @@ def backward_dq(q, do, lse, delta, k, v, prefix_k, prefix_v, dq, *, scale, causa
     with dO like q and lse, delta (B, H, Lq) float32, contiguous."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    assert D in HEAD_DIMS and H % Hkv == 0 and lse.is_contiguous() and delta.is_contiguous()
+    assert D in ATTENTION_HEAD_DIMS and H % Hkv == 0 and lse.is_contiguous() and delta.is_contiguous()
     pk, pv, P, pk_strides, pv_strides, poff, plen, rows = _prefix_args(prefix_k, prefix_v, k, v, B, lse,
                                                                        prefix_offsets, prefix_lengths)
     mask = key_padding_mask if key_padding_mask is not None else lse
@@ -626,19 +624,12 @@ def backward_dq(q, do, lse, delta, k, v, prefix_k, prefix_v, dq, *, scale, causa
 # one split the program writes O and LSE itself.
 # ----------------------------------------------------------------------------------------------------------
 
-DECODE_MAX_ROWS = 64  # GROUP · L_q rows at most in the packed query tile (BLOCK_M 16, 32 or 64)
-DECODE_NUM_SPLITS = None  # tests: force the number of key splits of the op's decode forward (None: host's choice)
 _COMBINE_ROWS = 16
 
 
 def decode_applies(lq: int, group: int) -> bool:
     """Whether the split-K decode forward takes L_q query rows of a GQA group of `group` query heads."""
-    return lq <= 16 and group * lq <= DECODE_MAX_ROWS
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return lq <= 16 and group * lq <= ATTENTION_DECODE_MAX_ROWS
 
 
 def decode_splits(sms: int, programs: int, tiles: int) -> int:
@@ -653,7 +644,7 @@ def _decode_config(el, block_d, block_m, block_n, am):
     if am is not None:
         return _fit_with_mask(base, lambda c: 2 * block_n * block_d * el, lambda c: block_m * block_d * el,
                               am.element_size())[0]
-    return (_fit_shared(base, lambda c: 2 * block_n * block_d * el)
+    return (fit_shared(base, lambda c: 2 * block_n * block_d * el)
             or [triton.Config(dict(base[0].kwargs), num_warps=4, num_stages=2)])[0]
 
 
@@ -778,15 +769,16 @@ def prefix_attention_combine_kernel(
 
 
 def forward_decode(q, k, v, prefix_k, prefix_v, o, lse, *, scale, causal=False, key_padding_mask=None,
-                   query_offset=0, attn_mask=None, prefix_offsets=None, prefix_lengths=None, num_splits=None):
-    """`forward` for a decode step (decode_applies(L_q, H / H_kv)): the split-K kernel over NUM_SPLITS chunks of
-    the key tiles (default: DECODE_NUM_SPLITS, else enough for about two programs per SM, sized for the longest
+                   query_offset=0, attn_mask=None, prefix_offsets=None, prefix_lengths=None, num_splits=None,
+                   sm_count=1):
+    """`forward` for a decode step (decode_applies(L_q, H / H_kv)): the split-K kernel over `num_splits` chunks of
+    the key tiles (default: enough for about two programs per SM of the `sm_count` SMs, sized for the longest
     prefix range: P, or the longest length when the lengths are on the CPU — no device synchronisation), then the
-    combine kernel (none with one split). Arguments as `forward`."""
+    combine kernel (none with one split). Other arguments as `forward`."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     group = H // Hkv
-    assert D in HEAD_DIMS and H % Hkv == 0 and lse.is_contiguous() and decode_applies(Lq, group)
+    assert D in ATTENTION_HEAD_DIMS and H % Hkv == 0 and lse.is_contiguous() and decode_applies(Lq, group)
     pk, pv, P, pk_strides, pv_strides, poff, plen, ranges = _prefix_args(prefix_k, prefix_v, k, v, B, lse,
                                                                          prefix_offsets, prefix_lengths)
     p_walk = P  # the longest prefix range a row walks (P unless known on the host without tracing or a sync)
@@ -801,9 +793,7 @@ def forward_decode(q, k, v, prefix_k, prefix_v, o, lse, *, scale, causal=False, 
     hi = max(min(Lk, int(query_offset) + Lq), 0) if causal else Lk
     tiles = triton.cdiv(p_walk, block_n) + triton.cdiv(hi, block_n)
     if num_splits is None:
-        sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
-            if q.is_cuda else 1
-        num_splits = DECODE_NUM_SPLITS or decode_splits(sms, B * Hkv, tiles)
+        num_splits = decode_splits(sm_count, B * Hkv, tiles)
     num_splits = max(int(num_splits), 1)
     rows = B * H * Lq
     if num_splits == 1:

@@ -37,17 +37,15 @@ activation dtype for the tensor-core dots.
 """
 from __future__ import annotations
 
+from ._activation import activation, activation_slope
 from ._compat import dot_precision, interpreting, launch, tl, triton
-from .lora import _fit_shared, _pow2_at_least_16, bucket
-
-MAX_WIDTH = 256  # the widest bottleneck whose (BLOCK_M x M_PAD) float32 tiles stay in registers
-ACTIVATIONS = {"linear": 0, "relu": 1, "gelu": 2, "gelu_new": 3, "gelu_pytorch_tanh": 3, "swish": 4, "silu": 4,
-               "tanh": 5, "sigmoid": 6, "leakyrelu": 7, "leaky_relu": 7}  # codes 0-5 are kernels/lora.py's S_ACT
+from ._tiles import bucket, fit_shared, pow2_at_least_16, strides2
+from .limits import BOTTLENECK_MAX_WIDTH
 
 
 def width_pad(m: int) -> int:
     """M_PAD: the bottleneck width as a power of two, at least 16 (the smallest tensor-core dot dimension)."""
-    return _pow2_at_least_16(m, MAX_WIDTH)
+    return pow2_at_least_16(m, BOTTLENECK_MAX_WIDTH)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -98,7 +96,7 @@ def _pruner(which: str):
             bm, bd = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"]
             return bd * (bm * a_el * (1 + extra) + m_pad * w_el)
 
-        return _fit_shared(light, stage_bytes) or _fit_shared(configs[-1:], stage_bytes)
+        return fit_shared(light, stage_bytes) or fit_shared(configs[-1:], stage_bytes)
 
     return prune
 
@@ -106,54 +104,6 @@ def _pruner(which: str):
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _act(z, ACT: tl.constexpr):
-    """f(z) on a float32 tile (codes: ACTIVATIONS)."""
-    if ACT == 1:
-        f = tl.maximum(z, 0.0)
-    elif ACT == 2:
-        f = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACT == 3:
-        f = z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))  # 0.5 (1 + tanh(u)) = sigmoid(2u)
-    elif ACT == 4:
-        f = z * tl.sigmoid(z)
-    elif ACT == 5:
-        f = 2.0 * tl.sigmoid(2.0 * z) - 1.0
-    elif ACT == 6:
-        f = tl.sigmoid(z)
-    elif ACT == 7:
-        f = tl.where(z > 0, z, 0.01 * z)
-    else:
-        f = z
-    return f
-
-
-@triton.jit
-def _act_slope(z, f, ACT: tl.constexpr):
-    """f'(z), given f = f(z) (torch's conventions at the kinks: relu'(0) = 0, leaky_relu'(0) = 0.01)."""
-    if ACT == 1:
-        g = tl.where(z > 0, 1.0, 0.0)
-    elif ACT == 2:
-        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        g = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
-    elif ACT == 3:
-        sg = tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))  # (1 + t) / 2
-        t = 2.0 * sg - 1.0
-        g = sg + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
-    elif ACT == 4:
-        sg = tl.sigmoid(z)
-        g = sg * (1.0 + z * (1.0 - sg))
-    elif ACT == 5:
-        g = 1.0 - f * f
-    elif ACT == 6:
-        g = f * (1.0 - f)
-    elif ACT == 7:
-        g = tl.where(z > 0, 1.0, 0.01)
-    else:
-        g = tl.full(z.shape, 1.0, tl.float32)
-    return g
-
 
 @triton.autotune(configs=configs(), key=["M_BUCKET", "D", "M_PAD", "LN_BEFORE", "LN_AFTER", "WRITE_S"],
                  prune_configs_by={"early_config_prune": _pruner("fwd")})
@@ -213,7 +163,7 @@ def bottleneck_fwd_kernel(
         tl.store(s_ptr + rm[:, None] * R + rr[None, :], acc, mask=row_ok[:, None] & r_ok[None, :])
     if HAS_BD:
         acc += tl.load(bd_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :]
-    f = tl.where(r_ok[None, :], _act(acc, ACT), 0.0).to(dtype)
+    f = tl.where(r_ok[None, :], activation(acc, ACT), 0.0).to(dtype)
     if SCALE_MODE == 1:
         scale_value = tl.load(scale_ptr).to(tl.float32)
 
@@ -313,7 +263,7 @@ def bottleneck_bwd_kernel(
         za = tl.load(s_ptr + rm_in[:, None] * R + rr[None, :], mask=r_ok[None, :], other=0.0)
         if HAS_BD:
             za += tl.load(bd_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :]
-        fa = tl.where(r_ok[None, :], _act(za, ACT), 0.0).to(dtype)
+        fa = tl.where(r_ok[None, :], activation(za, ACT), 0.0).to(dtype)
         mean_a = tl.load(astats_ptr + rm_in * 2)
         rstd_a = tl.load(astats_ptr + rm_in * 2 + 1)
         c1a = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -380,12 +330,12 @@ def bottleneck_bwd_kernel(
     z = s
     if HAS_BD:
         z += tl.load(bd_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :]
-    f = _act(z, ACT)
+    f = activation(z, ACT)
     if ROW_DOT:  # Σ_j (dY W_u)_j F_j per row: a scalar s's gradient, in float32 (no rounding of F)
         tl.store(rowdot_ptr + rm, tl.sum(tl.where(r_ok[None, :], g * f, 0.0), axis=1), mask=row_ok)
     if SCALE_MODE != 2:
         g *= scale_value
-    ds = tl.where(r_ok[None, :], g * _act_slope(z, f, ACT), 0.0)
+    ds = tl.where(r_ok[None, :], g * activation_slope(z, f, ACT), 0.0)
     if WRITE_F:
         tl.store(f_ptr + tile, f, mask=tile_ok)
     if WRITE_DS:
@@ -421,7 +371,8 @@ def bottleneck_bwd_kernel(
 
 # ----------------------------------------------------------------------------------------------------------
 # Launchers: x, r, y, dY, dx are (M, d) views; w_down (m, d), w_up (d, m); S, F, dS, dS ⊙ rstd are contiguous
-# (M, m) float32; stats contiguous (M, 2) float32 (mean, rstd). Optional operands are None.
+# (M, m) float32; stats contiguous (M, 2) float32 (mean, rstd); act a code of limits.ACTIVATIONS. Optional operands
+# are None.
 # ----------------------------------------------------------------------------------------------------------
 
 def _scale_args(scale):
@@ -446,7 +397,7 @@ def forward(x, residual, w_down, b_down, w_up, b_up, y, *, act=0, scale=None, sc
     """
     M, D = x.shape
     R = w_down.shape[0]
-    assert R <= MAX_WIDTH, "bottleneck wider than MAX_WIDTH: use the two-kernel path"
+    assert R <= BOTTLENECK_MAX_WIDTH, "bottleneck wider than BOTTLENECK_MAX_WIDTH: use the two-kernel path"
     scale_ptr, stride_scale, scale_mode = _scale_args(scale)
     lnw, gwd, bwd = ln if ln is not None else (None, None, None)
     law, lab = ln_after if ln_after is not None else (None, None)
@@ -463,7 +414,7 @@ def forward(x, residual, w_down, b_down, w_up, b_up, y, *, act=0, scale=None, sc
         x, ptr(residual), w_down, ptr(b_down), w_up, ptr(b_up), ptr(scale_ptr), ptr(lnw), ptr(gwd), ptr(bwd), y,
         ptr(s), ptr(stats), ptr(law), ptr(lab), ptr(astats),
         M, D, R,
-        x.stride(0), x.stride(1), *(_strides(residual)), w_down.stride(0), w_down.stride(1),
+        x.stride(0), x.stride(1), *strides2(residual), w_down.stride(0), w_down.stride(1),
         w_up.stride(0), w_up.stride(1), y.stride(0), y.stride(1), stride_scale, float(scale_value), float(eps),
         bucket(M),
         ACT=int(act), HAS_BD=b_down is not None, HAS_BU=b_up is not None, HAS_RES=residual is not None,
@@ -488,7 +439,7 @@ def backward(dy, s, w_down, b_down, w_up, *, act=0, scale=None, scale_value=1.0,
     """
     M, D = dy.shape
     R = w_down.shape[0]
-    assert R <= MAX_WIDTH, "bottleneck wider than MAX_WIDTH: use the two-kernel path"
+    assert R <= BOTTLENECK_MAX_WIDTH, "bottleneck wider than BOTTLENECK_MAX_WIDTH: use the two-kernel path"
     scale_ptr, stride_scale, scale_mode = _scale_args(scale)
     assert rowdot is None or scale_mode != 2, "rowdot is the gradient of a scalar scale"
     assert ln_after is None or astats is not None, "the layer norm after needs the forward's astats"
@@ -509,7 +460,7 @@ def backward(dy, s, w_down, b_down, w_up, *, act=0, scale=None, scale_value=1.0,
         ptr(part),
         M, D, R,
         dy.stride(0), dy.stride(1), x_arg.stride(0), x_arg.stride(1), w_down.stride(0), w_down.stride(1),
-        w_up.stride(0), w_up.stride(1), *(_strides(dx)), *(_strides(residual)), *(_strides(dz)), stride_scale,
+        w_up.stride(0), w_up.stride(1), *strides2(dx), *strides2(residual), *strides2(dz), stride_scale,
         float(scale_value), bucket(M),
         ACT=int(act), HAS_BD=b_down is not None, SCALE_MODE=scale_mode, LN_BEFORE=ln is not None,
         NEED_DX=dx is not None, WRITE_F=f is not None, WRITE_DS=ds is not None, ROW_DOT=rowdot is not None,
@@ -519,6 +470,3 @@ def backward(dy, s, w_down, b_down, w_up, *, act=0, scale=None, scale_value=1.0,
         DOT_PRECISION=dot_precision(dy.dtype), M_PAD=width_pad(R),
     )
 
-
-def _strides(t):
-    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)

@@ -18,35 +18,16 @@ from __future__ import annotations
 
 import torch
 
+from ._activation import activation
 from ._compat import dot_precision, interpreting, launch, tl, triton
+from ._tiles import MIN_BLOCK_M, bucket, fit_shared, gemm_configs, grouped_tile, pow2_at_least_16, strides2
 from .dropout import keep_tile, row_keys
-
-
-def _pow2_at_least_16(n: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(max(int(n), 1))))
-
-
-def bucket(n: int) -> int:
-    """Autotune key for a size that varies call to call (token count): its power-of-two bucket."""
-    return triton.next_power_of_2(max(int(n), 1))
-
+from .limits import FUSED_SHRINK_MAX_RANK
 
 # ----------------------------------------------------------------------------------------------------------
-# Autotune configurations. `*_configs()` are what autotune may pick; tests compile every one ahead of time.
-# Under the interpreter a single small config keeps the CPU tests fast and exercises partial tiles.
+# Autotune configurations (the GEMM's: kernels/_tiles.py). `*_configs()` are what autotune may pick; tests
+# compile every one ahead of time. Under the interpreter a single small config keeps the CPU tests fast.
 # ----------------------------------------------------------------------------------------------------------
-
-def gemm_configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4)]
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
-        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 5),
-        (32, 128, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3),
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in shapes]
-
 
 def shrink_configs():
     if interpreting():
@@ -60,21 +41,6 @@ def reduce_configs():
         return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
     return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
             for bm, w, s in [(128, 4, 3), (64, 4, 4), (32, 4, 4)]]
-
-
-SHARED_BUDGET = 144 * 1024  # bytes of pipelined operand tiles per block; leaves epilogue room under sm_80's 163 KiB
-
-
-def _fit_shared(configs, stage_bytes):
-    """Each config with its pipeline depth cut so that stages × stage_bytes(config) fits SHARED_BUDGET;
-    configs that cannot hold two stages are dropped (float32 operands need half the depth of bf16)."""
-    fitted = {}
-    for c in configs:
-        stages = min(c.num_stages, SHARED_BUDGET // stage_bytes(c))
-        if stages >= 2:
-            key = (tuple(sorted(c.kwargs.items())), c.num_warps, stages)
-            fitted.setdefault(key, triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages))
-    return list(fitted.values())
 
 
 def _block_r(args) -> int:
@@ -92,38 +58,25 @@ def _prune_gemm(configs, named_args, **kwargs):
     def stage_bytes(c):
         return c.kwargs["BLOCK_K"] * ((c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * el + u_bytes)
 
-    return _fit_shared(short, stage_bytes) or _fit_shared(configs, stage_bytes)
+    return fit_shared(short, stage_bytes) or fit_shared(configs, stage_bytes)
 
 
 def _prune_shrink(configs, named_args, **kwargs):
     named_args = {**named_args, **kwargs}
     el, u_el = named_args["x_ptr"].element_size(), named_args["u_ptr"].element_size()
     u_bytes = _block_r(named_args) * u_el
-    return _fit_shared(configs, lambda c: c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] * el + u_bytes))
+    return fit_shared(configs, lambda c: c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] * el + u_bytes))
 
 
 def _prune_reduce(configs, named_args, **kwargs):
     named_args = {**named_args, **kwargs}
     el = named_args["x_ptr"].element_size()
-    return _fit_shared(configs, lambda c: c.kwargs["BLOCK_M"] * (named_args["BLOCK_D"] * el + _block_r(named_args) * 4))
+    return fit_shared(configs, lambda c: c.kwargs["BLOCK_M"] * (named_args["BLOCK_D"] * el + _block_r(named_args) * 4))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
-
-@triton.jit
-def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of this program in grouped launch order: GROUP_M row tiles share each column strip
-    of W while it sits in L2."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(num_m - first_m, GROUP_M)
-    return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
-
 
 @triton.autotune(configs=gemm_configs(),
                  key=["M_BUCKET", "N", "K", "R", "FUSED_SHRINK", "MASK_LORA", "IN_SCALE", "IN_DOT", "OUT_DOT"],
@@ -198,13 +151,13 @@ def lora_gemm_kernel(
                 tl.store(s_ptrs, acc_s, mask=(rm[:, None] < M) & (rr[None, :] < R))
         sc = tl.load(scale_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)
         e = tl.load(e_ptr + rr[:, None] * stride_er + rn_in[None, :] * stride_en, mask=rr[:, None] < R, other=0.0)
-        act_s = _bottleneck(acc_s, s_bias_ptr, rr, R, S_ACT, S_BIAS)
+        act_s = _bias_activation(acc_s, s_bias_ptr, rr, R, S_ACT, S_BIAS)
         lora = tl.dot((act_s * sc[None, :]).to(dtype), e.to(dtype), lora, input_precision=DOT_PRECISION)
     else:
         for r0 in range(0, R, BLOCK_R):
             r = r0 + rr
             s = tl.load(s_ptr + rm_in[:, None] * stride_sm + r[None, :] * stride_sr, mask=r[None, :] < R, other=0.0)
-            s = _bottleneck(s, s_bias_ptr, r, R, S_ACT, S_BIAS)
+            s = _bias_activation(s, s_bias_ptr, r, R, S_ACT, S_BIAS)
             sc = tl.load(scale_ptr + r, mask=r < R, other=0.0).to(tl.float32)
             e = tl.load(e_ptr + r[:, None] * stride_er + rn_in[None, :] * stride_en, mask=r[:, None] < R, other=0.0)
             lora = tl.dot((s * sc[None, :]).to(dtype), e.to(dtype), lora, input_precision=DOT_PRECISION)
@@ -232,27 +185,12 @@ def lora_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-ACTIVATIONS = {"linear": 0, "relu": 1, "gelu": 2, "gelu_new": 3, "gelu_pytorch_tanh": 3, "swish": 4, "silu": 4,
-               "tanh": 5}  # the non-linearities the epilogue computes (S_ACT codes)
-
-
 @triton.jit
-def _bottleneck(s, s_bias_ptr, r, R, S_ACT: tl.constexpr, S_BIAS: tl.constexpr):
+def _bias_activation(s, s_bias_ptr, r, R, S_ACT: tl.constexpr, S_BIAS: tl.constexpr):
     """f(S + b) on a float32 (rows, ranks) tile: the bottleneck adapter's non-linearity (identity when S_ACT = 0)."""
     if S_BIAS:
         s = s + tl.load(s_bias_ptr + r, mask=r < R, other=0.0).to(tl.float32)[None, :]
-    if S_ACT == 1:
-        s = tl.maximum(s, 0.0)
-    elif S_ACT == 2:
-        s = 0.5 * s * (1.0 + tl.math.erf(s * 0.7071067811865476))
-    elif S_ACT == 3:
-        inner = 0.7978845608028654 * (s + 0.044715 * s * s * s)
-        s = s * tl.sigmoid(2.0 * inner)  # 0.5 (1 + tanh(u)) = sigmoid(2u)
-    elif S_ACT == 4:
-        s = s * tl.sigmoid(s)
-    elif S_ACT == 5:
-        s = 2.0 * tl.sigmoid(2.0 * s) - 1.0
-    return s
+    return activation(s, S_ACT)
 
 
 @triton.autotune(configs=shrink_configs(), key=["M_BUCKET", "K", "R", "DROPOUT"],
@@ -339,9 +277,6 @@ def lora_reduce_kernel(
 # Launchers: operands come as (strided) views with the logical shapes named in each docstring.
 # ----------------------------------------------------------------------------------------------------------
 
-FUSED_SHRINK_MAX_RANK = 64
-
-
 def gemm(x, w_kn, bias, e_rn, scale, out, *, s=None, u_kr=None, write_s=False, seed=None, threshold=0,
          inv_keep=1.0, in_scale=None, out_scale=None, scale_bias=False, z=None, in_dot=None, in_sum=None,
          out_dot=None, s_act=0, s_bias=None, residual=None):
@@ -353,18 +288,16 @@ def gemm(x, w_kn, bias, e_rn, scale, out, *, s=None, u_kr=None, write_s=False, s
     `scale_bias`, after it otherwise. Optional extras, all float32: `z` (M, N) receives the output before
     `out_scale`; `in_dot = (q, dst)` puts Σ_m x ⊙ q (q: M x K) in dst (K,); `in_sum` (K,) gets Σ_m x ⊙ in_scale;
     `out_dot = (p, dst)` puts Σ_m OUT ⊙ p (p: M x N, OUT before out_scale) in dst (N,).
-    Bottleneck adapters: `s_act` (an ACTIVATIONS code) and `s_bias` (R,) make the low-rank term
+    Bottleneck adapters: `s_act` (a code of limits.ACTIVATIONS) and `s_bias` (R,) make the low-rank term
     (f(S + s_bias) ⊙ scale) @ e_rn, and `residual` (M, N) is added last; with K = 0 there is no base product.
     """
     M, K = x.shape
     N = w_kn.shape[1]
     R = e_rn.shape[0]
     fused = u_kr is not None
-    block_r = _pow2_at_least_16(R, FUSED_SHRINK_MAX_RANK if fused else 64)
+    block_r = pow2_at_least_16(R, FUSED_SHRINK_MAX_RANK if fused else 64)
     s_arg = s if s is not None else out  # placeholder pointer, never dereferenced
     u_arg = u_kr if fused else e_rn
-    s_strides = (s.stride(0), s.stride(1)) if s is not None else (0, 0)
-    u_strides = (u_kr.stride(0), u_kr.stride(1)) if fused else (0, 0)
     # per-row-block partials of the reductions (row pid_m of a (blocks, D) buffer), summed in a fixed order
     blocks = triton.cdiv(M, MIN_BLOCK_M)
     in_dot_buf = x.new_zeros((blocks, K), dtype=torch.float32) if in_dot is not None else None
@@ -384,9 +317,9 @@ def gemm(x, w_kn, bias, e_rn, scale, out, *, s=None, u_kr=None, write_s=False, s
         ptr(in_scale), ptr(out_scale), ptr(z), ptr(q), ptr(p), ptr(in_dot_buf), ptr(in_sum_buf), ptr(out_dot_buf),
         ptr(s_bias), ptr(residual),
         M, N, K, R,
-        x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1), *s_strides, *u_strides,
+        x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1), *strides2(s), *strides2(u_kr),
         e_rn.stride(0), e_rn.stride(1), out.stride(0), out.stride(1),
-        *(_strides(z)), *(_strides(q)), *(_strides(p)), *(_strides(residual)),
+        *strides2(z), *strides2(q), *strides2(p), *strides2(residual),
         threshold, inv_keep, bucket(M),
         HAS_BIAS=bias is not None, FUSED_SHRINK=fused, WRITE_S=bool(write_s and fused),
         MASK_LORA=seed is not None, IN_SCALE=in_scale is not None, OUT_SCALE=out_scale is not None,
@@ -400,24 +333,11 @@ def gemm(x, w_kn, bias, e_rn, scale, out, *, s=None, u_kr=None, write_s=False, s
     return out
 
 
-MIN_BLOCK_M = 16  # the smallest BLOCK_M of gemm_configs(): bounds the number of row blocks
-
-
-def _strides(t):
-    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
-
-
-def scaled_gemm(x, w_kn, bias, out, **options):
-    """out = ((x ⊙ in_scale) @ w_kn (+ bias)) ⊙ out_scale: the GEMM kernel with no low-rank term (IA3)."""
-    empty = x.new_empty((0, w_kn.shape[1]))
-    return gemm(x, w_kn, bias, empty, None, out, **options)
-
-
 def shrink(x, u_kr, s_out, *, seed=None, threshold=0, inv_keep=1.0):
     """s_out (M, R) float32 = (x ⊙ keep / (1-p)) (M, K) @ u_kr (K, R); no mask without a seed."""
     M, K = x.shape
     R = u_kr.shape[1]
-    block_r = _pow2_at_least_16(R, 64)
+    block_r = pow2_at_least_16(R, 64)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))
@@ -437,7 +357,7 @@ REDUCE_BLOCK_D = 64
 
 def reduce_splits(M: int, D: int, R: int, target_programs: int) -> int:
     """How many row ranges a reduction is split into so that about `target_programs` programs run."""
-    programs = triton.cdiv(D, REDUCE_BLOCK_D) * triton.cdiv(R, _pow2_at_least_16(R, 64))
+    programs = triton.cdiv(D, REDUCE_BLOCK_D) * triton.cdiv(R, pow2_at_least_16(R, 64))
     if programs >= target_programs or M <= 256:
         return 1
     return max(1, min(triton.cdiv(target_programs, programs), triton.cdiv(M, 256)))
@@ -451,7 +371,7 @@ def reduce(x, s, scale, c_dr, *, colsum=None, seed=None, threshold=0, inv_keep=1
     """
     M, D = x.shape
     R = s.shape[1]
-    block_r = _pow2_at_least_16(R, 64)
+    block_r = pow2_at_least_16(R, 64)
     rows_per_split = triton.cdiv(M, splits)
     if splits > 1:
         partial = torch.empty((splits, D, R), device=x.device, dtype=torch.float32)

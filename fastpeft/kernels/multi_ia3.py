@@ -13,9 +13,8 @@ Scales multiply in float32 and the result is rounded once.
 """
 from __future__ import annotations
 
-from ._compat import dot_precision, interpreting, launch, tl, triton
-from .lora import _fit_shared, bucket, gemm_configs, grouped_tile
-from .multi_lora import TL_DTYPES
+from ._compat import TL_DTYPES, dot_precision, interpreting, launch, tl, triton
+from ._tiles import bucket, fit_shared, gemm_configs, grouped_tile
 
 
 def _prune_gemm(configs, named_args, **kwargs):
@@ -30,7 +29,7 @@ def _prune_gemm(configs, named_args, **kwargs):
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         return bk * ((bm + bn) * el + (bm * v_el if scales else 0))
 
-    return _fit_shared(short, stage_bytes) or _fit_shared(configs, stage_bytes)
+    return fit_shared(short, stage_bytes) or fit_shared(configs, stage_bytes)
 
 
 @triton.jit

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import torch
 
-from ._compat import dot_precision, interpreting, launch, tl, triton
-from .lora import _fit_shared, bucket
+from ._compat import TL_DTYPES, dot_precision, interpreting, launch, tl, triton
+from ._tiles import bucket, fit_shared
+from .limits import MULTI_LORA_DECODE_MAX_RANK
 
 ROW_A, ROW_B, ROW_SCALE = 0, 1, 2
-TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-DECODE_MAX_RANK = 256  # the decode kernel holds T (BLOCK_R floats) in registers
 REDUCE_ROWS = 512      # tokens per row chunk of the weight-gradient reduction
 
 
@@ -67,7 +66,7 @@ def reduce_configs():
 
 def _small_rank(configs, max_rank):
     """Rank blocks no wider than the widest rank needs (16 for rank <= 16)."""
-    need = max(16, triton.next_power_of_2(max(int(max_rank), 1)))
+    need = max(16, bucket(max_rank))
     return [c for c in configs if c.kwargs["BLOCK_R"] <= need] or configs[:1]
 
 
@@ -76,7 +75,7 @@ def _prune_shrink(configs, named_args, **kwargs):
     el, u_el = args["x_ptr"].element_size(), _element_size(args["U_DTYPE"])
     short = [c for c in _small_rank(configs, args["R_MAX"]) if c.kwargs["BLOCK_M"] <= max(16, 2 * args["M_BUCKET"])]
     short = short or _small_rank(configs, args["R_MAX"])[:1]
-    return _fit_shared(short, lambda c: c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] * el + c.kwargs["BLOCK_R"] * u_el))
+    return fit_shared(short, lambda c: c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] * el + c.kwargs["BLOCK_R"] * u_el))
 
 
 def _prune_expand(configs, named_args, **kwargs):
@@ -84,15 +83,15 @@ def _prune_expand(configs, named_args, **kwargs):
     el, e_el = args["out_ptr"].element_size(), _element_size(args["E_DTYPE"])
     short = [c for c in _small_rank(configs, args["R_MAX"]) if c.kwargs["BLOCK_M"] <= max(16, 2 * args["M_BUCKET"])]
     short = short or _small_rank(configs, args["R_MAX"])[:1]
-    return _fit_shared(short, lambda c: c.kwargs["BLOCK_R"] * (c.kwargs["BLOCK_M"] * 4 + c.kwargs["BLOCK_N"] * e_el)
-                       + c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * el)
+    return fit_shared(short, lambda c: c.kwargs["BLOCK_R"] * (c.kwargs["BLOCK_M"] * 4 + c.kwargs["BLOCK_N"] * e_el)
+                      + c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * el)
 
 
 def _prune_reduce(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     el = args["x_ptr"].element_size()
-    return _fit_shared(_small_rank(configs, args["R_MAX"]),
-                       lambda c: c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_D"] * el + c.kwargs["BLOCK_R"] * 4))
+    return fit_shared(_small_rank(configs, args["R_MAX"]),
+                      lambda c: c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_D"] * el + c.kwargs["BLOCK_R"] * 4))
 
 
 def _element_size(dtype) -> int:
@@ -348,7 +347,7 @@ def expand(s, table, ranks, order, seg_start, seg_slot, out, *, num_segments, ma
 
 def decode_block_r(max_rank: int) -> int:
     """The decode kernel's rank block: the power-of-two bucket (at least 16) of the largest rank."""
-    return max(16, triton.next_power_of_2(max(int(max_rank), 1)))
+    return max(16, bucket(max_rank))
 
 
 def decode(x, table, ranks, token_slot, out, *, max_rank, adapter_dtype, target_programs):
@@ -357,8 +356,9 @@ def decode(x, table, ranks, token_slot, out, *, max_rank, adapter_dtype, target_
     M, K = x.shape
     N = out.shape[1]
     block_r = decode_block_r(max_rank)
-    if block_r > DECODE_MAX_RANK:
-        raise ValueError(f"multi_lora decode kernel: rank {max_rank} > {DECODE_MAX_RANK}; use the segment kernels.")
+    if block_r > MULTI_LORA_DECODE_MAX_RANK:
+        raise ValueError(f"multi_lora decode kernel: rank {max_rank} > {MULTI_LORA_DECODE_MAX_RANK}; use the segment "
+                         "kernels.")
     block_k = max(16, 4096 // block_r)
     block_n = max(16, 4096 // block_r)
     chunks = max(1, min(triton.cdiv(target_programs, max(M, 1)), triton.cdiv(N, block_n)))

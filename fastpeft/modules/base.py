@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..reference.bottleneck import activation
+from ..ops import activation
 from .batch import current_batch
 
 

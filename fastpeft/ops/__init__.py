@@ -9,10 +9,14 @@
                             query_offset=None, attn_mask=None, prefix_offsets=None, prefix_lengths=None)
     fp.ops.multi_lora_linear(x, weight, bias, lora_a=[...], lora_b=[...], scale=[...], adapter_index=idx)
     fp.ops.multi_ia3_linear(x, weight, bias, vectors=[...], adapter_index=idx, feedforward=False)
+    fp.ops.activation("gelu_new")   # the bottleneck non-linearity by AdapterHub's name
+
+Dispatch state (context variables, per thread): fp.ops.use_backend, fp.ops.poison_outputs, fp.ops.use_kernel_options.
 """
 from .attention import prefix_attention
-from .bottleneck import bottleneck_adapter
-from .dispatch import explain, poison_outputs, requested_backend, use_backend
+from .bottleneck import activation, bottleneck_adapter
+from .dispatch import (KernelOptions, explain, kernel_options, poison_outputs, requested_backend, use_backend,
+                       use_kernel_options)
 from .dora import dora_linear, dora_weight_norm, dora_weight_sq_norm
 from .ia3 import ia3_linear
 from .lora import lora_linear
@@ -23,4 +27,5 @@ from .routing import Routing
 
 __all__ = ["lora_linear", "ia3_linear", "dora_linear", "phm_linear", "bottleneck_adapter", "prefix_attention",
            "multi_lora_linear", "LoRABank", "multi_ia3_linear", "multi_ia3_scale", "IA3Bank", "Routing",
-           "dora_weight_norm", "dora_weight_sq_norm", "use_backend", "requested_backend", "poison_outputs", "explain"]
+           "dora_weight_norm", "dora_weight_sq_norm", "use_backend", "requested_backend", "poison_outputs", "explain",
+           "KernelOptions", "kernel_options", "use_kernel_options", "activation"]

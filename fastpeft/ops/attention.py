@@ -39,11 +39,11 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..kernels.limits import ATTENTION_HEAD_DIMS, TRITON_DTYPES
 from ..reference import attention as reference
 from . import dispatch, registry
-from .lora import TRITON_DTYPES
+from ._common import sm_count
 
-KERNEL_HEAD_DIMS = (64, 80, 96, 128)  # kernels/attention.py HEAD_DIMS (not imported: triton stays unloaded)
 registry.describe(
     "prefix_attention", dtypes=TRITON_DTYPES, doc="O = softmax(Q [Pk; K]^T scale + mask) [Pv; V]",
     note=("flash-attention-style kernels (prefix then real keys, online softmax, causal and key padding masks, "
@@ -93,12 +93,12 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = 
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     offset = Lk - Lq if query_offset is None else int(query_offset)
     backend = _backend(q)
-    if backend == "triton" and D not in KERNEL_HEAD_DIMS and D not in _warned_head_dims:
+    if backend == "triton" and D not in ATTENTION_HEAD_DIMS and D not in _warned_head_dims:
         _warned_head_dims.add(D)
         warnings.warn(f"fp.ops.prefix_attention: head dim {D} is not one the Triton kernel takes "
-                      f"({', '.join(map(str, KERNEL_HEAD_DIMS))}); running the PyTorch reference.", stacklevel=2)
+                      f"({', '.join(map(str, ATTENTION_HEAD_DIMS))}); running the PyTorch reference.", stacklevel=2)
     learned_mask = attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()
-    kernel_ok = D in KERNEL_HEAD_DIMS and dropout_p == 0 and not learned_mask and prefix_bias is None
+    kernel_ok = D in ATTENTION_HEAD_DIMS and dropout_p == 0 and not learned_mask and prefix_bias is None
     if not kernel_ok or (backend == "torch" and not torch.compiler.is_compiling()):
         return reference.prefix_attention(q, k, v, prefix_k, prefix_v, scale=scale, causal=causal,
                                           key_padding_mask=key_padding_mask, query_offset=query_offset,
@@ -252,17 +252,20 @@ def _prefix_attention_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | Non
     (bias included; +inf where a row sees no key). Differentiable in q, k, v, prefix_k, prefix_v (autograd
     registered below); attn_mask, prefix_offsets and prefix_lengths get no gradient."""
     B, H, Lq, D = q.shape
-    if _backend(q) == "torch" or q.numel() == 0 or D not in KERNEL_HEAD_DIMS:
-        return _torch_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal, query_offset, attn_mask,
-                              prefix_offsets, prefix_lengths)
+    if _backend(q) == "torch" or q.numel() == 0 or D not in ATTENTION_HEAD_DIMS:
+        return reference.prefix_attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal,
+                                              query_offset, attn_mask, prefix_offsets, prefix_lengths)
     o = dispatch.new_output((B, H, Lq, D), like=q)
     lse = dispatch.new_output((B, H, Lq), like=q, dtype=torch.float32)
     kern = _kernels()
-    # decode (Lq <= 16, the GQA group's rows packed in one tile): the split-K forward and its combine kernel
-    forward = kern.forward_decode if kern.decode_applies(Lq, H // k.shape[1]) else kern.forward
-    forward(q, k, v, prefix_k, prefix_v, o, lse, scale=scale, causal=causal,
-            key_padding_mask=_padding_mask(key_padding_mask), query_offset=query_offset,
-            attn_mask=_attn_mask(attn_mask), **_prefix_rows(prefix_k, prefix_offsets, prefix_lengths))
+    args = dict(scale=scale, causal=causal, key_padding_mask=_padding_mask(key_padding_mask), query_offset=query_offset,
+                attn_mask=_attn_mask(attn_mask), **_prefix_rows(prefix_k, prefix_offsets, prefix_lengths))
+    if kern.decode_applies(Lq, H // k.shape[1]):  # decode (the GQA group's rows in one tile): split-K, then combine
+        splits = dispatch.kernel_options().decode_splits or None  # None: about two programs per SM
+        kern.forward_decode(q, k, v, prefix_k, prefix_v, o, lse, num_splits=splits, sm_count=sm_count(q.device),
+                            **args)
+    else:
+        kern.forward(q, k, v, prefix_k, prefix_v, o, lse, **args)
     return o, lse
 
 
@@ -299,27 +302,6 @@ def _attn_mask(attn_mask):
     return attn_mask
 
 
-def _torch_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal, query_offset, attn_mask=None,
-                   prefix_offsets=None, prefix_lengths=None):
-    """The op body on the reference: O from fastpeft.reference.attention, LSE from the same masked scores."""
-    rows = {"prefix_offsets": prefix_offsets, "prefix_lengths": prefix_lengths}
-    o = reference.prefix_attention(q, k, v, prefix_k, prefix_v, scale=scale, causal=causal,
-                                   key_padding_mask=key_padding_mask, query_offset=query_offset, attn_mask=attn_mask,
-                                   **rows)
-    B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    P = prefix_k.shape[2] if prefix_k is not None else 0
-    keys = k if prefix_k is None else torch.cat([prefix_k.expand(B, -1, -1, -1), k], dim=2)
-    keys = keys.repeat_interleave(H // Hkv, dim=1)
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = reference.add_bias((q.to(work) @ keys.to(work).transpose(-1, -2)) * scale, attn_mask, P)
-    visible = reference.visible_keys(B, Lq, Lk, P, causal=causal, query_offset=query_offset,
-                                     key_padding_mask=key_padding_mask, device=q.device, attn_mask=attn_mask, **rows)
-    lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    lse = lse.masked_fill(~visible.any(-1), float("inf")).to(torch.float32)
-    return o, lse
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Backward
 # ------------------------------------------------------------------------------------------------------------
@@ -337,9 +319,10 @@ def _prefix_attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, p
     group (and over the batch for a shared prefix: each row's range only; 0 for a key no row reads)."""
     B, H, Lq, D = q.shape
     need_prefix = need_prefix and prefix_k is not None
-    if _backend(q) == "torch" or q.numel() == 0 or D not in KERNEL_HEAD_DIMS:
-        return _torch_backward(do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, scale, causal,
-                               query_offset, need_q, need_kv, need_prefix, attn_mask, prefix_offsets, prefix_lengths)
+    if _backend(q) == "torch" or q.numel() == 0 or D not in ATTENTION_HEAD_DIMS:
+        return reference.prefix_attention_bwd(do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, scale,
+                                              causal, query_offset, need_q, need_kv, need_prefix, attn_mask,
+                                              prefix_offsets, prefix_lengths)
     kern = _kernels()
     do = do.contiguous()
     delta = (do.float() * o.float()).sum(-1).contiguous()
@@ -363,48 +346,12 @@ def _prefix_attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, p
     return dq, dk, dv, dpk, dpv
 
 
-def _torch_backward(do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, scale, causal, query_offset,
-                    need_q, need_kv, need_prefix, attn_mask=None, prefix_offsets=None, prefix_lengths=None):
-    """The backward op body in plain PyTorch (the formulas of its docstring on the concatenated keys)."""
-    B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    group = H // Hkv
-    P = prefix_k.shape[2] if prefix_k is not None else 0
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    keys, values = k.to(work), v.to(work)
-    if prefix_k is not None:
-        keys = torch.cat([prefix_k.to(work).expand(B, -1, -1, -1), keys], dim=2)
-        values = torch.cat([prefix_v.to(work).expand(B, -1, -1, -1), values], dim=2)
-    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-    qw, dow = q.to(work), do.to(work)
-    scores = reference.add_bias((qw @ keys.transpose(-1, -2)) * scale, attn_mask, P)
-    visible = reference.visible_keys(B, Lq, Lk, P, causal=causal, query_offset=query_offset,
-                                     key_padding_mask=key_padding_mask, device=q.device, attn_mask=attn_mask,
-                                     prefix_offsets=prefix_offsets, prefix_lengths=prefix_lengths)
-    probs = torch.exp(scores.masked_fill(~visible, float("-inf")) - lse.to(work)[..., None])
-    delta = (dow * o.to(work)).sum(-1, keepdim=True)
-    ds = probs * (dow @ values.transpose(-1, -2) - delta)
-    dq, dk, dv, dpk, dpv = (q.new_empty(0) for _ in range(5))  # distinct: outputs may not alias each other
-    if need_q:
-        dq = (ds @ keys * scale).to(q.dtype)
-    if need_kv or need_prefix:
-        dkeys = (ds.transpose(-1, -2) @ qw * scale).unflatten(1, (Hkv, group)).sum(2)   # (B, Hkv, P + Lk, D)
-        dvalues = (probs.transpose(-1, -2) @ dow).unflatten(1, (Hkv, group)).sum(2)
-        if need_kv:
-            dk, dv = dkeys[:, :, P:].to(k.dtype), dvalues[:, :, P:].to(v.dtype)
-        if need_prefix:
-            dpk, dpv = dkeys[:, :, :P], dvalues[:, :, :P]
-            if prefix_k.shape[0] == 1:
-                dpk, dpv = dpk.sum(0, keepdim=True), dpv.sum(0, keepdim=True)
-            dpk, dpv = dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
-    return dq, dk, dv, dpk, dpv
-
-
 def _setup_context(ctx, inputs, output):
     q, k, v, prefix_k, prefix_v, key_padding_mask, scale, causal, query_offset, attn_mask, offsets, lengths = inputs
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, output[0], output[1], attn_mask, offsets,
                           lengths)
     ctx.scale, ctx.causal, ctx.query_offset = scale, causal, query_offset
+    ctx.dispatch = dispatch.snapshot()  # the backward runs under the forward's dispatch state
 
 
 def _backward(ctx, do, _dlse):
@@ -413,9 +360,10 @@ def _backward(ctx, do, _dlse):
     need_kv, need_prefix = need_k or need_v, (need_pk or need_pv) and prefix_k is not None
     if do is None:  # only LSE was used (it has no gradient)
         return (None,) * 12
-    dq, dk, dv, dpk, dpv = torch.ops.fastpeft.prefix_attention_backward(
-        do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, ctx.scale, ctx.causal, ctx.query_offset,
-        need_q, need_kv, need_prefix, attn_mask, offsets, lengths)
+    with dispatch.restore(ctx.dispatch):
+        dq, dk, dv, dpk, dpv = torch.ops.fastpeft.prefix_attention_backward(
+            do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, ctx.scale, ctx.causal, ctx.query_offset,
+            need_q, need_kv, need_prefix, attn_mask, offsets, lengths)
     return (dq if need_q else None, dk if need_k else None, dv if need_v else None, dpk if need_pk else None,
             dpv if need_pv else None, None, None, None, None, None, None, None)  # none for masks and ranges
 

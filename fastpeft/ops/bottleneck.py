@@ -31,21 +31,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels.limits import ACTIVATIONS, BOTTLENECK_MAX_WIDTH, EPILOGUE_ACTIVATIONS, TRITON_DTYPES
 from ..reference import bottleneck as reference
 from . import dispatch, registry
-from .lora import TINY_M, TRITON_DTYPES, _target_programs
+from ._common import TINY_M, dense, rows_backend, target_programs
 
-FUSED_MAX_WIDTH = 256  # kernels/bottleneck.py MAX_WIDTH (not imported: triton stays unloaded)
-KERNEL_ACTIVATIONS = {"linear": 0, "relu": 1, "gelu": 2, "gelu_new": 3, "gelu_pytorch_tanh": 3, "swish": 4,
-                      "silu": 4, "tanh": 5, "sigmoid": 6, "leakyrelu": 7, "leaky_relu": 7}  # kernels/bottleneck.py
-LORA_EPILOGUE_CODES = 6  # codes 0-5 are also computed by the LoRA GEMM epilogue (the wide two-kernel path)
 registry.describe(
     "bottleneck_adapter", dtypes=TRITON_DTYPES, doc="y = r + s (f(LN?(x) Wd^T + bd) Wu^T + bu), LN after optional",
-    note=(f"fused single-pass kernels (forward and backward) for bottleneck width m <= {FUSED_MAX_WIDTH}, with "
+    note=(f"fused single-pass kernels (forward and backward) for bottleneck width m <= {BOTTLENECK_MAX_WIDTH}, with "
           "ln_before and ln_after (residual before or after it) fused, scaling a number or a (1,)/(d,) tensor; "
-          f"m > {FUSED_MAX_WIDTH}: LoRA shrink + expand kernels (numeric scaling, no ln_before; ln_after: "
+          f"m > {BOTTLENECK_MAX_WIDTH}: LoRA shrink + expand kernels (numeric scaling, no ln_before; ln_after: "
           f"PyTorch's layer norm on their output); gating, dropout > 0, and ln_before or tensor scaling with "
-          f"m > {FUSED_MAX_WIDTH} run the reference; inputs of at most {TINY_M} rows run the reference"))
+          f"m > {BOTTLENECK_MAX_WIDTH} run the reference; inputs of at most {TINY_M} rows run the reference"))
 
 
 def _kernels():
@@ -58,6 +55,12 @@ def _kernels():
 # Public functional op
 # ------------------------------------------------------------------------------------------------------------
 
+def activation(name: str):
+    """The non-linearity AdapterHub's `non_linearity` names (through transformers' ACT2FN), case-insensitive, as a
+    function of a tensor; ValueError for a name fastpeft does not compute."""
+    return reference.activation(name)
+
+
 def bottleneck_adapter(x: Tensor, residual: Tensor, w_down: Tensor, b_down: Tensor | None, w_up: Tensor,
                        b_up: Tensor | None, *, non_linearity: str = "relu", scaling: float | Tensor = 1.0,
                        ln_before=None, ln_after=None, gate=None, adapter_residual_before_ln: bool = False,
@@ -68,14 +71,14 @@ def bottleneck_adapter(x: Tensor, residual: Tensor, w_down: Tensor, b_down: Tens
     ln_after, gate: (weight, bias) pairs or None; dropout: AdapterHub's dropout on s · up (pass 0.0 in eval).
     """
     _check(x, residual, w_down, b_down, w_up, b_up, scaling, dropout)
-    reference.activation(non_linearity)  # a clear error for an unknown name
+    activation(non_linearity)  # a clear error for an unknown name
     act = non_linearity.lower()
     d, m = x.shape[-1], w_down.shape[0]
-    wide = m > FUSED_MAX_WIDTH
+    wide = m > BOTTLENECK_MAX_WIDTH
     scale = scaling.reshape(-1) if isinstance(scaling, Tensor) else None
     kernel_ok = gate is None and dropout == 0.0 and not (wide and (ln_before is not None or scale is not None))
     x2, r2 = x.reshape(-1, d), residual.reshape(-1, d)
-    if not kernel_ok or (_backend(x2) == "torch" and not torch.compiler.is_compiling()):
+    if not kernel_ok or (rows_backend("bottleneck_adapter", x2) == "torch" and not torch.compiler.is_compiling()):
         return reference.bottleneck_adapter(x, residual, w_down, b_down, w_up, b_up, non_linearity=non_linearity,
                                             scaling=scaling, ln_before=ln_before, ln_after=ln_after, gate=gate,
                                             adapter_residual_before_ln=adapter_residual_before_ln, dropout=dropout,
@@ -129,47 +132,6 @@ def _check(x, residual, w_down, b_down, w_up, b_up, scaling, dropout) -> None:
             raise ValueError(f"bottleneck_adapter: {name} is on {t.device} but x is on {x.device}.")
 
 
-def _backend(x2: Tensor) -> str:
-    backend = dispatch.choose("bottleneck_adapter", x2.device, x2.dtype, triton_dtypes=TRITON_DTYPES)
-    if backend == "triton" and x2.device.type == "cuda" and x2.shape[0] <= TINY_M and not dispatch.requested_backend():
-        return "torch"
-    return backend
-
-
-def _act_and_grad(s: Tensor, b_down: Tensor | None, name: str, d_f: Tensor | None = None):
-    """f(S + b) and, given dF, dS = dF ⊙ f'(S + b), in float32 (written out: op bodies run below autograd)."""
-    z = s if b_down is None else s + b_down.float()
-    if name == "linear":
-        f, slope = z, torch.ones_like(z)
-    elif name == "relu":
-        f, slope = torch.relu(z), (z > 0).float()
-    elif name == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
-        f, slope = z * cdf, cdf + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
-    elif name in ("gelu_new", "gelu_pytorch_tanh"):
-        t = torch.tanh(0.7978845608028654 * (z + 0.044715 * z ** 3))
-        f = 0.5 * z * (1.0 + t)
-        slope = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
-    elif name in ("swish", "silu"):
-        sig = torch.sigmoid(z)
-        f, slope = z * sig, sig * (1.0 + z * (1.0 - sig))
-    elif name == "tanh":
-        f = torch.tanh(z)
-        slope = 1.0 - f * f
-    elif name == "sigmoid":
-        f = torch.sigmoid(z)
-        slope = f * (1.0 - f)
-    else:  # leaky relu, slope 0.01
-        f = torch.where(z > 0, z, 0.01 * z)
-        slope = torch.where(z > 0, 1.0, 0.01)
-    return f, (d_f * slope if d_f is not None else None)
-
-
-def _scale_of(scale: Tensor | None, scale_value: float):
-    """s as something that broadcasts over (..., d) in float32."""
-    return scale.float() if scale is not None else scale_value
-
-
 def _ln_vectors(w_down: Tensor, ln_w: Tensor, ln_b: Tensor | None) -> tuple[Tensor, Tensor]:
     """γ W_dᵀ and β W_dᵀ (float32 m-vectors) for the layer norm folded into the down projection."""
     wd = w_down.float()
@@ -194,15 +156,16 @@ def _bottleneck_op(x: Tensor, residual: Tensor | None, w_down: Tensor, b_down: T
     with one, it is added before that norm when residual_before_ln, after it otherwise."""
     M, _ = x.shape
     m = w_down.shape[0]
-    if _backend(x) == "torch" or M == 0:
-        return _torch_forward(x, residual, w_down, b_down, w_up, b_up, scale, scale_value, ln_weight, ln_bias,
-                              ln_after_weight, ln_after_bias, residual_before_ln, non_linearity, eps, need_s)
+    if rows_backend("bottleneck_adapter", x) == "torch" or M == 0:
+        return reference.bottleneck_adapter_fwd(x, residual, w_down, b_down, w_up, b_up, scale, scale_value,
+                                                ln_weight, ln_bias, ln_after_weight, ln_after_bias, residual_before_ln,
+                                                non_linearity, eps, need_s)
     kern, lora = _kernels()
     b_down, b_up, ln_weight, ln_bias, ln_after_weight, ln_after_bias = (
-        _dense(t) for t in (b_down, b_up, ln_weight, ln_bias, ln_after_weight, ln_after_bias))
+        dense(t) for t in (b_down, b_up, ln_weight, ln_bias, ln_after_weight, ln_after_bias))
     y = dispatch.new_output(tuple(x.shape), like=x)
     s = dispatch.new_output((M, m), like=x, dtype=torch.float32) if need_s else _empty(x)
-    if m <= FUSED_MAX_WIDTH:
+    if m <= BOTTLENECK_MAX_WIDTH:
         ln = stats = ln_after = astats = None
         if ln_weight is not None:
             ln = (ln_weight, *_ln_vectors(w_down, ln_weight, ln_bias))
@@ -210,23 +173,24 @@ def _bottleneck_op(x: Tensor, residual: Tensor | None, w_down: Tensor, b_down: T
         if ln_after_weight is not None:
             ln_after = (ln_after_weight, ln_after_bias)
             astats = dispatch.new_output((M, 2), like=x, dtype=torch.float32) if need_s else None
-        kern.forward(x, residual, w_down, b_down, w_up, b_up, y, act=KERNEL_ACTIVATIONS[non_linearity],
+        kern.forward(x, residual, w_down, b_down, w_up, b_up, y, act=ACTIVATIONS[non_linearity],
                      scale=scale, scale_value=scale_value, ln=ln, eps=eps, s=s if need_s else None, stats=stats,
                      ln_after=ln_after, residual_after_ln=not residual_before_ln, astats=astats)
         return (y, s, stats if stats is not None else _empty(x), astats if astats is not None else _empty(x))
     if ln_after_weight is not None:
-        raise ValueError(f"bottleneck_adapter: the fused layer norm after needs m <= {FUSED_MAX_WIDTH} "
+        raise ValueError(f"bottleneck_adapter: the fused layer norm after needs m <= {BOTTLENECK_MAX_WIDTH} "
                          "(fp.ops.bottleneck_adapter applies PyTorch's layer norm to the wide path's output)")
     if ln_weight is not None or scale is not None:
         raise ValueError(f"bottleneck_adapter: a layer norm before the adapter or a tensor scaling needs m <= "
-                         f"{FUSED_MAX_WIDTH} on the Triton path (fp.ops.bottleneck_adapter routes it to the reference)")
+                         f"{BOTTLENECK_MAX_WIDTH} on the Triton path (fp.ops.bottleneck_adapter routes it to the "
+                         "reference)")
     if not need_s:
         s = dispatch.new_output((M, m), like=x, dtype=torch.float32)
     lora.shrink(x, w_down.t(), s)  # the two-kernel path: S, then the GEMM kernel with f(S + b_d) in its epilogue
-    code = KERNEL_ACTIVATIONS[non_linearity]
-    s_in, s_bias = s, b_down.contiguous() if b_down is not None else None
-    if code >= LORA_EPILOGUE_CODES:  # an activation the LoRA epilogue lacks: F formed here
-        s_in, s_bias, code = _act_and_grad(s, b_down, non_linearity)[0], None, 0
+    code = ACTIVATIONS[non_linearity]
+    s_in, s_bias = s, dense(b_down)
+    if code >= EPILOGUE_ACTIVATIONS:  # an activation this path forms here, not in the LoRA epilogue
+        s_in, s_bias, code = reference.activation_and_grad(s, b_down, non_linearity)[0], None, 0
     e_rn = w_up.t()  # (m, d)
     bias = (b_up.float() * scale_value).to(x.dtype) if b_up is not None else None
     lora.gemm(x[:, :0], e_rn[:0], bias, e_rn, torch.full((m,), float(scale_value), device=x.device), y, s=s_in,
@@ -234,45 +198,9 @@ def _bottleneck_op(x: Tensor, residual: Tensor | None, w_down: Tensor, b_down: T
     return y, s if need_s else _empty(x), _empty(x), _empty(x)
 
 
-def _dense(t: Tensor | None) -> Tensor | None:
-    """A vector the kernels index densely (biases, layer-norm weight); a no-op when it already is."""
-    return t.contiguous() if t is not None else None
-
-
 def _empty(like: Tensor) -> Tensor:
     """A fresh empty float32 output (outputs of a custom op must not alias one another)."""
     return like.new_empty((0,), dtype=torch.float32)
-
-
-def _torch_forward(x, residual, w_down, b_down, w_up, b_up, scale, scale_value, ln_w, ln_b, la_w, la_b,
-                   residual_before_ln, act, eps, need_s):
-    dt = x.dtype
-    stats, astats = _empty(x), _empty(x)
-    h = x
-    if ln_w is not None:
-        xf = x.float()
-        mean = xf.mean(1)
-        rstd = torch.rsqrt(xf.var(1, unbiased=False) + eps)
-        h = (xf - mean[:, None]) * rstd[:, None] * ln_w.float()
-        h = (h + ln_b.float() if ln_b is not None else h).to(dt)
-        stats = torch.stack([mean, rstd], 1)
-    s = (h @ w_down.t().to(dt)).float()
-    f, _ = _act_and_grad(s, b_down, act)
-    up = (f.to(dt) @ w_up.t().to(dt)).float()
-    if b_up is not None:
-        up = up + b_up.float()
-    up = up * _scale_of(scale, scale_value)
-    if residual is not None and (la_w is None or residual_before_ln):
-        up = up + residual.float()
-    if la_w is not None:
-        mean = up.mean(1)
-        rstd = torch.rsqrt(up.var(1, unbiased=False) + eps)
-        up = (up - mean[:, None]) * rstd[:, None] * la_w.float() + la_b.float()
-        astats = torch.stack([mean, rstd], 1)
-        if residual is not None and not residual_before_ln:
-            up = up + residual.float()
-    return (up.to(dt), (s if need_s else _empty(x)), (stats if need_s else _empty(x)),
-            (astats if need_s else _empty(x)))
 
 
 @torch.library.triton_op("fastpeft::bottleneck_adapter_backward", mutates_args=())
@@ -292,74 +220,9 @@ def _bottleneck_backward_op(dy: Tensor, x: Tensor, residual: Tensor | None, s: T
     args = (dy, x, residual, s, stats, astats, w_down, b_down, w_up, b_up, scale, scale_value, ln_weight, ln_bias,
             ln_after_weight, non_linearity, (need_dx, need_dz, need_wd, need_bd, need_wu, need_bu, need_scale,
                                              need_lnw, need_lnb, need_law, need_lab))
-    if _backend(dy) == "torch" or dy.shape[0] == 0:
-        return _torch_backward(*args)
+    if rows_backend("bottleneck_adapter", dy) == "torch" or dy.shape[0] == 0:
+        return reference.bottleneck_adapter_bwd(*args)
     return _triton_backward(*args)
-
-
-def _ln_after_backward(dy, s, astats, b_down, w_up, b_up, scale, scale_value, residual, la_w, act):
-    """dz (float32) through the layer norm after, ẑ recomputed from S as the forward formed it; and ẑ."""
-    f, _ = _act_and_grad(s, b_down, act)
-    up = (f.to(dy.dtype) @ w_up.t().to(dy.dtype)).float()
-    up = (up + b_up.float() if b_up is not None else up) * _scale_of(scale, scale_value)
-    up = up + residual.float() if residual is not None else up
-    zhat = (up - astats[:, :1]) * astats[:, 1:]
-    gdy = dy.float() * la_w.float()
-    dz = astats[:, 1:] * (gdy - gdy.mean(1, keepdim=True) - zhat * (gdy * zhat).mean(1, keepdim=True))
-    return dz, zhat
-
-
-def _torch_backward(dy, x, residual, s, stats, astats, w_down, b_down, w_up, b_up, scale, scale_value, ln_w, ln_b,
-                    la_w, act, needs):
-    need_dx, need_dz, need_wd, need_bd, need_wu, need_bu, need_scale, need_lnw, need_lnb, need_law, need_lab = needs
-    out = [dy.new_empty((0,)) for _ in range(11)]
-    if la_w is not None:
-        dz, zhat = _ln_after_backward(dy, s, astats, b_down, w_up, b_up, scale, scale_value, residual, la_w, act)
-        if need_law:
-            out[9] = (dy.float() * zhat).sum(0).to(la_w.dtype)
-        if need_lab:
-            out[10] = dy.float().sum(0).to(la_w.dtype)
-        if need_dz:
-            out[1] = dz.to(dy.dtype)
-        dyf = dz
-    else:
-        dyf = dy.float()
-    dys = dyf * _scale_of(scale, scale_value)
-    f, ds = _act_and_grad(s, b_down, act, dys @ w_up.float())
-    h = xhat = None
-    if ln_w is not None:
-        xhat = (x.float() - stats[:, :1]) * stats[:, 1:]
-        h = xhat * ln_w.float() + (ln_b.float() if ln_b is not None else 0.0)
-    dh = ds @ w_down.float() if (need_dx or need_lnw or need_lnb) else None
-    if need_dx:
-        if ln_w is None:
-            out[0] = dh.to(dy.dtype)
-        else:
-            gdh = dh * ln_w.float()
-            dx = stats[:, 1:] * (gdh - gdh.mean(1, keepdim=True) - xhat * (gdh * xhat).mean(1, keepdim=True))
-            out[0] = dx.to(dy.dtype)
-    if need_wd:
-        out[2] = (ds.t() @ (h if h is not None else x.float())).to(w_down.dtype)
-    if need_bd:
-        out[3] = ds.sum(0).to(b_down.dtype)
-    if need_wu:
-        out[4] = (dys.t() @ f).to(w_up.dtype)
-    if need_bu:
-        out[5] = dys.sum(0).to(b_up.dtype)
-    if need_scale:
-        up = f @ w_up.float().t() + (b_up.float() if b_up is not None else 0.0)
-        out[6] = _fit_scale((dyf * up).sum(0), scale)
-    if need_lnw:
-        out[7] = (dh * xhat).sum(0).to(ln_w.dtype)
-    if need_lnb:
-        out[8] = dh.sum(0).to(ln_b.dtype)
-    return tuple(out)
-
-
-def _fit_scale(ds_per_channel: Tensor, scale: Tensor) -> Tensor:
-    """The per-channel gradient Σ_m dY ⊙ up summed to the shape of s ((1,) or (d,))."""
-    g = ds_per_channel.sum().reshape(1) if scale.numel() == 1 else ds_per_channel
-    return g.to(scale.dtype)
 
 
 def _triton_backward(dy, x, residual, s, stats, astats, w_down, b_down, w_up, b_up, scale, scale_value, ln_w, ln_b,
@@ -368,15 +231,15 @@ def _triton_backward(dy, x, residual, s, stats, astats, w_down, b_down, w_up, b_
     M, d = dy.shape
     m = w_down.shape[0]
     kern, lora = _kernels()
-    b_down, ln_w, la_w = _dense(b_down), _dense(ln_w), _dense(la_w)
+    b_down, ln_w, la_w = dense(b_down), dense(ln_w), dense(la_w)
     out = [dy.new_empty((0,)) for _ in range(11)]
-    target = _target_programs(dy.device)  # SM count cached: no device query per call
+    target = target_programs(dy.device)  # SM count cached: no device query per call
     splits = lora.reduce_splits(M, d, m, target)
     ones = torch.ones((m,), device=dy.device)
     scalar_scale = scale is not None and scale.numel() == 1
     need_f = need_wu or (need_scale and not scalar_scale)
     need_ds = need_wd or need_bd or need_lnw or need_lnb
-    if m <= FUSED_MAX_WIDTH:
+    if m <= BOTTLENECK_MAX_WIDTH:
         ln = None
         if ln_w is not None:
             ln = (ln_w, *_ln_vectors(w_down, ln_w, ln_b))
@@ -392,9 +255,9 @@ def _triton_backward(dy, x, residual, s, stats, astats, w_down, b_down, w_up, b_
             if need_law or need_lab:
                 part = dispatch.new_output(((M + 15) // 16, 2, d), like=dy, dtype=torch.float32)
         if need_f or need_ds or need_dx or rowdot is not None or dz is not None or part is not None:
-            kern.backward(dy, s, w_down, b_down, w_up, act=KERNEL_ACTIVATIONS[act], scale=scale,
+            kern.backward(dy, s, w_down, b_down, w_up, act=ACTIVATIONS[act], scale=scale,
                           scale_value=scale_value, f=f, ds=ds, dx=dx, x=x, ln=ln, stats=stats if ln else None,
-                          dsr=dsr, rowdot=rowdot, ln_after=la_w, b_up=_dense(b_up), residual=residual,
+                          dsr=dsr, rowdot=rowdot, ln_after=la_w, b_up=dense(b_up), residual=residual,
                           astats=astats if la_w is not None else None, dz=dz, part=part)
         out[0] = dx if need_dx else out[0]
         if part is not None:
@@ -404,20 +267,20 @@ def _triton_backward(dy, x, residual, s, stats, astats, w_down, b_down, w_up, b_
             out[1] = dz if need_dz else out[1]
             dy = dz  # the gradient of the pre-norm output, from here on
     else:  # the two-kernel path: G = dY W_u by the shrink kernel, dS here, dx by the GEMM kernel with K = 0
-        assert la_w is None, "the layer norm after is fused for m <= FUSED_MAX_WIDTH only"
+        assert la_w is None, "the layer norm after is fused for m <= BOTTLENECK_MAX_WIDTH only"
         ln = None
         g = dispatch.new_output((M, m), like=dy, dtype=torch.float32)
         lora.shrink(dy, w_up, g)
-        f, ds = _act_and_grad(s, b_down, act, g * scale_value)
+        f, ds = reference.activation_and_grad(s, b_down, act, g * scale_value)
         if need_dx:
             out[0] = dispatch.new_output((M, d), like=dy)
             lora.gemm(dy[:, :0], w_down[:0], None, w_down, ones, out[0], s=ds)
     if need_wu or need_bu or need_scale:
-        sc = _scale_of(scale, scale_value)
+        sc = reference.scale_of(scale, scale_value)
         need_colsum = need_bu or (need_scale and b_up is not None)
         if need_scale and scalar_scale:  # Σ dY ⊙ (F W_uᵀ + b_u): the kernel's row sums, plus the bias term
             up_bias = dy.sum(0, dtype=torch.float32) @ b_up.float() if b_up is not None else 0.0
-            out[6] = _fit_scale(rowdot.sum() + up_bias, scale)
+            out[6] = reference.fit_scale(rowdot.sum() + up_bias, scale)
             need_colsum = need_bu
         colsum = dispatch.new_output((d,), like=dy, dtype=torch.float32) if need_colsum and need_f else None
         if need_f:
@@ -427,7 +290,8 @@ def _triton_backward(dy, x, residual, s, stats, astats, w_down, b_down, w_up, b_
                 out[4] = (dyt_f * (sc[:, None] if scale is not None else sc)).to(w_up.dtype)
             if need_scale and not scalar_scale:
                 per_channel = (w_up.float() * dyt_f).sum(1)
-                out[6] = _fit_scale(per_channel + b_up.float() * colsum if b_up is not None else per_channel, scale)
+                per_channel = per_channel + b_up.float() * colsum if b_up is not None else per_channel
+                out[6] = reference.fit_scale(per_channel, scale)
         elif need_colsum:
             colsum = dy.sum(0, dtype=torch.float32)
         if need_bu:
@@ -465,6 +329,7 @@ def _setup_context(ctx, inputs, output):
                           ln_b, la_w, la_b)
     ctx.scale_value, ctx.non_linearity = scale_value, non_linearity
     ctx.residual_before_ln = residual_before_ln
+    ctx.dispatch = dispatch.snapshot()  # the backward runs under the forward's dispatch state
 
 
 def _backward(ctx, dy, _ds, _dstats, _dastats):
@@ -472,10 +337,11 @@ def _backward(ctx, dy, _ds, _dstats, _dastats):
     (need_dx, need_r, need_wd, need_bd, need_wu, need_bu, need_scale, _, need_lnw, need_lnb, need_law,
      need_lab) = ctx.needs_input_grad[:12]
     need_dz = need_r and la_w is not None and ctx.residual_before_ln  # dr = dz; otherwise dr = dY
-    grads = torch.ops.fastpeft.bottleneck_adapter_backward(
-        dy, x, z_residual, s, stats, astats, w_down, b_down, w_up, b_up, scale, ctx.scale_value, ln_w, ln_b, la_w,
-        ctx.non_linearity, need_dx, need_dz, need_wd, need_bd, need_wu, need_bu, need_scale, need_lnw, need_lnb,
-        need_law, need_lab)
+    with dispatch.restore(ctx.dispatch):
+        grads = torch.ops.fastpeft.bottleneck_adapter_backward(
+            dy, x, z_residual, s, stats, astats, w_down, b_down, w_up, b_up, scale, ctx.scale_value, ln_w, ln_b,
+            la_w, ctx.non_linearity, need_dx, need_dz, need_wd, need_bd, need_wu, need_bu, need_scale, need_lnw,
+            need_lnb, need_law, need_lab)
     dx, dz, dw_down, db_down, dw_up, db_up, dscale, dln_w, dln_b, dla_w, dla_b = (
         g if need else None for g, need in zip(grads, (need_dx, need_dz, need_wd, need_bd, need_wu, need_bu,
                                                        need_scale, need_lnw, need_lnb, need_law, need_lab)))

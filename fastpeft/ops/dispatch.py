@@ -4,10 +4,23 @@ Rules (DESIGN.md): CUDA tensors + triton importable + supported dtype -> "triton
 reference in fastpeft/reference). `FASTPEFT_BACKEND=torch|triton|cuda` or `with fp.ops.use_backend(...)`
 forces one; a forced backend that cannot run the inputs raises `BackendError`, it never falls back silently.
 Under `TRITON_INTERPRET=1` a forced "triton" runs the kernels on CPU tensors (how the kernels are tested).
+
+Every option here is a context variable, never a module constant rebound at run time: a block sets it for its own
+thread (or asyncio task) only, so two threads serving two requests never see each other's choices.
+
+    with fp.ops.use_backend("triton"): ...                   # force a backend
+    with fp.ops.use_kernel_options(fused_shrink=False): ...  # pin a kernel strategy (tests, benchmarks)
+
+A backward pass may run on another thread than its forward (on CUDA the autograd engine runs backward functions
+on its own worker threads, which do not see the caller's context variables), so every op saves `snapshot()` of
+the forward's state with its autograd context and runs its backward under `with restore(ctx.dispatch):`.
+Under torch.compile the state is read once, when the graph is traced (as a constant of the graph).
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -17,13 +30,94 @@ import torch
 from ..errors import BackendError
 
 BACKENDS = ("torch", "triton", "cuda")
-_override: list[str] = []
-_poison: list[bool] = []
+_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastpeft_backend", default=None)
+_poison: contextvars.ContextVar[bool] = contextvars.ContextVar("fastpeft_poison_outputs", default=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """Strategy choices of the kernel paths that a cost model or a provisional threshold otherwise makes.
+
+    fused_shrink: LoRA GEMMs compute the shrink x Aᵀ inside the K loop (True), in its own kernel (False), or as the
+        cost model says (None). Ranks above the fused limit and dropout always run the separate shrink.
+    decode_max_tokens: multi_lora_linear runs its fused decode kernel for at most this many tokens (0: the segment
+        kernels always), the segment kernels above.
+    decode_splits: prefix_attention's split-K decode forward cuts the keys into this many chunks (None: about two
+        programs per SM).
+    """
+
+    fused_shrink: bool | None = None
+    decode_max_tokens: int = 64  # provisional: not yet timed on a GPU
+    decode_splits: int | None = None
+
+
+_options: contextvars.ContextVar[KernelOptions] = contextvars.ContextVar("fastpeft_kernel_options",
+                                                                          default=KernelOptions())
+
+
+# The reads of the context variables: torch.compile (dynamo) cannot trace ContextVar.get, so it calls these
+# when it traces the graph and keeps their result as a constant of the graph.
+@torch.compiler.assume_constant_result
+def _forced() -> str | None:
+    return _backend.get()
+
+
+@torch.compiler.assume_constant_result
+def _poisoned() -> bool:
+    return _poison.get()
+
+
+@torch.compiler.assume_constant_result
+def kernel_options() -> KernelOptions:
+    """The kernel options in force here (innermost `use_kernel_options`, else the defaults)."""
+    return _options.get()
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """The dispatch state of one thread at one moment: forced backend (None: $FASTPEFT_BACKEND), poisoning,
+    kernel options."""
+
+    backend: str | None
+    poison: bool
+    options: KernelOptions
+
+
+def snapshot() -> Snapshot:
+    """The dispatch state in force here, for `restore` (an op's forward saves it for its backward pass)."""
+    return Snapshot(_forced(), _poisoned(), kernel_options())
+
+
+@contextlib.contextmanager
+def restore(state: Snapshot):
+    """Inside the block, the dispatch state is `state` (whatever this thread's was), then this thread's again."""
+    tokens = (_backend.set(state.backend), _poison.set(state.poison), _options.set(state.options))
+    try:
+        yield
+    finally:
+        _options.reset(tokens[2])
+        _poison.reset(tokens[1])
+        _backend.reset(tokens[0])
+
+
+@contextlib.contextmanager
+def use_kernel_options(**changes):
+    """Inside the block, the given KernelOptions fields take these values (the others keep theirs)."""
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(KernelOptions)})
+    if unknown:
+        fields = ", ".join(f.name for f in dataclasses.fields(KernelOptions))
+        raise TypeError(f"use_kernel_options: unknown option(s) {', '.join(unknown)}; the options are {fields}.")
+    token = _options.set(dataclasses.replace(_options.get(), **changes))
+    try:
+        yield _options.get()
+    finally:
+        _options.reset(token)
 
 
 def requested_backend() -> str | None:
     """The forced backend (innermost `use_backend`, else $FASTPEFT_BACKEND), or None for automatic choice."""
-    name = _override[-1] if _override else os.environ.get("FASTPEFT_BACKEND", "").strip().lower()
+    name = _forced()
+    name = name if name is not None else os.environ.get("FASTPEFT_BACKEND", "").strip().lower()
     if not name or name == "auto":
         return None
     if name not in BACKENDS:
@@ -36,11 +130,11 @@ def use_backend(name: str | None):
     """Force a backend ("torch", "triton", "cuda", or None/"auto") inside the block."""
     if name is not None and name != "auto" and name not in BACKENDS:
         raise BackendError(f"use_backend({name!r}): expected one of {', '.join(BACKENDS)} or 'auto'.")
-    _override.append(name or "auto")
+    token = _backend.set(name or "auto")
     try:
         yield
     finally:
-        _override.pop()
+        _backend.reset(token)
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,17 +200,17 @@ def _triton_can_run(device, dtype, triton_dtypes, triton_ok) -> tuple[bool, str]
 @contextlib.contextmanager
 def poison_outputs(enabled: bool = True):
     """Inside the block, op outputs are allocated filled with NaN (tests: unwritten elements then fail)."""
-    _poison.append(enabled)
+    token = _poison.set(bool(enabled))
     try:
         yield
     finally:
-        _poison.pop()
+        _poison.reset(token)
 
 
 def new_output(shape, *, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An uninitialised output tensor, or a NaN-filled one under `poison_outputs()`."""
     dtype = dtype or like.dtype
-    if _poison and _poison[-1]:
+    if _poisoned():
         return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
     return torch.empty(shape, device=like.device, dtype=dtype)
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..kernels.limits import TRITON_DTYPES
 from ..reference import dora as reference
 from . import dispatch, registry
-from .lora import TRITON_DTYPES, lora_linear
+from .lora import lora_linear
 
 registry.describe("dora_weight_norm", dtypes=TRITON_DTYPES, doc="||W + s B A|| per row, without forming it")
 

@@ -3,9 +3,10 @@
     y = ((x ⊙ u) Wᵀ + b) ⊙ v          (math and backward: fastpeft/reference/ia3.py)
 
 An IA3 layer costs one GEMM: on CUDA the LoRA GEMM kernel of fastpeft/kernels/lora.py runs with no low-rank
-term, u applied to the x tiles as they are loaded (prologue) and v in the epilogue. The backward is that GEMM
-again, dX = ((dY ⊙ v) W) ⊙ u, with the vector gradients reduced inside it: dv = Σ_m dY ⊙ Z from the dY tiles
-the prologue already loads, du = Σ_m H ⊙ x in the epilogue; per-row-block partials are summed afterwards.
+term (the launcher of fastpeft/kernels/ia3.py), u applied to the x tiles as they are loaded (prologue) and v in
+the epilogue. The backward is that GEMM again, dX = ((dY ⊙ v) W) ⊙ u, with the vector gradients reduced inside
+it: dv = Σ_m dY ⊙ Z from the dY tiles the prologue already loads, du = Σ_m H ⊙ x in the epilogue; per-row-block
+partials are summed afterwards.
 Saved for backward: x, and Z (the output before v) when v is trained.
 """
 from __future__ import annotations
@@ -13,18 +14,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..kernels.limits import TRITON_DTYPES
 from ..reference import ia3 as reference
+from ..reference._common import scale_cols
 from . import dispatch, registry
-from .lora import TINY_M, TRITON_DTYPES, _autocast
+from ._common import TINY_M, autocast, dense, rows_backend
 
 registry.describe("ia3_linear", dtypes=TRITON_DTYPES, doc="y = ((x * u) W^T + b) * v",
                   note=f"inputs of at most {TINY_M} rows (tokens) run the reference (cuBLAS)")
 
 
 def _kernels():
-    from ..kernels import lora  # imported on first CUDA call only: `import fastpeft` never loads triton
+    from ..kernels import ia3  # imported on first CUDA call only: `import fastpeft` never loads triton
 
-    return lora
+    return ia3
 
 
 def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, in_scale: Tensor | None = None,
@@ -34,14 +37,14 @@ def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, in_scale: Tensor 
     weight: (N, K), or (K, N) with `fan_in_fan_out` (GPT-2 Conv1D, used in place); in_scale: (K,) or None;
     out_scale: (N,) or None. The scales may be float32 on a half-precision model (they are applied in float32).
     """
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = autocast(x, weight, bias)
     K, N = _check(x, weight, bias, in_scale, out_scale, fan_in_fan_out)
     grads = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, in_scale, out_scale))
     need_z = grads and out_scale is not None and out_scale.requires_grad
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     args = (x2, weight, bias, in_scale, out_scale, bool(fan_in_fan_out))
-    if torch.compiler.is_compiling() or _backend(x2) != "torch":
+    if torch.compiler.is_compiling() or rows_backend("ia3_linear", x2) != "torch":
         y, _ = torch.ops.fastpeft.ia3_linear(*args, need_z)
     else:  # eager on the reference: autograd through it saves what the formula needs and skips the op boundary
         y, _ = reference.ia3_linear_fwd(*args, False)
@@ -72,18 +75,10 @@ def _check(x, weight, bias, in_scale, out_scale, fan_in_fan_out):
     return K, N
 
 
-def _backend(x2: Tensor) -> str:
-    backend = dispatch.choose("ia3_linear", x2.device, x2.dtype, triton_dtypes=TRITON_DTYPES)
-    tiny = x2.device.type == "cuda" and x2.shape[0] <= TINY_M
-    if backend == "triton" and tiny and not dispatch.requested_backend():
-        return "torch"
-    return backend
-
-
 @torch.library.triton_op("fastpeft::ia3_linear", mutates_args=())
 def _ia3_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, in_scale: Tensor | None,
                    out_scale: Tensor | None, fan_in_fan_out: bool, need_z: bool) -> tuple[Tensor, Tensor]:
-    if _backend(x) == "torch":
+    if rows_backend("ia3_linear", x) == "torch":
         return reference.ia3_linear_fwd(x, weight, bias, in_scale, out_scale, fan_in_fan_out, need_z)
     return _triton_forward(x, weight, bias, in_scale, out_scale, fan_in_fan_out, need_z)
 
@@ -93,7 +88,7 @@ def _ia3_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, in_scale: Ten
                             out_scale: Tensor | None, z: Tensor, fan_in_fan_out: bool, need_dx: bool,
                             need_du: bool, need_dv: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     needs = (need_dx, need_du, need_dv, need_db)
-    if _backend(dy) == "torch":
+    if rows_backend("ia3_linear", dy) == "torch":
         return reference.ia3_linear_bwd(dy, x, weight, in_scale, out_scale, z, fan_in_fan_out, needs)
     return _triton_backward(dy, x, weight, in_scale, out_scale, z, fan_in_fan_out, needs)
 
@@ -103,17 +98,19 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, in_scale, out_scale, output[1])
     ctx.fan_in_fan_out = fan_in_fan_out
     ctx.dtypes = tuple(t.dtype if t is not None else None for t in (bias, in_scale, out_scale))
+    ctx.dispatch = dispatch.snapshot()  # the backward runs under the forward's dispatch state
 
 
 def _backward(ctx, dy, _dz):
     x, weight, in_scale, out_scale, z = ctx.saved_tensors
     need_dx, need_dw, need_db, need_du, need_dv = ctx.needs_input_grad[:5]
-    dx, du, dv, db = torch.ops.fastpeft.ia3_linear_backward(dy, x, weight, in_scale, out_scale, z,
-                                                            ctx.fan_in_fan_out, need_dx, need_du, need_dv, need_db)
+    with dispatch.restore(ctx.dispatch):
+        dx, du, dv, db = torch.ops.fastpeft.ia3_linear_backward(dy, x, weight, in_scale, out_scale, z,
+                                                                ctx.fan_in_fan_out, need_dx, need_du, need_dv, need_db)
     dw = None
     if need_dw:  # a trainable base weight (unusual with IA3): dW = (dY ⊙ v)ᵀ (x ⊙ u), transposed for Conv1D
-        dz = reference._scaled(dy, out_scale).to(weight.dtype)
-        dw = dz.t() @ reference._scaled(x, in_scale).to(weight.dtype)
+        dz = scale_cols(dy, out_scale).to(weight.dtype)
+        dw = dz.t() @ scale_cols(x, in_scale).to(weight.dtype)
         dw = dw.t() if ctx.fan_in_fan_out else dw
     bias_dt, u_dt, v_dt = ctx.dtypes
     return (dx if need_dx else None, dw, db.to(bias_dt) if need_db else None,
@@ -124,7 +121,7 @@ torch.library.register_autograd("fastpeft::ia3_linear", _backward, setup_context
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Triton paths: the LoRA GEMM kernel with an empty low-rank term and the IA3 scales switched on
+# Triton paths: the LoRA GEMM kernel with an empty low-rank term and the IA3 scales switched on (kernels/ia3.py)
 # ------------------------------------------------------------------------------------------------------------
 
 def _triton_forward(x, weight, bias, in_scale, out_scale, fan_in_fan_out, need_z):
@@ -136,7 +133,7 @@ def _triton_forward(x, weight, bias, in_scale, out_scale, fan_in_fan_out, need_z
     if M == 0:
         return out, z
     w_kn = weight if fan_in_fan_out else weight.t()
-    kern.scaled_gemm(x, w_kn, _dense(bias), out, in_scale=_dense(in_scale), out_scale=_dense(out_scale),
+    kern.scaled_gemm(x, w_kn, dense(bias), out, in_scale=dense(in_scale), out_scale=dense(out_scale),
                      scale_bias=True, z=z if need_z else None)
     return out, z
 
@@ -157,7 +154,7 @@ def _triton_backward(dy, x, weight, in_scale, out_scale, z, fan_in_fan_out, need
         dv_f = dispatch.new_output((N,), like=dy, dtype=torch.float32) if need_dv else None
         db_f = dispatch.new_output((N,), like=dy, dtype=torch.float32) if need_db else None
         du_f = dispatch.new_output((K,), like=dy, dtype=torch.float32) if need_du else None
-        kern.scaled_gemm(dy, w_nk, None, dx, in_scale=_dense(out_scale), out_scale=_dense(in_scale),
+        kern.scaled_gemm(dy, w_nk, None, dx, in_scale=dense(out_scale), out_scale=dense(in_scale),
                          in_dot=(z, dv_f) if need_dv else None, in_sum=db_f, out_dot=(x, du_f) if need_du else None)
         if need_du:
             du = du_f
@@ -169,10 +166,5 @@ def _triton_backward(dy, x, weight, in_scale, out_scale, z, fan_in_fan_out, need
         if need_dv:
             dv = (dy.float() * z.float()).sum(0)
         if need_db:
-            db = reference._scaled(dy, out_scale).float().sum(0)
+            db = scale_cols(dy, out_scale).float().sum(0)
     return dx, du, dv, db
-
-
-def _dense(t: Tensor | None) -> Tensor | None:
-    """The kernels index vectors densely."""
-    return t.contiguous() if t is not None else None

@@ -11,20 +11,18 @@ regenerated from the seed.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import Tensor
 
+from ..kernels.limits import FUSED_SHRINK_MAX_RANK, TRITON_DTYPES
 from ..reference import lora as reference
+from ..reference._common import scale_cols
 from ..reference.dropout import keep_threshold
 from . import dispatch, registry
+from ._common import TINY_M, autocast, rows_backend, target_programs
 
-TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# At decode sizes a 16-row GEMM tile leaves most SMs idle while cuBLAS's GEMV streams W at full bandwidth, so
-# unless a backend is forced, M <= TINY_M runs the reference (provisional threshold: not yet timed on a GPU).
-TINY_M = 16
 registry.describe("lora_linear", dtypes=TRITON_DTYPES, doc="y = x W^T + b + s * drop(x) A^T B^T",
                   note=f"inputs of at most {TINY_M} rows (tokens) run the reference (cuBLAS)")
 
@@ -49,7 +47,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
     along R); dropout_p: dropout on the adapter's input; seed: int64 tensor that fixes the dropout mask
     (drawn from torch's generator when omitted); out_scale: optional (N,) column scale of everything but the bias.
     """
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = autocast(x, weight, bias)
     K, N = _check(x, weight, bias, lora_a, lora_b, fan_in_fan_out)
     R = lora_a.shape[0]
     if not isinstance(scale, Tensor):
@@ -80,23 +78,13 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
     x2 = x if x.dim() == 2 else x.reshape(-1, K)  # a no-op view still costs an autograd node
     args = (x2, weight, bias, lora_a, lora_b, scale, seed, float(dropout_p), bool(fan_in_fan_out), bool(need_t),
             out_scale, bool(need_z))
-    if torch.compiler.is_compiling() or _backend(x2) != "torch":
+    if torch.compiler.is_compiling() or rows_backend("lora_linear", x2) != "torch":
         y = torch.ops.fastpeft.lora_linear(*args)[0]
     elif grads and (seed is not None or lora_a.dtype != x.dtype or lora_b.dtype != x.dtype):
         y = _EagerReference.apply(*args)[0]  # the mask is regenerated, wide adapter gradients accumulate wide
     else:  # eager, no mask: autograd through the reference saves x and M x r products and skips the op boundary
         y = reference.lora_linear_fwd(*args[:9], False, out_scale, False)[0]
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
-
-
-def _autocast(x, weight, bias):
-    """Under torch.autocast, run the base product in the autocast dtype (as nn.Linear does)."""
-    device_type = x.device.type
-    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
-        dt = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-    return x, weight, bias
 
 
 def _check(x, weight, bias, lora_a, lora_b, fan_in_fan_out):
@@ -131,20 +119,11 @@ def _check(x, weight, bias, lora_a, lora_b, fan_in_fan_out):
 # Registered ops
 # ------------------------------------------------------------------------------------------------------------
 
-def _backend(x2: Tensor) -> str:
-    """The backend for a call on the 2-D input x2 (dispatch rules, plus the tiny-M rule above)."""
-    backend = dispatch.choose("lora_linear", x2.device, x2.dtype, triton_dtypes=TRITON_DTYPES)
-    tiny = x2.device.type == "cuda" and x2.shape[0] <= TINY_M
-    if backend == "triton" and tiny and not dispatch.requested_backend():
-        return "torch"
-    return backend
-
-
 @torch.library.triton_op("fastpeft::lora_linear", mutates_args=())
 def _lora_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: Tensor,
                     seed: Tensor | None, dropout_p: float, fan_in_fan_out: bool, need_t: bool,
                     out_scale: Tensor | None, need_z: bool) -> tuple[Tensor, Tensor, Tensor]:
-    if _backend(x) == "torch":
+    if rows_backend("lora_linear", x) == "torch":
         return reference.lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan_in_fan_out,
                                          need_t, out_scale, need_z)
     return _triton_forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan_in_fan_out, need_t,
@@ -157,7 +136,7 @@ def _lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tens
                              need_da: bool, need_db: bool, need_ds: bool, need_dbias: bool, out_scale: Tensor | None,
                              z: Tensor, need_dc: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     needs = (need_dx, need_da, need_db, need_ds, need_dbias, need_dc)
-    if _backend(dy) == "torch":
+    if rows_backend("lora_linear", dy) == "torch":
         return reference.lora_linear_bwd(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, fan_in_fan_out,
                                          needs, out_scale, z)
     return _triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, fan_in_fan_out, needs,
@@ -170,6 +149,7 @@ def _setup_context(ctx, inputs, output):
     ctx.dropout_p, ctx.fan_in_fan_out = dropout_p, fan_in_fan_out
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.eager_reference = False
+    ctx.dispatch = dispatch.snapshot()  # the backward runs under the forward's dispatch state
 
 
 def _backward(ctx, dy, _dt, _dz):
@@ -178,14 +158,15 @@ def _backward(ctx, dy, _dt, _dz):
     need_dc = ctx.needs_input_grad[10]
     args = (dy, x, weight, lora_a, lora_b, scale, t, seed, ctx.dropout_p, ctx.fan_in_fan_out)
     needs = (need_dx, need_da, need_db, need_ds, need_dbias, need_dc)
-    if ctx.eager_reference:
-        dx, da, db, ds, dbias, dc = reference.lora_linear_bwd(*args, needs, out_scale, z)
-    else:
-        dx, da, db, ds, dbias, dc = torch.ops.fastpeft.lora_linear_backward(*args, *needs[:5], out_scale, z, need_dc)
+    with dispatch.restore(ctx.dispatch):
+        if ctx.eager_reference:
+            dx, da, db, ds, dbias, dc = reference.lora_linear_bwd(*args, needs, out_scale, z)
+        else:
+            dx, da, db, ds, dbias, dc = torch.ops.fastpeft.lora_linear_backward(*args, *needs[:5], out_scale, z,
+                                                                                need_dc)
     dw = None
     if need_dw:  # a trainable base weight (unusual with LoRA): dW = (dY ⊙ c)ᵀ x (transposed for Conv1D)
-        dyc = dy if out_scale is None else reference._col_scaled(dy, out_scale)
-        dw = dyc.t().to(weight.dtype) @ x.to(weight.dtype)
+        dw = scale_cols(dy, out_scale).t().to(weight.dtype) @ x.to(weight.dtype)
         dw = dw.t() if ctx.fan_in_fan_out else dw
     return (dx if need_dx else None, dw, dbias.to(ctx.bias_dtype) if need_dbias else None,
             da if need_da else None, db if need_db else None, ds if need_ds else None, None, None, None, None,
@@ -222,27 +203,17 @@ _HBM_BYTES_PER_S = 3.0e12
 _LAUNCH_S = 3.0e-6
 
 
-FORCE_FUSED_SHRINK: bool | None = None  # tests pin the choice to cover both paths
-
-
 def fuse_shrink(M: int, K: int, N: int, R: int, elem_bytes: int, dropout: bool) -> bool:
-    """Whether the shrink product is cheaper inside the GEMM's K loop than as its own kernel."""
-    if dropout or R > _kernels().FUSED_SHRINK_MAX_RANK:
+    """Whether the shrink product is cheaper inside the GEMM's K loop than as its own kernel (or as
+    `kernel_options().fused_shrink` pins it)."""
+    if dropout or R > FUSED_SHRINK_MAX_RANK:
         return False  # the mask would be regenerated per column tile; and S must fit one rank block
-    if FORCE_FUSED_SHRINK is not None:
-        return FORCE_FUSED_SHRINK
+    forced = dispatch.kernel_options().fused_shrink
+    if forced is not None:
+        return forced
     redundant = 2.0 * M * K * max(R, 16) * math.ceil(N / 128) / _MMA_FLOPS
     separate = _LAUNCH_S + M * K * elem_bytes / _HBM_BYTES_PER_S
     return redundant <= separate
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _target_programs(device: torch.device) -> int:
-    return 2 * _sm_count(device.index) if device.type == "cuda" else 4
 
 
 def _col_scaled_b(lora_b, c):
@@ -319,7 +290,7 @@ def _triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, f
         kern.shrink(dy, _col_scaled_b(lora_b, c), g)
     if need_dc and dc.numel() == 0:  # no dX GEMM to reduce it in
         dc = (dy.float() * z.float()).sum(0)
-    target = _target_programs(dy.device)
+    target = target_programs(dy.device)
     if need_da:
         da = dispatch.new_output(tuple(lora_a.shape), like=lora_a)
         kern.reduce(x, g, scale, da.t(), splits=kern.reduce_splits(M, K, R, target), **drop)

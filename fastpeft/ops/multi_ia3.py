@@ -10,6 +10,12 @@ gathered in its prologue or epilogue; up to TINY_M tokens run cuBLAS and a row-s
 the GPU idle). Training: cuBLAS for the products and the row-scale kernel for the per-row vectors, the vector
 gradients summed per segment: dv_a = Σ_{m of a} dY_m ⊙ Z_m (Z = x Wᵀ + b), du_a = Σ_{m of a} (dY W)_m ⊙ x_m.
 Elsewhere the reference, differentiable by autograd.
+
+Why plain `torch.autograd.Function`s, not registered `torch.library` ops like the single-adapter ops: their inputs
+are an IA3Bank (a pointer table of raw data addresses) and a Routing (host-side per-batch segment lists). As
+registered ops those would become host integer lists in the schema, so torch.compile would recompile for every
+batch composition, and fake tensors have no addresses to build a pointer table from. Multi-adapter batches run
+eagerly by design (the modules call these ops outside torch.compile's graph).
 """
 from __future__ import annotations
 
@@ -18,10 +24,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..kernels.limits import TRITON_DTYPES
 from ..reference import multi_ia3 as reference
 from . import dispatch, registry
-from .lora import TINY_M, TRITON_DTYPES, _autocast
-from .multi_lora import _base, check_linear
+from ._common import TINY_M, autocast, base_product, check_linear
 from .routing import Routing, pointer_table
 
 registry.describe("multi_ia3_linear", dtypes=TRITON_DTYPES, doc="y_m = ((x_m * u_a) W^T + b) * v_a",
@@ -76,7 +82,7 @@ def multi_ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, vectors: Se
     if (bank is None) == (vectors is None):
         raise ValueError("multi_ia3_linear: pass the vectors (one entry per slot) or bank=, exactly one of them.")
     bank = bank if bank is not None else IA3Bank(vectors)
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = autocast(x, weight, bias)
     K, N = _check(x, weight, bias, bank, feedforward, fan_in_fan_out)
     routing = Routing.for_input(adapter_index, x, bank.num_slots, "multi_ia3_linear")
     x2 = x.reshape(-1, K)
@@ -86,7 +92,7 @@ def multi_ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, vectors: Se
         y = reference.multi_ia3_linear(x2, weight, bias, bank.vectors, routing.segments(), bool(feedforward),
                                        bool(fan_in_fan_out))
     elif not used:
-        y = _base(x2, weight, bias, fan_in_fan_out)
+        y = base_product(x2, weight, bias, fan_in_fan_out)
     else:
         tensors = [bank.vectors[s] for s in used]
         grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias, *tensors))
@@ -119,8 +125,8 @@ def _forward(x2, weight, bias, bank: IA3Bank, routing: Routing, feedforward, fan
                          vector_dtype=bank.dtype)
     if feedforward:
         h = _scaled_rows(x2, bank, routing)
-        return _base(h, weight, bias, fan_in_fan_out)
-    y = _base(x2, weight, bias, fan_in_fan_out)
+        return base_product(h, weight, bias, fan_in_fan_out)
+    y = base_product(x2, weight, bias, fan_in_fan_out)
     return kern.row_scale(y, y, bank.table, routing.token_slot, vector_dtype=bank.dtype)
 
 
@@ -131,15 +137,16 @@ class _MultiIA3(torch.autograd.Function):
     def forward(ctx, x2, weight, bias, bank, routing, feedforward, fan_in_fan_out, used, *vectors):
         if feedforward:
             h = _scaled_rows(x2, bank, routing)
-            y = _base(h, weight, bias, fan_in_fan_out)
+            y = base_product(h, weight, bias, fan_in_fan_out)
             ctx.save_for_backward(x2, weight, h)
         else:
-            z = _base(x2, weight, bias, fan_in_fan_out)
+            z = base_product(x2, weight, bias, fan_in_fan_out)
             y = _scaled_rows(z, bank, routing)
             ctx.save_for_backward(x2, weight, z)
         ctx.bank, ctx.routing, ctx.used = bank, routing, used
         ctx.feedforward, ctx.fan_in_fan_out = feedforward, fan_in_fan_out
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.dispatch = dispatch.snapshot()  # the backward runs under the forward's dispatch state
         ctx.set_materialize_grads(False)
         return y
 
@@ -155,16 +162,17 @@ class _MultiIA3(torch.autograd.Function):
         dy = dy.contiguous()
         w_nk = weight.t() if ctx.fan_in_fan_out else weight
         dx = dw = dbias = None
-        if ctx.feedforward:  # y = h Wᵀ + b, h = x ⊙ u
-            dh = dy @ w_nk if (need_x or any(need_v)) else None
-            if need_x:
-                dx = _scaled_rows(dh, bank, routing)
-            grad_of, left, right, wrt_w = dy, dh, x2, kept
-        else:  # y = z ⊙ v
-            dz = _scaled_rows(dy, bank, routing)
-            if need_x:
-                dx = dz @ w_nk
-            grad_of, left, right, wrt_w = dz, dy, kept, x2
+        with dispatch.restore(ctx.dispatch):
+            if ctx.feedforward:  # y = h Wᵀ + b, h = x ⊙ u
+                dh = dy @ w_nk if (need_x or any(need_v)) else None
+                if need_x:
+                    dx = _scaled_rows(dh, bank, routing)
+                grad_of, left, right, wrt_w = dy, dh, x2, kept
+            else:  # y = z ⊙ v
+                dz = _scaled_rows(dy, bank, routing)
+                if need_x:
+                    dx = dz @ w_nk
+                grad_of, left, right, wrt_w = dz, dy, kept, x2
         if need_w:
             dw = grad_of.t().to(weight.dtype) @ wrt_w.to(weight.dtype)
             dw = dw.t() if ctx.fan_in_fan_out else dw
@@ -217,6 +225,7 @@ class _MultiIA3Scale(torch.autograd.Function):
     def forward(ctx, t2, bank, routing, used, *vectors):
         ctx.save_for_backward(t2)
         ctx.bank, ctx.routing, ctx.used = bank, routing, used
+        ctx.dispatch = dispatch.snapshot()  # the backward runs under the forward's dispatch state
         ctx.set_materialize_grads(False)
         return _scaled_rows(t2, bank, routing)
 
@@ -229,7 +238,8 @@ class _MultiIA3Scale(torch.autograd.Function):
         dy = dy.contiguous()
         dt = None
         if ctx.needs_input_grad[0]:
-            dt = _scaled_rows(dy, ctx.bank, ctx.routing)
+            with dispatch.restore(ctx.dispatch):
+                dt = _scaled_rows(dy, ctx.bank, ctx.routing)
         dvs = [_segment_dot(dy, t2, ctx.routing, s, ctx.bank.dtype) if need else None
                for s, need in zip(ctx.used, ctx.needs_input_grad[4:])]
         return (dt, None, None, None, *dvs)

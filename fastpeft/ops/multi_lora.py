@@ -8,32 +8,38 @@ the kernels read through a pointer table. Which adapter each token uses is an in
 per row of a 3-D x; -1: none) or a `Routing` (fastpeft/ops/routing.py) built once per batch and shared by layers.
 
 Backends: on CUDA the base product runs on cuBLAS and the low-rank term on the kernels of
-fastpeft/kernels/multi_lora.py — at most DECODE_MAX_TOKENS tokens (decode) one fused shrink+expand launch per
-layer, gathered per token; more tokens (prefill, training) the segment kernels (shrink, expand), tokens grouped
-by adapter. However many distinct adapters the batch holds, a layer costs cuBLAS + 1 or 2 launches forward and
-cuBLAS + at most 6 launches backward. FASTPEFT_BACKEND=cuda runs the CUDA C++ decode kernel (csrc/) instead of
-the Triton one. Elsewhere (CPU) the reference, differentiable by autograd. Gradients reach A and B of the
-adapters the batch uses (a row never touches another row's adapter); scales get none.
+fastpeft/kernels/multi_lora.py — at most `fp.ops.kernel_options().decode_max_tokens` tokens (decode) one fused
+shrink+expand launch per layer, gathered per token; more tokens (prefill, training) the segment kernels (shrink,
+expand), tokens grouped by adapter. However many distinct adapters the batch holds, a layer costs cuBLAS + 1 or 2
+launches forward and cuBLAS + at most 6 launches backward. FASTPEFT_BACKEND=cuda runs the CUDA C++ decode kernel
+(csrc/) instead of the Triton one. Elsewhere (CPU) the reference, differentiable by autograd. Gradients reach A
+and B of the adapters the batch uses (a row never touches another row's adapter); scales get none.
+
+Why a plain `torch.autograd.Function`, not a registered `torch.library` op like the single-adapter ops: its
+inputs are a LoRABank (a pointer table of raw data addresses) and a Routing (host-side per-batch segment lists).
+As a registered op those would become host integer lists in the schema, so torch.compile would recompile for
+every batch composition, and fake tensors have no addresses to build a pointer table from. Multi-adapter batches
+run eagerly by design (the modules call this op outside torch.compile's graph).
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from ..errors import BackendError
+from ..kernels.limits import MULTI_LORA_DECODE_MAX_RANK, TRITON_DTYPES
 from ..reference import multi_lora as reference
 from . import dispatch, registry
-from .lora import TRITON_DTYPES, _autocast
+from ._common import autocast, base_product, check_linear, target_programs
 from .routing import Routing, pointer_table
 
-DECODE_MAX_TOKENS = 64  # provisional (not yet timed on a GPU): up to this many tokens run the fused decode kernel
 registry.describe("multi_lora_linear", dtypes=TRITON_DTYPES, cuda=True,
                   doc="y_m = x_m W^T + b + s_a (h_m A_a^T) B_a^T, a = the adapter of token m",
-                  note=f"<= {DECODE_MAX_TOKENS} tokens: fused shrink+expand decode kernel (FASTPEFT_BACKEND=cuda: "
-                       "the CUDA C++ one); more: segment kernels; base product on cuBLAS")
+                  note=f"<= {dispatch.KernelOptions().decode_max_tokens} tokens (kernel option decode_max_tokens): "
+                       "fused shrink+expand decode kernel (FASTPEFT_BACKEND=cuda: the CUDA C++ one); more: segment "
+                       "kernels; base product on cuBLAS")
 
 
 def _kernels():
@@ -141,7 +147,7 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Se
         bank = LoRABank(lora_a, lora_b, scale)
     elif lora_a is not None or lora_b is not None or scale is not None:
         raise ValueError("multi_lora_linear: pass either bank= or lora_a/lora_b/scale, not both.")
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = autocast(x, weight, bias)
     K, N = _check(x, weight, bias, bank, adapter_input, fan_in_fan_out)
     routing = Routing.for_input(adapter_index, x, bank.num_slots, "multi_lora_linear")
     x2 = x.reshape(-1, K)
@@ -160,24 +166,6 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Se
         else:
             y = _forward(x2, weight, bias, h2, bank, routing, used, bool(fan_in_fan_out), backend, False)[0]
     return y.reshape(*x.shape[:-1], N)
-
-
-def check_linear(x, weight, bias, fan_in_fan_out, where: str) -> tuple[int, int]:
-    """Host-side validation of a multi-adapter op's base layer before any launch. Returns (K, N)."""
-    if weight.dim() != 2:
-        raise ValueError(f"{where}: weight must be 2-D, got shape {tuple(weight.shape)}.")
-    K, N = (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"{where}: x has {x.shape[-1] if x.dim() else 0} input features, but the base weight "
-                         f"{tuple(weight.shape)} expects {K}.")
-    if not x.dtype.is_floating_point or x.dtype != weight.dtype:
-        raise TypeError(f"{where}: x is {x.dtype} and the base weight is {weight.dtype}; they must match.")
-    if bias is not None and bias.shape != (N,):
-        raise ValueError(f"{where}: bias has shape {tuple(bias.shape)}; expected ({N},).")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{where}: {name} is on {t.device} but x is on {x.device}; move them together.")
-    return K, N
 
 
 def _check(x, weight, bias, bank: LoRABank, adapter_input, fan_in_fan_out) -> tuple[int, int]:
@@ -206,23 +194,9 @@ def _backend(x2: Tensor) -> str:
 # Forward and backward on the kernels
 # ------------------------------------------------------------------------------------------------------------
 
-def _base(x2, weight, bias, fan_in_fan_out):
-    w_t = weight if fan_in_fan_out else weight.t()
-    return torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _target_programs(device: torch.device) -> int:
-    return 2 * _sm_count(device.index) if device.type == "cuda" else 4
-
-
 def _forward(x2, weight, bias, h2, bank: LoRABank, routing: Routing, used, fan_in_fan_out, backend, need_t):
     """(y, T): y = base + low-rank term; T = h Aᵀ (M x R_max float32) when need_t, else None."""
-    y = _base(x2, weight, bias, fan_in_fan_out)
+    y = base_product(x2, weight, bias, fan_in_fan_out)
     h = x2 if h2 is None else h2
     M = x2.shape[0]
     if not used:  # no token of this batch has an adapter on this layer
@@ -236,9 +210,10 @@ def _forward(x2, weight, bias, h2, bank: LoRABank, routing: Routing, used, fan_i
         cuda_ext.load().multi_lora_decode(y, h.contiguous(), bank.table, bank.ranks, routing.token_slot, bank.dtype)
         return y, None
     kern = _kernels()
-    if not need_t and M <= DECODE_MAX_TOKENS and bank.max_rank <= kern.DECODE_MAX_RANK:
+    decode = M <= dispatch.kernel_options().decode_max_tokens and bank.max_rank <= MULTI_LORA_DECODE_MAX_RANK
+    if decode and not need_t:
         kern.decode(h, bank.table, bank.ranks, routing.token_slot, y, max_rank=bank.max_rank,
-                    adapter_dtype=bank.dtype, target_programs=_target_programs(x2.device))
+                    adapter_dtype=bank.dtype, target_programs=target_programs(x2.device))
         return y, None
     t = dispatch.new_output((M, bank.max_rank), like=x2, dtype=torch.float32)
     seg = dict(num_segments=routing.num_segments, max_segment=routing.max_segment, max_rank=bank.max_rank,
@@ -260,6 +235,7 @@ class _MultiLoRA(torch.autograd.Function):
         ctx.save_for_backward(x2, weight, h2, t)
         ctx.bank, ctx.routing, ctx.used, ctx.fan_in_fan_out = bank, routing, used, fan_in_fan_out
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.dispatch = dispatch.snapshot()  # the backward runs under the forward's dispatch state
         ctx.set_materialize_grads(False)
         return y
 
@@ -272,8 +248,9 @@ class _MultiLoRA(torch.autograd.Function):
         none = (None,) * (9 + 2 * n)
         if dy is None:
             return none
-        grads = _backward(dy.contiguous(), x2, weight, h2, t, ctx.bank, ctx.routing, ctx.used, ctx.fan_in_fan_out,
-                          need_x, need_w, need_h, need_a, need_bb)
+        with dispatch.restore(ctx.dispatch):
+            grads = _backward(dy.contiguous(), x2, weight, h2, t, ctx.bank, ctx.routing, ctx.used,
+                              ctx.fan_in_fan_out, need_x, need_w, need_h, need_a, need_bb)
         dx, dw, dh, da, db = grads
         dbias = dy.float().sum(0).to(ctx.bias_dtype) if need_b else None
         return (dx, dw, dbias, dh, None, None, None, None, None, *da, *db)

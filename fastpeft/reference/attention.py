@@ -27,6 +27,10 @@ into [0, P − off_b] (fp.ops.prefix_attention rejects them on CPU tensors; the 
 A query row that sees no key at all gives 0. `dropout_p` > 0 drops attention probabilities after the softmax,
 scaling the kept ones by 1/(1 − p), as torch's scaled_dot_product_attention does (torch's global generator).
 The prefix is concatenated here for clarity; the kernel reads it from its own tensors and never copies K or V.
+
+`prefix_attention_fwd` and `prefix_attention_bwd` are the registered op's CPU path (fastpeft/ops/attention.py):
+(O, LSE) with LSE the natural log-sum-exp of each row's visible scaled scores (+inf for a row that sees no key),
+and the gradients from O and LSE by the formulas of `prefix_attention_bwd`, as the kernels compute them.
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from ._common import acc_dtype
 
 HIDE_BELOW = -1e38  # a floating attn_mask value below this hides its key (as False would)
 
@@ -56,7 +62,7 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
     P = prefix_k.shape[2]
     keys = torch.cat([prefix_k.expand(B, -1, -1, -1), k], dim=2).repeat_interleave(group, dim=1)
     values = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=2).repeat_interleave(group, dim=1)
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    work = acc_dtype(q.dtype)
     scores = (q.to(work) @ keys.to(work).transpose(-1, -2)) * scale          # (B, H, Lq, P + Lk)
     scores = add_bias(scores, attn_mask, P)
     if prefix_bias is not None:
@@ -111,3 +117,65 @@ def add_bias(scores: torch.Tensor, attn_mask: torch.Tensor | None, P: int) -> to
     if attn_mask is None or attn_mask.dtype == torch.bool:
         return scores
     return scores + F.pad(attn_mask.to(scores.dtype), (P, 0))
+
+
+def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, scale: float, causal: bool,
+                         query_offset: int, attn_mask=None, prefix_offsets=None, prefix_lengths=None):
+    """(O, LSE): O as `prefix_attention` (no dropout, no prefix bias), LSE (B, H, L_q) float32 from the same
+    masked scores (+inf where a row sees no key)."""
+    rows = {"prefix_offsets": prefix_offsets, "prefix_lengths": prefix_lengths}
+    o = prefix_attention(q, k, v, prefix_k, prefix_v, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
+                         query_offset=query_offset, attn_mask=attn_mask, **rows)
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    P = prefix_k.shape[2] if prefix_k is not None else 0
+    keys = k if prefix_k is None else torch.cat([prefix_k.expand(B, -1, -1, -1), k], dim=2)
+    keys = keys.repeat_interleave(H // Hkv, dim=1)
+    work = acc_dtype(q.dtype)
+    scores = add_bias((q.to(work) @ keys.to(work).transpose(-1, -2)) * scale, attn_mask, P)
+    visible = visible_keys(B, Lq, Lk, P, causal=causal, query_offset=query_offset, key_padding_mask=key_padding_mask,
+                           device=q.device, attn_mask=attn_mask, **rows)
+    lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    lse = lse.masked_fill(~visible.any(-1), float("inf")).to(torch.float32)
+    return o, lse
+
+
+def prefix_attention_bwd(do, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, scale: float, causal: bool,
+                         query_offset: int, need_q: bool, need_kv: bool, need_prefix: bool, attn_mask=None,
+                         prefix_offsets=None, prefix_lengths=None):
+    """(dQ, dK, dV, dP_K, dP_V) from dO, O and LSE, each like its input (empty when not asked for). With
+    P = exp(S · scale + bias − LSE) under the forward's masks and Δ = rowsum(dO ⊙ O): dV = Pᵀ dO,
+    dS = P ⊙ (dO Vᵀ − Δ), dK = scale · dSᵀ Q, dQ = scale · dS K, summed over the query heads of each GQA group
+    (and over the batch for a shared prefix), on the concatenated keys."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    group = H // Hkv
+    P = prefix_k.shape[2] if prefix_k is not None else 0
+    work = acc_dtype(q.dtype)
+    keys, values = k.to(work), v.to(work)
+    if prefix_k is not None:
+        keys = torch.cat([prefix_k.to(work).expand(B, -1, -1, -1), keys], dim=2)
+        values = torch.cat([prefix_v.to(work).expand(B, -1, -1, -1), values], dim=2)
+    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    qw, dow = q.to(work), do.to(work)
+    scores = add_bias((qw @ keys.transpose(-1, -2)) * scale, attn_mask, P)
+    visible = visible_keys(B, Lq, Lk, P, causal=causal, query_offset=query_offset, key_padding_mask=key_padding_mask,
+                           device=q.device, attn_mask=attn_mask, prefix_offsets=prefix_offsets,
+                           prefix_lengths=prefix_lengths)
+    probs = torch.exp(scores.masked_fill(~visible, float("-inf")) - lse.to(work)[..., None])
+    delta = (dow * o.to(work)).sum(-1, keepdim=True)
+    ds = probs * (dow @ values.transpose(-1, -2) - delta)
+    dq, dk, dv, dpk, dpv = (q.new_empty(0) for _ in range(5))  # distinct: op outputs may not alias each other
+    if need_q:
+        dq = (ds @ keys * scale).to(q.dtype)
+    if need_kv or need_prefix:
+        dkeys = (ds.transpose(-1, -2) @ qw * scale).unflatten(1, (Hkv, group)).sum(2)   # (B, Hkv, P + Lk, D)
+        dvalues = (probs.transpose(-1, -2) @ dow).unflatten(1, (Hkv, group)).sum(2)
+        if need_kv:
+            dk, dv = dkeys[:, :, P:].to(k.dtype), dvalues[:, :, P:].to(v.dtype)
+        if need_prefix:
+            dpk, dpv = dkeys[:, :, :P], dvalues[:, :, :P]
+            if prefix_k.shape[0] == 1:
+                dpk, dpv = dpk.sum(0, keepdim=True), dpv.sum(0, keepdim=True)
+            dpk, dpv = dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
+    return dq, dk, dv, dpk, dpv

@@ -11,31 +11,31 @@ from __future__ import annotations
 
 import torch
 
-from .lora import _acc_dtype, _base_weight_t
+from ._common import acc_dtype, base_weight_t
 
 
 def weight_sq_norm(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     """‖W_n‖² per output row, accumulated in float32 (float64 for float64 weights)."""
-    acc = _acc_dtype(weight.dtype)
-    return torch.linalg.vector_norm(_base_weight_t(weight, fan_in_fan_out), dim=0, dtype=acc) ** 2
+    acc = acc_dtype(weight.dtype)
+    return torch.linalg.vector_norm(base_weight_t(weight, fan_in_fan_out), dim=0, dtype=acc) ** 2
 
 
 def weight_norm(weight, lora_a, lora_b, scale, fan_in_fan_out: bool, *, w_sq=None, w_at=None) -> torch.Tensor:
     """‖W + B diag(s) A‖ per output row (N,), float32. `w_sq` (‖W_n‖²) and `w_at` (W Aᵀ, N x R, float32) may be
     given when computed elsewhere (cached, or by a kernel)."""
-    acc = _acc_dtype(weight.dtype)
+    acc = acc_dtype(weight.dtype)
     a, bs = lora_a.to(acc), lora_b.to(acc) * scale.to(acc)
     if w_sq is None:
         w_sq = weight_sq_norm(weight, fan_in_fan_out)
     if w_at is None:
-        w_at = (a @ _base_weight_t(weight, fan_in_fan_out).to(acc)).t()  # (A Wᵀ)ᵀ: the faster order on CPU
+        w_at = (a @ base_weight_t(weight, fan_in_fan_out).to(acc)).t()  # (A Wᵀ)ᵀ: the faster order on CPU
     sq = w_sq.to(acc) + 2.0 * (bs * w_at.to(acc)).sum(1) + ((bs @ (a @ a.t())) * bs).sum(1)
     return sq.clamp_min(0.0).sqrt()
 
 
 def dora_linear(x, weight, bias, lora_a, lora_b, scale, magnitude, fan_in_fan_out: bool):
     """The formula with W + ΔW formed explicitly (the oracle; no dropout), differentiable by autograd."""
-    w_nk = _base_weight_t(weight, fan_in_fan_out).t()
+    w_nk = base_weight_t(weight, fan_in_fan_out).t()
     delta = (lora_b * scale) @ lora_a
     norm = torch.linalg.vector_norm(w_nk + delta.to(w_nk.dtype), dim=1).detach()
     y = (x @ w_nk.t() + ((x @ lora_a.t()) * scale) @ lora_b.t()) * (magnitude / norm)

@@ -17,22 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ._common import acc_dtype, as_dtype, base_weight_t, scale_cols
 from .dropout import dropout, keep_mask
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Where the small M x R intermediates are kept: float32, or float64 for float64 inputs (the oracle)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in dtype (a no-op cast costs a microsecond of Python per call; this path runs per layer call)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def _base_weight_t(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-    """The (K, N) view of the base weight, whatever its storage layout."""
-    return weight if fan_in_fan_out else weight.t()
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p: float, fan_in_fan_out: bool,
@@ -40,40 +26,34 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p: float, 
     """The formula, differentiable by autograd, for inputs of shape (..., K)."""
     x2 = x.reshape(-1, x.shape[-1])
     dt = x.dtype
-    y = x2 @ _base_weight_t(weight, fan_in_fan_out)
+    y = x2 @ base_weight_t(weight, fan_in_fan_out)
     t = dropout(x2, seed, dropout_p) @ lora_a.to(dt).t()
     y = y + (t * scale.to(t.dtype)).to(dt) @ lora_b.to(dt).t()
     if out_scale is not None:
-        y = _col_scaled(y, out_scale)
+        y = scale_cols(y, out_scale)
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def _col_scaled(t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """t ⊙ c along the last dim, in float32 (float64 for the oracle), rounded to t's dtype once."""
-    acc = _acc_dtype(t.dtype)
-    return _as(_as(t, acc) * _as(c, acc), t.dtype)
 
 
 def lora_linear_fwd(x2, weight, bias, lora_a, lora_b, scale, seed, dropout_p: float, fan_in_fan_out: bool,
                     need_t: bool, out_scale=None, need_z: bool = False):
     """Forward on a 2-D x. Returns (y, T, Z): T = drop(x) Aᵀ kept in float32 (empty unless need_t), and Z, the
     output before the column scale and the bias (empty unless need_z and there is a column scale)."""
-    dt, acc = x2.dtype, _acc_dtype(x2.dtype)
-    w_t = _base_weight_t(weight, fan_in_fan_out)
+    dt, acc = x2.dtype, acc_dtype(x2.dtype)
+    w_t = base_weight_t(weight, fan_in_fan_out)
     h = dropout(x2, seed, dropout_p) if dropout_p > 0.0 else x2
-    t = _as(h @ _as(lora_a, dt).t(), acc)
-    ts = _as(t * _as(scale, acc), dt)
+    t = as_dtype(h @ as_dtype(lora_a, dt).t(), acc)
+    ts = as_dtype(t * as_dtype(scale, acc), dt)
     empty_t = x2.new_empty((0,), dtype=acc)
     if out_scale is None:
-        y = torch.addmm(_as(bias, dt), x2, w_t) if bias is not None else x2 @ w_t
-        y.addmm_(ts, _as(lora_b, dt).t())
+        y = torch.addmm(as_dtype(bias, dt), x2, w_t) if bias is not None else x2 @ w_t
+        y.addmm_(ts, as_dtype(lora_b, dt).t())
         return y, (t if need_t else empty_t), x2.new_empty((0,))
-    z = torch.addmm(x2 @ w_t, ts, _as(lora_b, dt).t())
-    y = _col_scaled(z, out_scale)
+    z = torch.addmm(x2 @ w_t, ts, as_dtype(lora_b, dt).t())
+    y = scale_cols(z, out_scale)
     if bias is not None:
-        y = y + _as(bias, dt)
+        y = y + as_dtype(bias, dt)
     return y, (t if need_t else empty_t), (z if need_z else x2.new_empty((0,)))
 
 
@@ -82,22 +62,22 @@ def lora_linear_bwd(dy, x2, weight, lora_a, lora_b, scale, t, seed, dropout_p: f
     """Backward on 2-D tensors. `needs` = which of (dx, dA, dB, ds, dbias[, dc]) to compute; the others (and dc
     when not asked for) come back empty."""
     need_dx, need_da, need_db, need_ds, need_dbias, need_dc = (*needs, False)[:6]
-    dt, acc = dy.dtype, _acc_dtype(dy.dtype)
-    s = _as(scale, acc)
+    dt, acc = dy.dtype, acc_dtype(dy.dtype)
+    s = as_dtype(scale, acc)
     dx, da, db, ds, dbias, dc = (dy.new_empty((0,)) for _ in range(6))  # distinct: op outputs may not alias
     if need_dbias:
-        dbias = _as(dy, acc).sum(0)
+        dbias = as_dtype(dy, acc).sum(0)
     if need_dc:
-        dc = _as((_as(dy, acc) * _as(z, acc)).sum(0), out_scale.dtype)
+        dc = as_dtype((as_dtype(dy, acc) * as_dtype(z, acc)).sum(0), out_scale.dtype)
     if out_scale is not None:
-        dy = _col_scaled(dy, out_scale)
+        dy = scale_cols(dy, out_scale)
     g = gs = None
     if need_dx or need_da or need_ds:
-        g = _as(dy @ _as(lora_b, dt), acc)  # (M, R)
-        gs = _as(g * s, dt)
+        g = as_dtype(dy @ as_dtype(lora_b, dt), acc)  # (M, R)
+        gs = as_dtype(g * s, dt)
     if need_dx:
         w = weight.t() if fan_in_fan_out else weight  # (N, K)
-        lora_dx = gs @ _as(lora_a, dt)
+        lora_dx = gs @ as_dtype(lora_a, dt)
         if dropout_p > 0.0 and seed is not None:
             keep = keep_mask(seed, dy.shape[0], lora_dx.shape[1], dropout_p, device=dy.device)
             lora_dx = lora_dx * keep.to(dt) * (1.0 / (1.0 - dropout_p))
@@ -105,10 +85,10 @@ def lora_linear_bwd(dy, x2, weight, lora_a, lora_b, scale, t, seed, dropout_p: f
     if need_da:  # accumulated in the parameter's dtype when it is wider (fp32 adapters on a half model)
         pa = lora_a.dtype
         h = dropout(x2, seed, dropout_p) if dropout_p > 0.0 else x2
-        da = _as(gs, pa).t() @ _as(h, pa)
+        da = as_dtype(gs, pa).t() @ as_dtype(h, pa)
     if need_db:
         pb = lora_b.dtype
-        db = _as(dy, pb).t() @ _as(_as(t * s, dt), pb)
+        db = as_dtype(dy, pb).t() @ as_dtype(as_dtype(t * s, dt), pb)
     if need_ds:
-        ds = _as((t * g).sum(0), scale.dtype)
+        ds = as_dtype((t * g).sum(0), scale.dtype)
     return dx, da, db, ds, dbias, dc

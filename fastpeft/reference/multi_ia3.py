@@ -9,24 +9,23 @@ from __future__ import annotations
 
 import torch
 
-from .ia3 import _scaled
-from .lora import _as, _base_weight_t
+from ._common import as_dtype, base_weight_t, scale_cols
 
 
 def multi_ia3_linear(x2, weight, bias, vectors, segments, feedforward: bool, fan_in_fan_out: bool):
     """The formula, differentiable by autograd, on a 2-D x. `segments` yields (slot, token indices); `vectors` is
     indexed by slot (None: no adapter in that slot on this layer)."""
-    w_t = _base_weight_t(weight, fan_in_fan_out)
+    w_t = base_weight_t(weight, fan_in_fan_out)
     pieces = [(vectors[slot], rows.to(x2.device)) for slot, rows in segments
               if slot < len(vectors) and vectors[slot] is not None]
     h = x2.clone() if feedforward and pieces else x2
     if feedforward:
         for vector, rows in pieces:  # in place on the copy: rows of different segments are disjoint
-            h.index_copy_(0, rows, _scaled(x2.index_select(0, rows), vector))
-    y = torch.addmm(_as(bias, h.dtype), h, w_t) if bias is not None else h @ w_t
+            h.index_copy_(0, rows, scale_cols(x2.index_select(0, rows), vector))
+    y = torch.addmm(as_dtype(bias, h.dtype), h, w_t) if bias is not None else h @ w_t
     if not feedforward:
         for vector, rows in pieces:  # in place: addmm's backward does not read y
-            y.index_copy_(0, rows, _scaled(y.index_select(0, rows), vector))
+            y.index_copy_(0, rows, scale_cols(y.index_select(0, rows), vector))
     return y
 
 
@@ -35,5 +34,5 @@ def multi_ia3_scale(t2, vectors, segments):
     for slot, rows in segments:
         if slot < len(vectors) and vectors[slot] is not None:
             rows = rows.to(t2.device)
-            t2 = t2.index_copy(0, rows, _scaled(t2.index_select(0, rows), vectors[slot]))
+            t2 = t2.index_copy(0, rows, scale_cols(t2.index_select(0, rows), vectors[slot]))
     return t2

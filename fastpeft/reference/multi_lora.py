@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .lora import _as, _base_weight_t
+from ._common import as_dtype, base_weight_t, scale_cols
 
 
 def multi_lora_linear(x2, weight, bias, lora_a, lora_b, scales, segments, fan_in_fan_out: bool, h=None):
@@ -20,15 +20,14 @@ def multi_lora_linear(x2, weight, bias, lora_a, lora_b, scales, segments, fan_in
     lora_b, scales are indexed by slot (None: the slot holds no adapter on this layer)."""
     dt = x2.dtype
     h = x2 if h is None else h
-    w_t = _base_weight_t(weight, fan_in_fan_out)
-    y = torch.addmm(_as(bias, dt), x2, w_t) if bias is not None else x2 @ w_t
+    w_t = base_weight_t(weight, fan_in_fan_out)
+    y = torch.addmm(as_dtype(bias, dt), x2, w_t) if bias is not None else x2 @ w_t
     for slot, rows in segments:
         a = lora_a[slot] if slot < len(lora_a) else None
         if a is None:
             continue
         rows = rows.to(x2.device)
-        t = h.index_select(0, rows) @ _as(a, dt).t()
-        work = torch.float64 if dt == torch.float64 else torch.float32
-        ts = _as(_as(t, work) * _as(scales[slot], work), dt)
-        y.index_add_(0, rows, ts @ _as(lora_b[slot], dt).t())  # in place: addmm's backward does not read y
+        t = h.index_select(0, rows) @ as_dtype(a, dt).t()
+        ts = scale_cols(t, scales[slot])  # t ⊙ s_a in float32, rounded once
+        y.index_add_(0, rows, ts @ as_dtype(lora_b[slot], dt).t())  # in place: addmm's backward does not read y
     return y

@@ -12,7 +12,8 @@ import torch
 
 import fastpeft as fp
 from fastpeft.ops import bottleneck as op
-from fastpeft.ops.bottleneck import FUSED_MAX_WIDTH, KERNEL_ACTIVATIONS
+from fastpeft.kernels import limits
+from fastpeft.kernels.limits import ACTIVATIONS, BOTTLENECK_MAX_WIDTH
 from fastpeft.reference import bottleneck as reference
 from tests.harness import DEVICE, HAS_TRITON, check_op, needs_triton, rel_err
 
@@ -99,7 +100,7 @@ def test_fused_matches_reference_per_activation(act, dtype, launches):
 @needs_triton
 @pytest.mark.parametrize("M, d, m, kw", [
     (1, 16, 1, {}), (70, 40, 3, {"bias": False}), (100, 24, 70, {"scaling": 4.0}),
-    (10, 19, 4, {"x_shape": (2, 5, 19)}), (0, 24, 3, {}), (5, 24, FUSED_MAX_WIDTH, {"act": "gelu"}),
+    (10, 19, 4, {"x_shape": (2, 5, 19)}), (0, 24, 3, {}), (5, 24, BOTTLENECK_MAX_WIDTH, {"act": "gelu"}),
 ], ids=["M1_m1", "no_bias", "m70", "x3d_odd_d", "no_rows", "m256"])
 def test_fused_odd_shapes(M, d, m, kw, launches):
     errors = check_op(fn, _make(M, d, m, **kw), torch.float32)
@@ -201,7 +202,7 @@ def test_no_grad_forward_skips_saving(launches):
 @needs_triton
 @pytest.mark.parametrize("act, kw", [("relu", {}), ("sigmoid", {"ln_after": True})], ids=["epilogue_act", "torch_act"])
 def test_wide_bottleneck_two_kernel_path(act, kw, launches):
-    errors = check_op(fn, _make(9, 20, FUSED_MAX_WIDTH + 4, act=act, **kw), torch.float32)
+    errors = check_op(fn, _make(9, 20, BOTTLENECK_MAX_WIDTH + 4, act=act, **kw), torch.float32)
     assert "dw_down" in errors
     assert launches[:2] == ["shrink", "gemm"] and "fused fwd" not in launches
 
@@ -209,7 +210,7 @@ def test_wide_bottleneck_two_kernel_path(act, kw, launches):
 @needs_triton
 @pytest.mark.parametrize("kw", [{"scaling": "channel"}, {"ln_before": True}])
 def test_wide_bottleneck_with_options_runs_the_reference(kw, launches):
-    check_op(fn, _make(5, 16, FUSED_MAX_WIDTH + 1, **kw), torch.float32)
+    check_op(fn, _make(5, 16, BOTTLENECK_MAX_WIDTH + 1, **kw), torch.float32)
     assert launches == []
 
 
@@ -260,14 +261,22 @@ def test_compiled_op_body_matches_eager(kw):
 
 
 def test_every_kernel_activation_is_a_reference_activation():
-    assert set(KERNEL_ACTIVATIONS) == set(reference.ACTIVATIONS)
+    """The names the configs accept (config/_checks.py: config sits below the ops and cannot import their table),
+    the reference computes and the kernels take are one set."""
+    assert set(ACTIVATIONS) == set(reference.ACTIVATIONS) == set(fp.config.NON_LINEARITIES)
+    assert all(fp.ops.activation(name) is reference.activation(name) for name in ACTIVATIONS)
+    with pytest.raises(ValueError, match="non_linearity 'softsign' is not supported"):
+        fp.ops.activation("softsign")
 
 
 @needs_triton
 def test_kernel_activation_codes_match_the_kernels():
+    """One table of codes and limits (kernels/limits.py) for the op and the kernels, and one activation helper
+    (kernels/_activation.py) for the fused kernels and the LoRA epilogue; tests/kernels/test_activation.py checks
+    that each code computes its reference activation."""
     kern, lora = op._kernels()
-    assert KERNEL_ACTIVATIONS == kern.ACTIVATIONS and FUSED_MAX_WIDTH == kern.MAX_WIDTH
-    assert all(kern.ACTIVATIONS[name] == code for name, code in lora.ACTIVATIONS.items())
+    assert op.ACTIVATIONS is limits.ACTIVATIONS and op.BOTTLENECK_MAX_WIDTH == kern.BOTTLENECK_MAX_WIDTH
+    assert kern.activation is lora.activation
 
 
 @pytest.mark.parametrize("change, match", [

@@ -2,8 +2,6 @@
 column scale — on the Triton path under the interpreter against the float64 oracle (tier 2)."""
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -11,8 +9,6 @@ import fastpeft as fp
 from fastpeft.ops import use_backend
 from fastpeft.reference import dora as reference
 from tests.harness import DEVICE, check_op, needs_triton, rel_err
-
-lora_op = importlib.import_module("fastpeft.ops.lora")
 
 
 def _make(M, K, N, R, *, bias=True, fan_in_fan_out=False, grads=("x", "bias", "lora_a", "lora_b", "magnitude")):
@@ -75,10 +71,10 @@ GRID = [pytest.param(case_id, dtype, fused, id=f"{case_id}-{str(dtype)[6:]}-{'fu
 
 @needs_triton
 @pytest.mark.parametrize("case_id, dtype, fused", GRID)
-def test_triton_matches_reference(case_id, dtype, fused, monkeypatch):
+def test_triton_matches_reference(case_id, dtype, fused):
     M, K, N, R, kw = CASES[case_id]
-    monkeypatch.setattr(lora_op, "FORCE_FUSED_SHRINK", fused)
-    errors = check_op(_dora, _make(M, K, N, R, **kw), dtype)
+    with fp.ops.use_kernel_options(fused_shrink=fused):
+        errors = check_op(_dora, _make(M, K, N, R, **kw), dtype)
     assert {"output", "dx", "dlora_a", "dlora_b", "dmagnitude"} <= set(errors)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastpeft as fp
-from fastpeft.ops import lora as lora_op
+from fastpeft.ops._common import TINY_M, rows_backend
 from tests.harness import check_op
 
 pytestmark = pytest.mark.gpu
@@ -49,18 +49,18 @@ def _needs_cuda():
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}_K{}_N{}_r{}".format(*c[:4]))
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
-def test_kernels_match_reference_on_cuda(case, dtype, fused, monkeypatch):
-    monkeypatch.setattr(lora_op, "FORCE_FUSED_SHRINK", fused)
-    check_op(fp.ops.lora_linear, _inputs(*case), dtype)
+def test_kernels_match_reference_on_cuda(case, dtype, fused):
+    with fp.ops.use_kernel_options(fused_shrink=fused):
+        check_op(fp.ops.lora_linear, _inputs(*case), dtype)
 
 
 def test_automatic_dispatch_on_cuda():
     """CUDA tensors run Triton, except tiny M (decode), which runs the reference."""
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
-    assert lora_op._backend(x) == "triton"
-    assert lora_op._backend(x[:lora_op.TINY_M]) == "torch"
+    assert rows_backend("lora_linear", x) == "triton"
+    assert rows_backend("lora_linear", x[:TINY_M]) == "torch"
     with fp.ops.use_backend("triton"):
-        assert lora_op._backend(x[:1]) == "triton"
+        assert rows_backend("lora_linear", x[:1]) == "triton"
 
 
 IA3_CASES = [(17, 4096, 4096, "out"), (1000, 4096, 11008, "in"), (3000, 11008, 4096, "both")]  # M, K, N, mode

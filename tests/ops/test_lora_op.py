@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import fastpeft as fp
+from fastpeft.kernels.limits import FUSED_SHRINK_MAX_RANK
 from fastpeft.ops import dispatch, use_backend
 from fastpeft.reference import lora as reference
 from fastpeft.reference.dropout import keep_mask
 from tests.harness import DEVICE, HAS_TRITON, check_op, needs_triton, rel_err
 
-lora_op = importlib.import_module("fastpeft.ops.lora")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 
@@ -121,7 +121,7 @@ def _check_variants(case: Case, calls, fused: bool) -> None:
     assert any(name == "gemm" for name, _ in calls), "the Triton path launched no kernel"
     kinds = fused_gemms(calls)
     if fused and case.R <= 64:
-        assert any(kinds), "FORCE_FUSED_SHRINK=True, but no GEMM fused the shrink"
+        assert any(kinds), "kernel option fused_shrink=True, but no GEMM fused the shrink"
         if not case.dropout_p:  # without dropout the forward is one fused GEMM
             assert calls[0][0] == "gemm" and fused_gemms(calls[:1]) == [True], "forward did not fuse the shrink"
     else:
@@ -139,12 +139,12 @@ def _grid(cases: dict, dtypes) -> list:
 
 @needs_triton
 @pytest.mark.parametrize("case_id,dtype,fused", _grid(CASES, DTYPES))
-def test_triton_matches_float64(case_id, dtype, fused, launches, monkeypatch):
+def test_triton_matches_float64(case_id, dtype, fused, launches):
     """Output and gradients (x, bias, A, B, s) of the Triton path vs float64, both shrink variants."""
     case = CASES[case_id]
-    assert lora_op._kernels().FUSED_SHRINK_MAX_RANK == 64, "update _grid"
-    monkeypatch.setattr(lora_op, "FORCE_FUSED_SHRINK", fused)
-    errors = check_op(fp.ops.lora_linear, case.make, dtype)
+    assert FUSED_SHRINK_MAX_RANK == 64, "update _grid"
+    with fp.ops.use_kernel_options(fused_shrink=fused):
+        errors = check_op(fp.ops.lora_linear, case.make, dtype)
     assert set(errors) == {"output", "dx", "dbias", "dlora_a", "dlora_b", "dscale"} - (
         set() if case.bias else {"dbias"})
     _check_variants(case, launches, fused)
@@ -172,11 +172,11 @@ EXTRA_CASES = {
 
 @needs_triton
 @pytest.mark.parametrize("case_id,dtype,fused", _grid(EXTRA_CASES, [torch.float32, torch.bfloat16]))
-def test_triton_gradient_subsets(case_id, dtype, fused, launches, monkeypatch):
+def test_triton_gradient_subsets(case_id, dtype, fused, launches):
     """r = 256, a float scale, and each subset of trainable inputs (a trainable base weight included)."""
     case = EXTRA_CASES[case_id]
-    monkeypatch.setattr(lora_op, "FORCE_FUSED_SHRINK", fused)
-    errors = check_op(fp.ops.lora_linear, case.make, dtype)
+    with fp.ops.use_kernel_options(fused_shrink=fused):
+        errors = check_op(fp.ops.lora_linear, case.make, dtype)
     present = {"x", "weight", "lora_a", "lora_b"} | ({"bias"} if case.bias else set()) | (
         {"scale"} if case.scale == "tensor" else set())
     wanted = {f"d{name}" for name in case.grads if name in present}

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastpeft.ops import cuda_ext, multi_ia3_linear, multi_lora_linear, use_backend
-from fastpeft.ops import multi_lora as op
+from fastpeft.ops import cuda_ext, kernel_options, multi_ia3_linear, multi_lora_linear, use_backend
 from tests.harness import check_op
 
 pytestmark = pytest.mark.gpu
@@ -47,7 +46,7 @@ def _fn(x, weight, index, **ab):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("M", [1, 37, 64], ids=lambda m: f"M{m}")
 def test_decode_kernel(dtype, M):
-    assert M <= op.DECODE_MAX_TOKENS
+    assert M <= kernel_options().decode_max_tokens
     check_op(_fn, _make(M, 4096, 4096, grad=False), dtype)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastpeft.ops import IA3Bank, multi_ia3_linear, multi_ia3_scale
-from fastpeft.ops.lora import TINY_M
+from fastpeft.ops._common import TINY_M
 from tests.harness import DEVICE, check_op, needs_triton
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

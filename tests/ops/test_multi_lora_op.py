@@ -9,7 +9,6 @@ import torch
 
 import fastpeft as fp
 from fastpeft.ops import LoRABank, Routing, multi_lora_linear
-from fastpeft.ops import multi_lora as op
 from tests.harness import DEVICE, check_op, needs_triton
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -97,7 +96,7 @@ def test_segment_kernels_float32_adapters_on_bf16():
 def test_decode_kernel(dtype):
     """No gradient needed and few tokens: the fused shrink+expand kernel, gathered per token."""
     M, K, N = 11, 40, 72
-    assert M <= op.DECODE_MAX_TOKENS
+    assert M <= fp.ops.kernel_options().decode_max_tokens
     check_op(_fn(4), _make(M, K, N, [3, -1, 0, 1, 3, 2, -1, 0, 0, 3, 1], grad=False), dtype)
 
 
@@ -119,7 +118,7 @@ def test_ranks_1_to_256_mixed(grad):
 @needs_triton
 def test_segment_kernels_without_gradient():
     """More tokens than the decode kernel takes: the segment kernels serve inference too."""
-    M = op.DECODE_MAX_TOKENS + 9
+    M = fp.ops.kernel_options().decode_max_tokens + 9
     check_op(_fn(4), _make(M, 24, 20, _slots(M, 4, seed=5), grad=False), torch.float32)
 
 

@@ -15,6 +15,7 @@ import torch
 import fastpeft as fp
 from fastpeft.ops import attention as op
 from fastpeft.reference.attention import prefix_attention as reference
+from fastpeft.reference.attention import prefix_attention_fwd
 from tests.harness import DEVICE, HAS_TRITON, TOLERANCE, check_op, needs_triton, rel_err
 
 
@@ -107,8 +108,8 @@ def _check_kernel(t, dtype, launches, **kw):
     err = rel_err(out, ref)
     assert err <= TOLERANCE[dtype], f"relative error {err:.3e} ({dtype})"
     assert torch.equal(out, o)
-    _, lse64 = op._torch_forward(t64["q"], t64["k"], t64["v"], t64["prefix_k"], t64["prefix_v"],
-                                 t["key_padding_mask"], scale, causal, offset, t64.get("attn_mask"))
+    _, lse64 = prefix_attention_fwd(t64["q"], t64["k"], t64["v"], t64["prefix_k"], t64["prefix_v"],
+                                    t["key_padding_mask"], scale, causal, offset, t64.get("attn_mask"))
     finite = torch.isfinite(lse64)
     assert lse.dtype == torch.float32 and lse.shape == (B, H, Lq)
     assert torch.equal(torch.isinf(lse), ~finite) and not torch.isnan(lse).any()
@@ -375,25 +376,26 @@ DECODE_CASES = {  # (B, H, Hkv, Lq, Lk, P, D, dtype, extra, num_splits); interpr
 
 @needs_triton
 @pytest.mark.parametrize("case", list(DECODE_CASES))
-def test_decode_forward_matches_reference(case, launches, monkeypatch):
+def test_decode_forward_matches_reference(case, launches):
     """The decode forward through the op (outputs poisoned, the partials NaN-filled under the interpreter): O and
     LSE against float64 for 1, 3 and more splits than key tiles (empty chunks); rows that see nothing give 0."""
     B, H, Hkv, Lq, Lk, P, D, dtype, extra, splits = DECODE_CASES[case]
     extra = dict(extra)
-    monkeypatch.setattr(op._kernels(), "DECODE_NUM_SPLITS", splits)
     t = _inputs(B, H, Hkv, Lq, Lk, P, D, dtype, Bp=extra.pop("Bp", 1), mask=extra.pop("mask", None),
                 attn=extra.pop("attn", None))
-    _check_kernel(t, dtype, launches, **extra)
+    with fp.ops.use_kernel_options(decode_splits=splits):
+        _check_kernel(t, dtype, launches, **extra)
     assert launches.forwards == ["full" if H // Hkv * Lq > 64 else "decode"] * 2
 
 
 @needs_triton
-def test_decode_forward_feeds_the_backward(launches, monkeypatch):
+def test_decode_forward_feeds_the_backward(launches):
     """Training at L_q = 2 through the split forward (3 splits): its O and LSE drive the backward kernels; every
     gradient against float64."""
-    monkeypatch.setattr(op._kernels(), "DECODE_NUM_SPLITS", 3)
-    errors = check_op(lambda **t: fp.ops.prefix_attention(**t, causal=True),
-                      lambda dt: _grad_inputs(dt, 2, 4, 2, 2, 19, 5, 64, mask="random", attn="bias"), torch.float32)
+    with fp.ops.use_kernel_options(decode_splits=3):
+        errors = check_op(lambda **t: fp.ops.prefix_attention(**t, causal=True),
+                          lambda dt: _grad_inputs(dt, 2, 4, 2, 2, 19, 5, 64, mask="random", attn="bias"),
+                          torch.float32)
     assert set(errors) == {"output", "dq", "dk", "dv", "dprefix_k", "dprefix_v"}
     assert launches == ["fwd", "dq", "dkdv", "dkdv"] and launches.forwards == ["decode"]
 
@@ -443,7 +445,7 @@ def test_compiled_op_body_matches_eager():
 
 def test_op_body_lse_matches_float64_logsumexp():
     t = _inputs(1, 2, 1, 4, 6, 2, 64, torch.float64)
-    _, lse = op._torch_forward(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], None, 0.125, False, 0)
+    _, lse = prefix_attention_fwd(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], None, 0.125, False, 0)
     keys = torch.cat([t["prefix_k"], t["k"]], 2).expand(1, 2, -1, -1)
     expect = torch.logsumexp(t["q"] @ keys.transpose(-1, -2) * 0.125, -1)
     assert (lse.double() - expect).abs().max() < 1e-5

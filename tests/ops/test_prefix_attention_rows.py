@@ -13,6 +13,7 @@ import torch
 import fastpeft as fp
 from fastpeft.ops import attention as op
 from fastpeft.reference.attention import prefix_attention as reference
+from fastpeft.reference.attention import prefix_attention_fwd
 from tests.harness import DEVICE, HAS_TRITON, TOLERANCE, check_op, needs_triton, rel_err
 from tests.ops.test_prefix_attention_op import assert_compiled_matches_reference
 from tests.ops.test_prefix_attention_op import launches  # noqa: F401  (fixture: the kernel launchers called)
@@ -161,9 +162,9 @@ def _check_forward(t, dtype, **kw):
     assert torch.equal(out, o)
     err = rel_err(out, reference(**t64, **kw))
     assert err <= TOLERANCE[dtype], f"relative error {err:.3e} ({dtype})"
-    _, lse64 = op._torch_forward(t64["q"], t64["k"], t64["v"], t64["prefix_k"], t64["prefix_v"],
-                                 t["key_padding_mask"], scale, causal, offset, t64.get("attn_mask"),
-                                 t["prefix_offsets"], t["prefix_lengths"])
+    _, lse64 = prefix_attention_fwd(t64["q"], t64["k"], t64["v"], t64["prefix_k"], t64["prefix_v"],
+                                    t["key_padding_mask"], scale, causal, offset, t64.get("attn_mask"),
+                                    t["prefix_offsets"], t["prefix_lengths"])
     finite = torch.isfinite(lse64)
     assert torch.equal(torch.isinf(lse), ~finite) and not torch.isnan(lse).any()
     assert (lse[finite].double() - lse64[finite]).abs().max().item() < (1e-5 if dtype == F32 else 1e-2)
@@ -248,21 +249,21 @@ DECODE_CASES = {  # (B, H, Hkv, Lq, Lk, P, D, dtype, Bp, offsets, lengths, extra
 
 @needs_triton
 @pytest.mark.parametrize("case", list(DECODE_CASES))
-def test_decode_forward_matches_reference(case, launches, row_flags, monkeypatch):  # noqa: F811
+def test_decode_forward_matches_reference(case, launches, row_flags):  # noqa: F811
     """The split-K decode forward with per-row ranges (1, 3, many splits, the host's choice): O and LSE against
     float64, and every gradient through it."""
     B, H, Hkv, Lq, Lk, P, D, dtype, Bp, offsets, lengths, extra, splits = DECODE_CASES[case]
-    monkeypatch.setattr(op._kernels(), "DECODE_NUM_SPLITS", splits)
     make, kw = _split(extra)
     rows = dict(Bp=Bp, offsets=offsets, lengths=lengths, **make)
-    _check_forward(_make(B, H, Hkv, Lq, Lk, P, D, dtype, **rows), dtype, **kw)
-    assert launches.forwards == ["decode"] * 2
-    assert ("prefix_attention_decode_kernel", True) in row_flags
-    launches.clear()
-    launches.forwards.clear()
-    errors = check_op(lambda **x: fp.ops.prefix_attention(**x, **kw),
-                      lambda dt: _make(B, H, Hkv, Lq, Lk, P, D, dt, leaves=("q", "k", "v", "prefix_k", "prefix_v"),
-                                       **rows), dtype)
+    with fp.ops.use_kernel_options(decode_splits=splits):
+        _check_forward(_make(B, H, Hkv, Lq, Lk, P, D, dtype, **rows), dtype, **kw)
+        assert launches.forwards == ["decode"] * 2
+        assert ("prefix_attention_decode_kernel", True) in row_flags
+        launches.clear()
+        launches.forwards.clear()
+        errors = check_op(lambda **x: fp.ops.prefix_attention(**x, **kw),
+                          lambda dt: _make(B, H, Hkv, Lq, Lk, P, D, dt, leaves=("q", "k", "v", "prefix_k", "prefix_v"),
+                                           **rows), dtype)
     assert set(errors) == {"output", "dq", "dk", "dv", "dprefix_k", "dprefix_v"}
     assert launches == ["fwd", "dq", "dkdv", "dkdv"] and launches.forwards == ["decode"]
 

@@ -1,0 +1,64 @@
+"""Tiling helpers the kernel families share: size buckets, power-of-two blocks, the GEMM tile configs, the
+shared-memory fit of a pipelined config, and the grouped launch order of a GEMM's tiles."""
+from __future__ import annotations
+
+from ._compat import interpreting, tl, triton
+
+SHARED_BUDGET = 144 * 1024  # bytes of pipelined operand tiles per block; leaves epilogue room under sm_80's 163 KiB
+
+
+def bucket(n: int) -> int:
+    """Autotune key for a size that varies call to call (token count): its power-of-two bucket."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def pow2_at_least_16(n: int, cap: int) -> int:
+    """n's power-of-two bucket, at least 16 (the smallest tensor-core dot dimension) and at most `cap`."""
+    return max(16, min(cap, bucket(n)))
+
+
+def gemm_configs():
+    """What autotune may pick for the GEMM kernels (LoRA, IA3, multi-adapter IA3); tests compile every one ahead
+    of time. Under the interpreter a single small config keeps the CPU tests fast and exercises partial tiles."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4)]
+    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 5),
+        (32, 128, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+MIN_BLOCK_M = 16  # the smallest BLOCK_M of gemm_configs(): bounds the number of row blocks
+
+
+def fit_shared(configs, stage_bytes):
+    """Each config with its pipeline depth cut so that stages × stage_bytes(config) fits SHARED_BUDGET;
+    configs that cannot hold two stages are dropped (float32 operands need half the depth of bf16)."""
+    fitted = {}
+    for c in configs:
+        stages = min(c.num_stages, SHARED_BUDGET // stage_bytes(c))
+        if stages >= 2:
+            key = (tuple(sorted(c.kwargs.items())), c.num_warps, stages)
+            fitted.setdefault(key, triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages))
+    return list(fitted.values())
+
+
+def strides2(t):
+    """(stride 0, stride 1) of a 2-D operand, or (0, 0) for an absent one (its pointer never dereferenced)."""
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of this program in grouped launch order: GROUP_M row tiles share each column strip
+    of W while it sits in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
