@@ -2,22 +2,16 @@
 
     fastpeft demo [--steps N] [--seed S] [--quick]   train LoRA on a tiny built-in model, merge, generate, time it
     fastpeft info                                    versions, and the backend each op uses here and why
-    fastpeft bench <family> [args...]                run benchmarks/<family>.py (needs a source checkout)
+    fastpeft bench <family> [args...]                run a microbenchmark (fastpeft/bench/<family>)
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.metadata
 import os
 import platform
 import sys
 from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BENCH_DIR = REPO_ROOT / "benchmarks"
-NOT_FAMILIES = {"common", "__init__"}
-BENCH_ALIASES = {"prefix": "prefix_attention", "multi": "multi_adapter"}  # `fastpeft bench multi`: multi_adapter.py
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -99,35 +93,25 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------------
 
 def bench_families() -> list[str]:
-    """The benchmark scripts in the source checkout (benchmarks/*.py but common.py), or [] without one."""
-    if not BENCH_DIR.is_dir():
-        return []
-    stems = {p.stem for p in BENCH_DIR.glob("*.py") if p.stem not in NOT_FAMILIES and not p.stem.startswith("_")}
-    return sorted(stems | {alias for alias, stem in BENCH_ALIASES.items() if stem in stems})
+    """The benchmark families the package ships (fastpeft.bench.FAMILIES), aliases included."""
+    from fastpeft import bench
+
+    return bench.families()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Run benchmarks/<family>.py's main(args) from the source checkout."""
-    if not BENCH_DIR.is_dir():
-        print(f"fastpeft bench: needs a source checkout of fastpeft (no benchmarks/ next to the package, looked in "
-              f"{BENCH_DIR}). Clone the repository and `pip install -e .` from it.", file=sys.stderr)
-        return 2
+    """Run fastpeft.bench.<family>'s main(args)."""
+    from fastpeft import bench
+
     families = bench_families()
     if args.family is None:
         args.parser.print_help()
         return 2
     if args.family not in families:
-        print(f"fastpeft bench: unknown benchmark family {args.family!r}; available: {', '.join(families) or 'none'}"
-              f" (scripts in {BENCH_DIR}).", file=sys.stderr)
+        print(f"fastpeft bench: unknown benchmark family {args.family!r}; available: {', '.join(families)}.",
+              file=sys.stderr)
         return 2
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    module = importlib.import_module(f"benchmarks.{BENCH_ALIASES.get(args.family, args.family)}")
-    if Path(module.__file__).resolve().parent != BENCH_DIR:
-        print(f"fastpeft bench: `benchmarks` imported from {module.__file__}, not from {BENCH_DIR}; another "
-              "package named `benchmarks` shadows the checkout's.", file=sys.stderr)
-        return 2
-    return int(module.main(list(args.args)) or 0)
+    return int(bench.load(args.family).main(list(args.args)) or 0)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -162,15 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and CUDA tensors here, and why.")
     p.set_defaults(func=cmd_info)
 
-    families = bench_families()
-    listing = (f"available families: {', '.join(families)}" if families else
-               f"no benchmarks/ found at {BENCH_DIR}: `fastpeft bench` needs a source checkout")
-    p = sub.add_parser("bench", help="run a microbenchmark: benchmarks/<family>.py (source checkout)",
-                       description="Run benchmarks/<family>.py from the source checkout; arguments after the family "
-                                   "go to the script (`fastpeft bench lora --help` shows them).",
-                       epilog=listing)
+    p = sub.add_parser("bench", help="run a microbenchmark of an op family (fastpeft/bench/<family>)",
+                       description="Run the microbenchmark of an op family; arguments after the family go to it "
+                                   "(`fastpeft bench lora --help` shows them). Results go to benchmarks/results under "
+                                   "the current directory unless --out says otherwise.",
+                       epilog=f"available families: {', '.join(bench_families())}")
     p.add_argument("family", nargs="?", help="the op family to benchmark, e.g. lora")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     p.set_defaults(func=cmd_bench, parser=p)
     return parser
 

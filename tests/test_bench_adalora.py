@@ -1,7 +1,7 @@
-"""benchmarks/adalora.py end to end on a tiny CPU case: every impl and mode timed, checked and written."""
+"""fastpeft bench adalora end to end on a tiny CPU case: every impl and mode timed, checked and written."""
 
-import benchmarks._driver as driver
-import benchmarks.adalora as bench
+from fastpeft.bench import adalora as bench
+from fastpeft.bench.grid import MODES
 from fastpeft.cli import bench_families
 from tests.bench_run import assert_rows_timed_and_checked, run_quick
 
@@ -11,7 +11,7 @@ K, N, R = 64, 96, 4
 def test_adalora_bench_writes_every_row(tmp_path, monkeypatch):
     result = run_quick(bench, "adalora", ["--shapes", f"{K}x{N}", "--ranks", str(R)], tmp_path, monkeypatch)
     rows = {(r["impl"], r["mode"], r["M"]): r for r in result["rows"]}
-    assert set(rows) == {(i, m, M) for i in bench.IMPLS for m in driver.MODES for M in (1, 8)}
+    assert set(rows) == {(i, m, M) for i in bench.IMPLS for m in MODES for M in (1, 8)}
     assert_rows_timed_and_checked(rows)
     # the cost model: AdaLoRA = LoRA + the per-rank scale (Mr; 4Mr with the backward's scaling and dE)
     M = 8

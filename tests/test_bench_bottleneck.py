@@ -1,10 +1,10 @@
-"""benchmarks/bottleneck.py end to end on a tiny CPU case: every impl, mode and reduction factor timed, checked and
+"""fastpeft bench bottleneck end to end on a tiny CPU case: every impl, mode and reduction factor timed, checked and
 written."""
 
 import pytest
 
-import benchmarks._driver as driver
-import benchmarks.bottleneck as bench
+from fastpeft.bench import bottleneck as bench
+from fastpeft.bench.grid import MODES
 from fastpeft.cli import bench_families
 from tests.bench_run import assert_rows_timed_and_checked, run_quick
 
@@ -17,7 +17,7 @@ def test_bottleneck_bench_writes_every_row(tmp_path, monkeypatch):
                         tmp_path, monkeypatch)
     assert result["config"]["reduction_factors"] == list(RFS)
     rows = {(r["impl"], r["mode"], r["rf"], r["M"]): r for r in result["rows"]}
-    expected = {(i, m, rf, M) for i in bench.IMPLS for m in driver.MODES for rf in RFS for M in (1, 8)}
+    expected = {(i, m, rf, M) for i in bench.IMPLS for m in MODES for rf in RFS for M in (1, 8)}
     assert set(rows) == expected
     assert_rows_timed_and_checked(rows, peer="vs_torch")
     for key, row in rows.items():

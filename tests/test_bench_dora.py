@@ -1,7 +1,7 @@
-"""benchmarks/dora.py end to end on a tiny CPU case: every impl and mode timed, checked and written."""
+"""fastpeft bench dora end to end on a tiny CPU case: every impl and mode timed, checked and written."""
 
-import benchmarks._driver as driver
-import benchmarks.dora as bench
+from fastpeft.bench import dora as bench
+from fastpeft.bench.grid import MODES
 from fastpeft.cli import bench_families
 from tests.bench_run import assert_rows_timed_and_checked, run_quick
 
@@ -11,7 +11,7 @@ K, N, R = 64, 96, 4
 def test_dora_bench_writes_every_row(tmp_path, monkeypatch):
     result = run_quick(bench, "dora", ["--shapes", f"{K}x{N}", "--ranks", str(R)], tmp_path, monkeypatch)
     rows = {(r["impl"], r["mode"], r["M"]): r for r in result["rows"]}
-    assert set(rows) == {(i, m, M) for i in bench.IMPLS for m in driver.MODES for M in (1, 8)}
+    assert set(rows) == {(i, m, M) for i in bench.IMPLS for m in MODES for M in (1, 8)}
     assert_rows_timed_and_checked(rows)
     assert all(row["vs_lora"] > 0 for row in rows.values())
     # the cost model: DoRA = LoRA + the column scale (MN; 4MN with the backward) + the norm (W Aᵀ, A Aᵀ, O(Nr²))

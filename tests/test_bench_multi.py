@@ -1,16 +1,17 @@
-"""benchmarks/multi_adapter.py end to end on tiny CPU cases: every impl that runs on the CPU (fastpeft runs the
+"""fastpeft bench multi end to end on tiny CPU cases: every impl that runs on the CPU (fastpeft runs the
 PyTorch reference; fastpeft_cuda is dropped with a note) timed, checked and written for every phase and scenario;
 the cost model by hand; the targets summary on hand-made rows; the serving loop on a tiny Llama."""
 
-import json
 import math
 
 import pytest
 import torch
 
-import benchmarks.common as common
-import benchmarks.multi_adapter as bench
+from fastpeft.bench import multi_adapter as bench
+from fastpeft.bench.multi_adapter import cases, impls, serve, targets
 from fastpeft.cli import bench_families
+from fastpeft.ops import kernel_options
+from tests.bench_run import run_bench
 
 K, N, L = 64, 96, 4
 OP_ARGS = ["--device", "cpu", "--quick", "--modes", "op", "--shapes", f"{K}x{N}", "--batches", "1,4,72",
@@ -23,21 +24,13 @@ SERVE_ARGS = ["--device", "cpu", "--quick", "--modes", "serve", "--serve-batch",
 def run_quick(tmp_path, monkeypatch):
     """bench.main(args) into tmp_path with a small roofline probe; the complete JSON it wrote. Restores torch's
     thread count (the quick CPU run sets one thread)."""
-    monkeypatch.setattr(bench._driver, "measure_peaks", lambda device, dtype, cfg: common.measure_peaks(
-        device, dtype, cfg, matmul_n=128, copy_bytes=2**20))
     threads = torch.get_num_threads()
 
     def run(args):
-        argv = [*args, "--out", str(tmp_path)]
         try:
-            assert bench.main(argv) == 0
+            return run_bench(bench, "multi_adapter", args, tmp_path, monkeypatch)
         finally:
             torch.set_num_threads(threads)
-        (path,) = tmp_path.glob("cpu-*-multi_adapter-*.json")
-        result = json.loads(path.read_text())
-        assert result["complete"] and result["benchmark"] == "multi_adapter"
-        assert result["command"].endswith(" ".join(argv))
-        return result
 
     return run
 
@@ -49,16 +42,18 @@ def test_multi_bench_writes_every_row(run_quick):
     assert "fastpeft_cuda" not in config["impls"] and not result["cuda_ext"]["usable"]
     assert any(n.startswith("fastpeft_cuda skipped") for n in result["notes"])
     assert result["peaks"]["bandwidth_gbps"] > 0 and result["versions"]["torch"]
-    specs = bench.case_specs(bench.QUICK, bench.PHASES, [(K, N)], [1, 4, 72], bench.SCENARIOS, bench.RANKS, L)
+    assert config["decode_max_tokens"] == kernel_options().decode_max_tokens == 64
+    specs = cases.case_specs(cases.QUICK, cases.PHASES, [(K, N)], [1, 4, 72], cases.SCENARIOS, cases.RANKS, L)
     expected = {(i, s["phase"], s["B"], s["scenario"], s["n"], s["rank"])
-                for s in specs for i in bench.case_impls(config["impls"], s["phase"], s["B"] * s["L"])}
+                for s in specs for i in impls.case_impls(config["impls"], s["phase"], s["B"] * s["L"])}
     rows = {(r["impl"], r["mode"], r["B"], r["scenario"], r["n"], r["rank"]): r for r in result["rows"]}
     assert set(rows) == expected and len(rows) == len(result["rows"])
-    # B = 72 decode rows are past DECODE_MAX_TOKENS (64): fastpeft_decode (the decode kernel forced) runs there
+    # B = 72 decode rows are past kernel_options().decode_max_tokens (64): fastpeft_decode (the decode kernel
+    # forced) runs there
     assert {k[0] for k in rows} == {"base", "fastpeft", "fastpeft_segment", "fastpeft_decode", "peft", "loop",
                                     "padded_bmm"}
     assert {k[2] for k in rows if k[0] == "fastpeft_decode"} == {72}
-    assert {k[1] for k in rows} == set(bench.PHASES) and {k[3] for k in rows} == set(bench.SCENARIOS)
+    assert {k[1] for k in rows} == set(cases.PHASES) and {k[3] for k in rows} == set(cases.SCENARIOS)
     for key, row in rows.items():
         impl, phase = key[:2]
         assert math.isfinite(row["ms"]) and row["ms"] > 0, key
@@ -100,15 +95,15 @@ def test_multi_cost_model(run_quick):
 
 def test_scenarios_and_preset():
     g = torch.Generator().manual_seed(0)
-    slots = bench.row_slots("uniform", 8, 16, g)
+    slots = cases.row_slots("uniform", 8, 16, g)
     assert len(slots) == 16 and set(slots) == set(range(8))
-    assert sorted(bench.row_slots("uniform", 16, 16, g)) == list(range(16))
-    zipf = bench.row_slots("zipf", 64, 256, g)
+    assert sorted(cases.row_slots("uniform", 16, 16, g)) == list(range(16))
+    zipf = cases.row_slots("zipf", 64, 256, g)
     assert len(zipf) == 256 and 0 <= min(zipf) and max(zipf) < 64 and zipf.count(0) > zipf.count(63)
-    assert bench.row_slots("none", 0, 4, g) == [-1] * 4
-    assert bench.slot_ranks("mixed", 5) == [8, 16, 64, 128, 8] and bench.slot_ranks("16", 2) == [16, 16]
-    full = bench.case_specs(bench.FULL, bench.PHASES, bench.FULL["shapes"], None, bench.SCENARIOS, bench.RANKS, 512)
-    assert len(full) == 174  # the count the module docstring gives
+    assert cases.row_slots("none", 0, 4, g) == [-1] * 4
+    assert cases.slot_ranks("mixed", 5) == [8, 16, 64, 128, 8] and cases.slot_ranks("16", 2) == [16, 16]
+    full = cases.case_specs(cases.FULL, cases.PHASES, cases.FULL["shapes"], None, cases.SCENARIOS, cases.RANKS, 512)
+    assert len(full) == 174  # the count cases.py's docstring gives
     assert {s["B"] for s in full if s["rank"] in ("8", "64")} == {64}
     assert {s["B"] for s in full if s["rank"] == "mixed" or s["scenario"] == "zipf"} == {16, 64, 256}
     assert {s["B"] for s in full if s["phase"] == "prefill"} == {1, 4, 16, 64}
@@ -124,7 +119,7 @@ def test_summary_targets():
     shapes = [(4096, 4096), (4096, 11008), (11008, 4096)]
     times = {(4096, 4096): (0.05, 0.06, 1.0), (4096, 11008): (0.1, 0.12, 1.5), (11008, 4096): (0.1, 0.4, 1.5)}
     flat = [row(i, K, N, t) for (K, N), ts in times.items() for i, t in zip(("base", "fastpeft", "peft"), ts)]
-    s = bench.summary(flat, bench.FULL, shapes, True, 3000.0, 2)
+    s = targets.summary(flat, cases.FULL, shapes, True, 3000.0, 2)
     got = {(t["target"], t["scope"].split()[0]): t for t in s["targets"]}
     assert got["ratio_to_base", "4096x4096"]["value"] == pytest.approx(1.2) and got["ratio_to_base", "4096x4096"]["met"]
     block = (4 * 0.06 + 2 * 0.12 + 0.4) / (4 * 0.05 + 2 * 0.1 + 0.1)
@@ -132,7 +127,7 @@ def test_summary_targets():
     assert got["speedup_over_peft", "4096x4096"]["value"] == pytest.approx(1.0 / 0.06)
     term = 2 * (64 * 16 * 8192 + 64 * 4096 + 2 * 64 * 4096)
     assert got["adapter_bw_pct", "4096x4096"]["value"] == pytest.approx(100 * term / 0.01e-3 / 3000e9)
-    cpu = bench.summary(flat, bench.FULL, shapes, False, 3000.0, 2)
+    cpu = targets.summary(flat, cases.FULL, shapes, False, 3000.0, 2)
     assert not cpu["applicable"] and all(t["met"] is None for t in cpu["targets"])
 
 
@@ -145,12 +140,12 @@ def test_multi_bench_serve(run_quick):
     assert config["batch"] == 2 and config["adapters"] == 2 and config["prompt"] == 4 and config["new_tokens"] == 2
     assert config["adapter_dtypes"] == {"peft": "torch.float32", "fastpeft": "torch.float32"}
     rows = {r["impl"]: r for r in result["serve"]}
-    assert set(rows) == set(bench.SERVE_IMPLS)
-    dims = {**bench.SERVE_QUICK, "batch": 2, "prompt": 4, "new_tokens": 2}
+    assert set(rows) == set(serve.IMPLS)
+    dims = {**serve.QUICK, "batch": 2, "prompt": 4, "new_tokens": 2}
     for impl, row in rows.items():
         assert row["mode"] == "serve" and not row["note"] and math.isfinite(row["ms"]) and row["ms"] > 0, impl
         assert row["tokens_per_s"] == pytest.approx(2 * 2 / (row["ms"] * 1e-3)) and len(row["runs_ms"]) == 3, impl
-        assert row["flops"] == bench.serve_flops(dims, 2, 4, 2, impl != "base"), impl
+        assert row["flops"] == serve.serve_flops(dims, 2, 4, 2, impl != "base"), impl
         assert row["throughput_vs_base"] > 0 and row["vs_peer"] > 0, impl
         if impl != "base":  # equal adapters: the same logits and tokens, and the adapters do change the output
             assert row["logits_rel_err"] < 1e-5 and row["tokens_equal"] and row["adapter_effect"] > 1e-2, impl

@@ -1,9 +1,9 @@
-"""benchmarks/phm.py end to end on a tiny CPU case: every impl, mode and phm_dim timed, checked and written."""
+"""fastpeft bench phm end to end on a tiny CPU case: every impl, mode and phm_dim timed, checked and written."""
 
 import pytest
 
-import benchmarks._driver as driver
-import benchmarks.phm as bench
+from fastpeft.bench import phm as bench
+from fastpeft.bench.grid import MODES
 from fastpeft.cli import bench_families
 from tests.bench_run import assert_rows_timed_and_checked, run_quick
 
@@ -15,7 +15,7 @@ def test_phm_bench_writes_every_row(tmp_path, monkeypatch):
     result = run_quick(bench, "phm", ["--shapes", f"{K}x{N}", "--phm-dims", "2,4"], tmp_path, monkeypatch)
     assert result["config"]["phm_dims"] == list(DIMS) and result["config"]["phm_rank"] == 1
     rows = {(r["impl"], r["mode"], r["n"], r["M"]): r for r in result["rows"]}
-    expected = {(i, m, n, M) for i in bench.IMPLS for m in driver.MODES for n in DIMS for M in (1, 8)}
+    expected = {(i, m, n, M) for i in bench.IMPLS for m in MODES for n in DIMS for M in (1, 8)}
     assert set(rows) == expected
     assert_rows_timed_and_checked(rows, peer="vs_torch")
     for key, row in rows.items():

@@ -1,15 +1,15 @@
-"""benchmarks/prefix_attention.py end to end on tiny CPU cases: every impl, mode, L and P timed, checked and written,
+"""fastpeft bench prefix end to end on tiny CPU cases: every impl, mode, L and P timed, checked and written,
 with the ratio to the floor and the (L + P) / L target on every row; the model section (one prefix-tuning step of a
 tiny Llama: floor, fastpeft, PEFT) likewise (no timing assertions)."""
 
-import json
 import math
 
 import pytest
 
-import benchmarks.common as common
-import benchmarks.prefix_attention as bench
+from fastpeft.bench import prefix_attention as bench
+from fastpeft.bench.prefix_attention import op, step
 from fastpeft.cli import bench_families
+from tests.bench_run import run_bench
 
 LENGTHS = (16, 64)
 PREFIXES = (3, 10)
@@ -22,15 +22,7 @@ MODEL_ARGS = ["--device", "cpu", "--quick", "--modes", "step", "--model-lengths"
 
 def run_quick(tmp_path, monkeypatch, args=ARGS) -> dict:
     """bench.main on the tiny cases into tmp_path (a small roofline probe); the complete JSON it wrote."""
-    monkeypatch.setattr(bench._driver, "measure_peaks", lambda device, dtype, cfg: common.measure_peaks(
-        device, dtype, cfg, matmul_n=128, copy_bytes=2**20))
-    argv = [*args, "--out", str(tmp_path)]
-    assert bench.main(argv) == 0
-    (path,) = tmp_path.glob("cpu-*-prefix_attention-*.json")
-    result = json.loads(path.read_text())
-    assert result["complete"] and result["benchmark"] == "prefix_attention"
-    assert result["command"].endswith(" ".join(argv))
-    return result
+    return run_bench(bench, "prefix_attention", args, tmp_path, monkeypatch)
 
 
 def test_prefix_bench_writes_every_row(tmp_path, monkeypatch):
@@ -41,7 +33,7 @@ def test_prefix_bench_writes_every_row(tmp_path, monkeypatch):
     assert {"name", "kind"} <= set(result["device"]) and result["versions"]["torch"] and result["date"]
     assert result["peaks"]["matmul_tflops"] > 0 and result["peaks"]["bandwidth_gbps"] > 0
     rows = {(r["impl"], r["mode"], r["L"], r["P"]): r for r in result["rows"]}
-    assert set(rows) == {(i, m, L, P) for i in bench.IMPLS for m in bench.MODES for L in LENGTHS for P in PREFIXES}
+    assert set(rows) == {(i, m, L, P) for i in op.IMPLS for m in op.MODES for L in LENGTHS for P in PREFIXES}
     for key, row in rows.items():
         impl, mode, L, P = key
         assert math.isfinite(row["ms"]) and row["ms"] > 0, key
@@ -54,7 +46,7 @@ def test_prefix_bench_writes_every_row(tmp_path, monkeypatch):
             assert row["vs_base"] == 1.0 and row["meets_target"] is None, key
         else:
             assert row["meets_target"] == (row["vs_base"] <= row["target_ratio"]), key
-    for mode in bench.TARGET_MODES:
+    for mode in op.TARGET_MODES:
         assert result["summary"][mode]["cases"] == len(LENGTHS) * len(PREFIXES)
 
 
@@ -66,14 +58,14 @@ def test_prefix_bench_model_step(tmp_path, monkeypatch):
     config = result["model_config"]
     assert config["hidden"] == 64 and config["layers"] == 2 and config["heads"] == 4 and config["vocab"] == 128
     assert config["lengths"] == [16, 32] and config["prefix_lengths"] == [4] and config["dtype"] == "fp32"
-    assert config["impls"] == list(bench.MODEL_IMPLS) and config["prefix_kinds"] == list(bench.PREFIX_KINDS)
+    assert config["impls"] == list(step.IMPLS) and config["prefix_kinds"] == list(step.PREFIX_KINDS)
     rows = {(r["impl"], r["L"], r["prefix"]): r for r in result["model"]}
-    assert set(rows) == {(i, L, k) for i in bench.MODEL_IMPLS for L in (16, 32) for k in bench.PREFIX_KINDS}
+    assert set(rows) == {(i, L, k) for i in step.IMPLS for L in (16, 32) for k in step.PREFIX_KINDS}
     for (impl, L, kind), row in rows.items():
         key = (impl, L, kind)
         assert row["mode"] == "step" and row["P"] == 4 and row["B"] == 32 // L and not row["note"], key
         assert math.isfinite(row["ms"]) and row["ms"] > 0 and row["tflops"] > 0, key
-        assert row["flops"] == bench.model_step_flops(config, row["B"], L, 0 if impl == "floor" else 4), key
+        assert row["flops"] == step.model_step_flops(config, row["B"], L, 0 if impl == "floor" else 4), key
         assert row["ratio_to_floor"] == row["vs_base"] > 0 and row["speedup_over_peft"] == row["vs_peer"] > 0, key
         if impl == "floor":
             assert row["vs_base"] == 1.0 and row["rel_err"] is None and row["trainable_params"] == 64, key
@@ -90,21 +82,21 @@ def test_model_step_flops():
     dims = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 4, "intermediate": 128, "vocab": 128}
     B, L, P = 2, 16, 4
     linear = 4 * B * L * (2 * (4 * 64 * 64 + 3 * 64 * 128) + 64 * 128)
-    assert bench.model_step_flops(dims, B, L, 0) == linear + 2 * 3.5 * 4 * B * 4 * 16 * (L * L / 2)
-    extra = bench.model_step_flops(dims, B, L, P) - bench.model_step_flops(dims, B, L, 0)
+    assert step.model_step_flops(dims, B, L, 0) == linear + 2 * 3.5 * 4 * B * 4 * 16 * (L * L / 2)
+    extra = step.model_step_flops(dims, B, L, P) - step.model_step_flops(dims, B, L, 0)
     assert extra == 2 * 3.5 * 4 * B * 4 * 16 * L * P
 
 
 def test_prefix_cost_model():
     B, H, Hkv, L, P, D = 2, 4, 2, 64, 10, 64
     fwd = 4 * B * H * D * (L * P + L * L / 2)
-    assert bench.attention_flops(B, H, L, P, D, "fwd", "fastpeft") == fwd
-    assert bench.attention_flops(B, H, L, P, D, "fwd+bwd", "torch") == 3.5 * fwd
-    assert bench.attention_flops(B, H, L, P, D, "fwd", "floor") == 4 * B * H * D * L * L / 2
-    assert bench.attention_flops(B, H, L, P, D, "decode", "fastpeft") == 4 * B * H * (L + P) * D
-    assert bench.attention_bytes(B, H, Hkv, L, P, D, "decode", "fastpeft", 2) == \
+    assert op.attention_flops(B, H, L, P, D, "fwd", "fastpeft") == fwd
+    assert op.attention_flops(B, H, L, P, D, "fwd+bwd", "torch") == 3.5 * fwd
+    assert op.attention_flops(B, H, L, P, D, "fwd", "floor") == 4 * B * H * D * L * L / 2
+    assert op.attention_flops(B, H, L, P, D, "decode", "fastpeft") == 4 * B * H * (L + P) * D
+    assert op.attention_bytes(B, H, Hkv, L, P, D, "decode", "fastpeft", 2) == \
         2 * (2 * B * H * D + 2 * B * Hkv * L * D + 2 * Hkv * P * D)
-    assert bench.attention_bytes(B, H, Hkv, L, P, D, "fwd+bwd", "floor", 2) == 2 * 6 * (B * H * L * D + B * Hkv * L * D)
+    assert op.attention_bytes(B, H, Hkv, L, P, D, "fwd+bwd", "floor", 2) == 2 * 6 * (B * H * L * D + B * Hkv * L * D)
 
 
 def test_prefix_is_a_bench_family():

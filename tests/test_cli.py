@@ -1,16 +1,22 @@
 """The `fastpeft` command: info, demo --quick, bench; each run in a fresh interpreter like a user would."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+import tomllib
 
 from tests.aot import ROOT
+from tests.bench_run import small_peaks
+
+FAMILIES = ("adalora", "bottleneck", "dora", "ia3", "lora", "multi", "multi_adapter", "phm", "prefix",
+            "prefix_attention")
 
 
-def fastpeft(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def fastpeft(*args: str, timeout: int = 120, cwd=ROOT) -> subprocess.CompletedProcess:
     """`python -m fastpeft ARGS` (the console script's entry point, without relying on PATH)."""
-    return subprocess.run([sys.executable, "-m", "fastpeft", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fastpeft", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -43,8 +49,16 @@ def test_demo_quick():
 
 def test_bench_unknown_family():
     result = fastpeft("bench", "no_such_family")
-    assert result.returncode != 0
-    assert "unknown benchmark family 'no_such_family'" in result.stderr and "lora" in result.stderr
+    assert result.returncode == 2
+    assert "unknown benchmark family 'no_such_family'" in result.stderr
+    assert f"available: {', '.join(FAMILIES)}." in result.stderr
+
+
+def test_bench_without_family_prints_help(capsys):
+    from fastpeft import cli
+
+    assert cli.main(["bench"]) == 2
+    assert "available families: " in capsys.readouterr().out
 
 
 def test_bench_help_lists_families():
@@ -61,12 +75,39 @@ def test_bench_lora_help():
     assert "--shapes" in result.stdout and "--quick" in result.stdout
 
 
-def test_bench_without_source_checkout(tmp_path, monkeypatch, capsys):
+def test_bench_runs_outside_a_checkout(tmp_path):
+    """As from an installed wheel: run from a directory that is not the repository, the benchmarks come from the
+    package; a `benchmarks` package in the working directory (first on sys.path under -m) is never imported."""
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "__init__.py").write_text("raise SystemExit('imported ./benchmarks')\n")
+    result = fastpeft("bench", "lora", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("usage: fastpeft bench lora") and "--ranks" in result.stdout
+    assert "benchmarks/results under the current directory" in " ".join(result.stdout.split())
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["__init__.py", "benchmarks"]  # nothing written
+
+
+def test_bench_writes_under_the_working_directory(tmp_path, monkeypatch):
+    """Without --out the result goes to benchmarks/results under the current directory, wherever fastpeft lives."""
     from fastpeft import cli
 
-    monkeypatch.setattr(cli, "BENCH_DIR", tmp_path / "benchmarks")
-    assert cli.main(["bench", "lora"]) == 2
-    assert "needs a source checkout" in capsys.readouterr().err
+    small_peaks(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--device", "cpu", "--quick", "--shapes", "32x32", "--m", "1", "--ranks", "2", "--modes", "fwd",
+            "--impls", "base,fastpeft", "--no-plot", "--warmup-ms", "0", "--rep-ms", "1"]
+    assert cli.main(["bench", "lora", *argv]) == 0
+    (path,) = (tmp_path / "benchmarks" / "results").glob("cpu-*-lora-*.json")
+    result = json.loads(path.read_text())
+    assert result["complete"] and {r["impl"] for r in result["rows"]} == {"base", "fastpeft"}
+
+
+def test_wheel_ships_the_benchmarks():
+    """pyproject's package discovery puts every benchmark package into the wheel."""
+    from setuptools import find_packages
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    found = set(find_packages(ROOT, **pyproject["tool"]["setuptools"]["packages"]["find"]))
+    assert {"fastpeft.bench", "fastpeft.bench.multi_adapter", "fastpeft.bench.prefix_attention"} <= found
 
 
 def test_console_script_declared():

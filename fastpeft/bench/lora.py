@@ -1,8 +1,8 @@
 """LoRA microbenchmark: the frozen base linear, fastpeft's lora_linear, PEFT's lora.Linear and plain PyTorch.
 
-    python benchmarks/lora.py            # CUDA: LLaMA-7B linears, bf16, M 1..16384, r 8/16/64 (CPU: --quick)
-    python benchmarks/lora.py --quick    # small shapes, fewer repetitions (the default without CUDA)
-    python benchmarks/lora.py --shapes 4096x4096,4096x11008 --m 1,4096 --ranks 16 --dtype bf16 --modes fwd,fwdbwd
+    fastpeft bench lora            # CUDA: LLaMA-7B linears, bf16, M 1..16384, r 8/16/64 (CPU: --quick)
+    fastpeft bench lora --quick    # small shapes, fewer repetitions (the default without CUDA)
+    fastpeft bench lora --shapes 4096x4096,4096x11008 --m 1,4096 --ranks 16 --dtype bf16 --modes fwd,fwdbwd
 
 Implementations, timed side by side on the same inputs (x: M x K, W: N x K frozen, A: r x K, B: N x r,
 scale = alpha / r with alpha = 2r, no bias, no dropout):
@@ -30,22 +30,17 @@ fwd+bwd) against the formula in float64 (CPU) or float32 (CUDA), checked once pe
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # imported as benchmarks.lora (repo root on sys.path)
-    from . import _driver
-    from ._driver import Family, Run, time_case
-    from .common import Row, frozen_linear, int_list, takes_config
-except ImportError:  # run as a script: python benchmarks/lora.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks import _driver
-    from benchmarks._driver import Family, Run, time_case
-    from benchmarks.common import Row, frozen_linear, int_list, takes_config
+from . import driver
+from .driver import Run
+from .grid import GridFamily, time_case
+from .models import frozen_linear, takes_config
+from .options import int_list
+from .roofline import Row
 
 IMPLS = ("base", "fastpeft", "peft", "torch")
 FULL = {"shapes": [(4096, 4096), (4096, 11008), (11008, 4096)], "m": [1, 16, 128, 512, 2048, 4096, 8192, 16384],
@@ -169,7 +164,7 @@ def run_case(run: Run, K: int, N: int, M: int, r: int) -> list[Row]:
         cost=lambda mode, impl: (lora_flops(M, K, N, r, mode, impl), lora_bytes(M, K, N, r, mode, impl, run.elem)))
 
 
-FAMILY = Family(
+FAMILY = GridFamily(
     bench="lora", title="LoRA", doc=__doc__, impls=IMPLS, full=FULL, quick=QUICK, axis="r",
     axis_arg=("--ranks", {"type": int_list, "help": "LoRA ranks r, e.g. 8,16,64 (alpha = 2r)"}),
     config={"alpha": "2r"}, fast=("fastpeft.ops", "lora_linear"), peft=("peft.tuners.lora.layer", "Linear"),
@@ -177,8 +172,4 @@ FAMILY = Family(
 
 
 def main(argv=None) -> int:
-    return _driver.main(FAMILY, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return driver.main(FAMILY, argv)

@@ -1,8 +1,8 @@
 """IA3 microbenchmark: the frozen base linear, fastpeft's ia3_linear, PEFT's ia3.Linear and plain PyTorch.
 
-    python benchmarks/ia3.py             # CUDA: LLaMA-7B linears, bf16, M 1..16384 (CPU: --quick)
-    python benchmarks/ia3.py --quick     # small shapes, fewer repetitions (the default without CUDA)
-    python benchmarks/ia3.py --shapes 4096x11008 --m 1,4096 --ia3-modes out --dtype bf16 --modes fwd,fwdbwd
+    fastpeft bench ia3             # CUDA: LLaMA-7B linears, bf16, M 1..16384 (CPU: --quick)
+    fastpeft bench ia3 --quick     # small shapes, fewer repetitions (the default without CUDA)
+    fastpeft bench ia3 --shapes 4096x11008 --m 1,4096 --ia3-modes out --dtype bf16 --modes fwd,fwdbwd
 
 IA3 modes (x: M x K, W: N x K frozen, no bias; one trainable float32 vector, values in [0.5, 1.5)):
     out   y = (x Wᵀ) ⊙ v       v: (N,), attention keys/values (PEFT: is_feedforward=False)
@@ -33,22 +33,17 @@ pool item.
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # imported as benchmarks.ia3 (repo root on sys.path)
-    from . import _driver
-    from ._driver import Family, Run, time_case
-    from .common import Row, frozen_linear, str_list, takes_config
-except ImportError:  # run as a script: python benchmarks/ia3.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks import _driver
-    from benchmarks._driver import Family, Run, time_case
-    from benchmarks.common import Row, frozen_linear, str_list, takes_config
+from . import driver
+from .driver import Run
+from .grid import GridFamily, time_case
+from .models import frozen_linear, takes_config
+from .options import str_list
+from .roofline import Row
 
 IMPLS = ("base", "fastpeft", "peft", "torch")
 IA3_MODES = ("out", "in")
@@ -192,7 +187,7 @@ def run_case(run: Run, K: int, N: int, M: int, ia3: str) -> list[Row]:
         cost=lambda mode, impl: (ia3_flops(M, K, N, ia3, mode, impl), ia3_bytes(M, K, N, ia3, mode, impl, run.elem)))
 
 
-FAMILY = Family(
+FAMILY = GridFamily(
     bench="ia3", title="IA3", doc=__doc__, impls=IMPLS, full=FULL, quick=QUICK, axis="ia3",
     axis_arg=("--ia3-modes", {"type": parse_ia3_modes, "default": list(IA3_MODES),
                               "help": "out (y = (x W^T) * v) and/or in (y = (x * u) W^T) (default: out,in)"}),
@@ -201,8 +196,4 @@ FAMILY = Family(
 
 
 def main(argv=None) -> int:
-    return _driver.main(FAMILY, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return driver.main(FAMILY, argv)

@@ -1,8 +1,8 @@
 """DoRA microbenchmark: the frozen base linear, fastpeft's LoRA and DoRA ops, PEFT's DoRA layer and plain PyTorch.
 
-    python benchmarks/dora.py            # CUDA: LLaMA-7B linears, bf16, M 1..16384, r 8/16/64 (CPU: --quick)
-    python benchmarks/dora.py --quick    # small shapes, fewer repetitions (the default without CUDA)
-    python benchmarks/dora.py --shapes 4096x11008 --m 1,4096 --ranks 16 --dtype bf16 --modes fwd,fwdbwd
+    fastpeft bench dora            # CUDA: LLaMA-7B linears, bf16, M 1..16384, r 8/16/64 (CPU: --quick)
+    fastpeft bench dora --quick    # small shapes, fewer repetitions (the default without CUDA)
+    fastpeft bench dora --shapes 4096x11008 --m 1,4096 --ranks 16 --dtype bf16 --modes fwd,fwdbwd
 
 DoRA (x: M x K, W: N x K frozen, A: r x K, B: N x r in the benchmark dtype, magnitude m: (N,) float32,
 scale s = alpha / r with alpha = 2r, no bias, no dropout):
@@ -22,7 +22,7 @@ Implementations, timed side by side on the same inputs:
 Modes: "fwd" (under torch.no_grad) and "fwd+bwd" (forward, then torch.autograd.grad for a fixed dY with
 respect to x, A, B and m; W frozen; for base that is the forward plus dX only, for lora x, A and B).
 
-FLOPs (useful work; an implementation's redundant work is not counted; base and lora as in benchmarks/lora.py):
+FLOPs (useful work; an implementation's redundant work is not counted; base and lora as in fastpeft/bench/lora.py):
     forward   DoRA  LoRA forward + MN (the column scale c = m / ‖·‖)
                     + norm: 2NKr (W Aᵀ) + 2Kr² (A Aᵀ) + 2Nr² + 5Nr (B diag(s), its products with W Aᵀ and
                       A Aᵀ); O(N) terms and ‖W_n‖² (cached) left out
@@ -34,31 +34,26 @@ written once per pass; W Aᵀ shares the forward's read of W, which fastpeft rea
     backward  DoRA  LoRA backward + eMN (read Z) + 8N (read c, write dm)
     fwd+bwd = forward + backward.
 Each row also carries rel_err: the largest relative Frobenius error of its outputs (y; and the gradients in
-fwd+bwd) against fastpeft.reference.dora.dora_linear (base and lora: the formulas of benchmarks/lora.py) in
+fwd+bwd) against fastpeft.reference.dora.dora_linear (base and lora: the formulas of fastpeft/bench/lora.py) in
 float64, checked once per case on the first pool item.
 """
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # imported as benchmarks.dora (repo root on sys.path)
-    from . import _driver, lora
-    from ._driver import Family, Run, time_case
-    from .common import Column, Row, int_list
-except ImportError:  # run as a script: python benchmarks/dora.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks import _driver, lora
-    from benchmarks._driver import Family, Run, time_case
-    from benchmarks.common import Column, Row, int_list
+from . import driver, lora
+from .driver import Run
+from .grid import GridFamily, time_case
+from .options import int_list
+from .report import Column
+from .roofline import Row
 
 IMPLS = ("base", "lora", "fastpeft", "peft", "torch")
-LORA_IMPL = {"base": "base", "lora": "fastpeft"}  # this script's base and lora are benchmarks/lora.py's impls
+LORA_IMPL = {"base": "base", "lora": "fastpeft"}  # this script's base and lora are fastpeft/bench/lora.py's impls
 VEC_BYTES = 4  # m and ‖W_n‖² are float32
 
 
@@ -89,7 +84,7 @@ def dora_bytes(M: int, K: int, N: int, r: int, mode: str, impl: str, elem: int) 
 # ------------------------------------------------------------------------------------------------------------
 
 def with_dora(peft_linear):
-    """PEFT's LoRA Linear class with use_dora=True, built by benchmarks/lora.py's build_peft_layer: the flag goes
+    """PEFT's LoRA Linear class with use_dora=True, built by fastpeft/bench/lora.py's build_peft_layer: the flag goes
     into its LoraConfig (recent PEFT) or in as a keyword (older releases); the signature stays the parent's."""
     class DoraLinear(peft_linear):
         @functools.wraps(peft_linear.__init__)
@@ -105,7 +100,7 @@ def with_dora(peft_linear):
 
 
 def make_item(M, K, N, r, dtype, device, *, need_dy: bool, sq_norm: bool, peft_linear=None) -> dict:
-    """benchmarks/lora.py's inputs (x ~ N(0, 1); W, A ~ N(0, 1/K); B ~ N(0, 1/r); dY ~ N(0, 1); PEFT's layer)
+    """fastpeft/bench/lora.py's inputs (x ~ N(0, 1); W, A ~ N(0, 1/K); B ~ N(0, 1/r); dY ~ N(0, 1); PEFT's layer)
     plus m ~ U[0.5, 1.5) in float32 (not ‖W + s B A‖, where PEFT starts: no shortcut) and, with sq_norm, the
     cached ‖W_n‖² ("wsq") that fastpeft's module passes to dora_linear."""
     item = lora.make_item(M, K, N, r, dtype, device, need_dy=need_dy, peft_linear=peft_linear)
@@ -180,7 +175,7 @@ def add_vs_lora(rows: list[Row]) -> None:
         row.extra["vs_lora"] = row.ms / lora_ms[row.mode] if row.ms and row.mode in lora_ms else None
 
 
-FAMILY = Family(
+FAMILY = GridFamily(
     bench="dora", title="DoRA", doc=__doc__, impls=IMPLS, full=lora.FULL, quick=lora.QUICK, axis="r",
     axis_arg=("--ranks", {"type": int_list, "help": "ranks r, e.g. 8,16,64 (alpha = 2r)"}),
     config={"alpha": "2r", "magnitude_dtype": "fp32 (torch: column scale cast to the benchmark dtype)",
@@ -192,8 +187,4 @@ FAMILY = Family(
 
 
 def main(argv=None) -> int:
-    return _driver.main(FAMILY, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return driver.main(FAMILY, argv)

@@ -1,8 +1,8 @@
 """AdaLoRA microbenchmark: the frozen base linear, fastpeft's lora_linear, PEFT's SVDLinear and plain PyTorch.
 
-    python benchmarks/adalora.py            # CUDA: LLaMA-7B linears, bf16, M 1..16384, r 8/16/64 (CPU: --quick)
-    python benchmarks/adalora.py --quick    # small shapes, fewer repetitions (the default without CUDA)
-    python benchmarks/adalora.py --shapes 4096x11008 --m 1,4096 --ranks 16 --dtype bf16 --modes fwd,fwdbwd
+    fastpeft bench adalora            # CUDA: LLaMA-7B linears, bf16, M 1..16384, r 8/16/64 (CPU: --quick)
+    fastpeft bench adalora --quick    # small shapes, fewer repetitions (the default without CUDA)
+    fastpeft bench adalora --shapes 4096x11008 --m 1,4096 --ranks 16 --dtype bf16 --modes fwd,fwdbwd
 
 AdaLoRA's SVD form (x: M x K, W: N x K frozen, A: r x K, singular values E: r x 1, B: N x r, all in the
 benchmark dtype; r = init_r = ranknum, alpha = 2r, no bias, no dropout):
@@ -19,12 +19,12 @@ Implementations, timed side by side on the same inputs:
 Modes: "fwd" (under torch.no_grad) and "fwd+bwd" (forward, then torch.autograd.grad for a fixed dY with
 respect to x, A, B and E; W frozen; for base that is the forward plus dX only).
 
-FLOPs (useful work; base and LoRA as in benchmarks/lora.py; an implementation's redundant work, such as forming
+FLOPs (useful work; base and LoRA as in fastpeft/bench/lora.py; an implementation's redundant work, such as forming
 A ⊙ E (rK), is not counted; the O(r) terms s = c E and dE = c ds are left out):
     forward   AdaLoRA  LoRA forward + Mr (T ⊙ s, T = x Aᵀ)
     backward  AdaLoRA  LoRA backward + Mr (G ⊙ s, G = dY B) + 2Mr (ds = Σ_m G ⊙ T);
                        dB = dYᵀ (T ⊙ s) reuses the forward's T ⊙ s
-Bytes (minimum traffic, e bytes per element, the M x r intermediates left out as in benchmarks/lora.py):
+Bytes (minimum traffic, e bytes per element, the M x r intermediates left out as in fastpeft/bench/lora.py):
     forward   AdaLoRA  LoRA forward + er (read E)
     backward  AdaLoRA  LoRA backward + 2er (read E, write dE)
     fwd+bwd = forward + backward.
@@ -34,22 +34,17 @@ fwd+bwd; base: y and dX) against the formula in float64, checked once per case o
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # imported as benchmarks.adalora (repo root on sys.path)
-    from . import _driver, lora
-    from ._driver import Family, Run, time_case
-    from .common import Row, frozen_linear, int_list
-except ImportError:  # run as a script: python benchmarks/adalora.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks import _driver, lora
-    from benchmarks._driver import Family, Run, time_case
-    from benchmarks.common import Row, frozen_linear, int_list
+from . import driver, lora
+from .driver import Run
+from .grid import GridFamily, time_case
+from .models import frozen_linear
+from .options import int_list
+from .roofline import Row
 
 IMPLS = ("base", "fastpeft", "peft", "torch")
 
@@ -102,7 +97,7 @@ def build_peft_layer(svd_linear, w, a, b, e, r: int) -> nn.Module:
 
 
 def make_item(M, K, N, r, dtype, device, *, need_dy: bool, peft_linear=None) -> dict:
-    """benchmarks/lora.py's inputs (x ~ N(0, 1); W, A ~ N(0, 1/K); B ~ N(0, 1/r); dY ~ N(0, 1)) plus E ~
+    """fastpeft/bench/lora.py's inputs (x ~ N(0, 1); W, A ~ N(0, 1/K); B ~ N(0, 1/r); dY ~ N(0, 1)) plus E ~
     U[0.5, 1.5) of shape (r, 1) in the benchmark dtype (not PEFT's zeros: no shortcut) and PEFT's layer."""
     item = lora.make_item(M, K, N, r, dtype, device, need_dy=need_dy)
     item["e"] = torch.rand(r, 1, device=device, dtype=dtype).add_(0.5).requires_grad_()
@@ -136,7 +131,7 @@ def grad_inputs(impl: str, item: dict) -> list[torch.Tensor]:
 
 
 def reference_outputs(item: dict, c: float) -> dict:
-    """The formula in float64: base (y, dX) from benchmarks/lora.py and AdaLoRA (y, dX, dA, dB, dE); grads with
+    """The formula in float64: base (y, dX) from fastpeft/bench/lora.py and AdaLoRA (y, dX, dA, dB, dE); grads with
     a dY."""
     base = lora.reference_outputs(item, c, torch.float64)["base"]
     x, a, b, e = (item[k].detach().double().requires_grad_() for k in ("x", "a", "b", "e"))
@@ -165,7 +160,7 @@ def run_case(run: Run, K: int, N: int, M: int, r: int) -> list[Row]:
                                  adalora_bytes(M, K, N, r, mode, impl, run.elem)))
 
 
-FAMILY = Family(
+FAMILY = GridFamily(
     bench="adalora", title="AdaLoRA", doc=__doc__, impls=IMPLS, full=lora.FULL, quick=lora.QUICK, axis="r",
     axis_arg=("--ranks", {"type": int_list, "help": "ranks r (= init_r = ranknum), e.g. 8,16,64 (alpha = 2r)"}),
     config={"alpha": "2r",
@@ -176,8 +171,4 @@ FAMILY = Family(
 
 
 def main(argv=None) -> int:
-    return _driver.main(FAMILY, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return driver.main(FAMILY, argv)

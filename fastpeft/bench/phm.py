@@ -1,9 +1,9 @@
 """PHM linear microbenchmark: a dense linear layer of the same size (the floor), fastpeft's phm_linear with
 Compacter's factorized weights and an eager AdapterHub-style PyTorch layer that forms the weight every call.
 
-    python benchmarks/phm.py             # CUDA: 4096x256, 256x4096, 4096x4096 (in x out), bf16, M 1..16384
-    python benchmarks/phm.py --quick     # 256x64, 64x256, 1024x1024, fewer repetitions (the default without CUDA)
-    python benchmarks/phm.py --shapes 4096x256 --m 1,4096 --phm-dims 4 --modes fwd,fwdbwd
+    fastpeft bench phm             # CUDA: 4096x256, 256x4096, 4096x4096 (in x out), bf16, M 1..16384
+    fastpeft bench phm --quick     # 256x64, 64x256, 1024x1024, fewer repetitions (the default without CUDA)
+    fastpeft bench phm --shapes 4096x256 --m 1,4096 --phm-dims 4 --modes fwd,fwdbwd
 
 The PHM (parameterized hypercomplex multiplication) linear layer (Zhang et al. 2021; Compacter, Mahabadi et al.
 2021), with x: M x in, rule A: n x n x n, L: n x in/n x k, R: n x k x out/n, b: out, all in the benchmark dtype:
@@ -45,21 +45,16 @@ first pool item.
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-try:  # imported as benchmarks.phm (repo root on sys.path)
-    from . import _driver
-    from ._driver import Family, Run, time_case
-    from .common import Column, Row
-except ImportError:  # run as a script: python benchmarks/phm.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks import _driver
-    from benchmarks._driver import Family, Run, time_case
-    from benchmarks.common import Column, Row
+from . import driver, grid
+from .driver import Run
+from .grid import GridFamily, time_case
+from .options import positive_ints
+from .report import Column
+from .roofline import Row
 
 IMPLS = ("base", "fastpeft", "torch")
 PHM_RANK = 1  # Compacter's k
@@ -187,24 +182,20 @@ def run_case(run: Run, K: int, N: int, M: int, n: int) -> list[Row]:
         cost=lambda mode, impl: (phm_flops(M, K, N, n, mode, impl), phm_bytes(M, K, N, n, mode, impl, run.elem)))
 
 
-FAMILY = Family(
+FAMILY = GridFamily(
     bench="phm", title="PHM linear", doc=__doc__, impls=IMPLS, full=FULL, quick=QUICK, axis="n",
-    axis_arg=("--phm-dims", {"type": _driver.positive_ints,
+    axis_arg=("--phm-dims", {"type": positive_ints,
                              "help": "PHM dimensions n (n must divide in and out), e.g. 4,8"}),
     config={"phm_rank": PHM_RANK, "weights": "rule (n, n, n), L (n, in/n, k), R (n, k, out/n), bias (out)",
             "base": "dense F.linear of the same size, no bias (floor)",
             "torch": "AdapterHub PHMLayer: H formed every call"},
     fast=("fastpeft.ops", "phm_linear"),
     peft=None,  # PEFT has no PHM layers
-    run_case=run_case, label="fastpeft phm", extra_metrics=_driver.vs_torch,
+    run_case=run_case, label="fastpeft phm", extra_metrics=grid.vs_torch,
     extra_columns=(Column("vs_torch", "vs torch", 8, ".2f"),),
     extra_pivots=(("torch", "vs_torch",
                    "fastpeft phm speed-up over the AdapterHub-style eager layer (torch ms / fastpeft ms), by M:"),))
 
 
 def main(argv=None) -> int:
-    return _driver.main(FAMILY, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return driver.main(FAMILY, argv)

@@ -1,9 +1,9 @@
 """Bottleneck adapter microbenchmark: an activation copy (the floor), fastpeft's bottleneck_adapter and an eager
 AdapterHub-style PyTorch module.
 
-    python benchmarks/bottleneck.py             # CUDA: hidden sizes 4096 and 8192, bf16, M 1..16384 (CPU: --quick)
-    python benchmarks/bottleneck.py --quick     # d 256 and 1024, fewer repetitions (the default without CUDA)
-    python benchmarks/bottleneck.py --shapes 4096x4096 --m 1,4096 --reduction-factors 16 --modes fwd,fwdbwd
+    fastpeft bench bottleneck             # CUDA: hidden sizes 4096 and 8192, bf16, M 1..16384 (CPU: --quick)
+    fastpeft bench bottleneck --quick     # d 256 and 1024, fewer repetitions (the default without CUDA)
+    fastpeft bench bottleneck --shapes 4096x4096 --m 1,4096 --reduction-factors 16 --modes fwd,fwdbwd
 
 The bottleneck adapter block (Houlsby / Pfeiffer; x, r: M x d, W_d: m x d, b_d: m, W_u: d x m, b_u: d, all in the
 benchmark dtype; m = d // reduction_factor; f = relu, s = 1.0, no layer norms, no gating, no dropout):
@@ -27,7 +27,7 @@ FLOPs (useful work; base moves data and does none):
     backward  8Mdm (dF = dY W_u, dx = dS W_d, dW_d = dSᵀ x, dW_u = s dYᵀ f) + 3Mm (s, f', db_d = Σ dS)
               + Md (db_u = s Σ dY); dr = dY is free
 Bytes (minimum traffic, e bytes per element, every operand read once and every result written once per pass;
-the M x m intermediates are left out, as in benchmarks/lora.py; P = 2dm + m + d the adapter's parameters):
+the M x m intermediates are left out, as in fastpeft/bench/lora.py; P = 2dm + m + d the adapter's parameters):
     forward   base 2eMd (read x, write y)       adapter e(3Md + P)   read x, r and the weights; write y
     backward  base 2eMd (read dY, write dx)     adapter e(4Md + 2P)  read dY, x, the weights; write dx, dr and the
                                                                      weight gradients
@@ -40,21 +40,16 @@ float64, checked once per case on the first pool item.
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-try:  # imported as benchmarks.bottleneck (repo root on sys.path)
-    from . import _driver
-    from ._driver import Family, Run, time_case
-    from .common import Column, Row
-except ImportError:  # run as a script: python benchmarks/bottleneck.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks import _driver
-    from benchmarks._driver import Family, Run, time_case
-    from benchmarks.common import Column, Row
+from . import driver, grid
+from .driver import Run
+from .grid import GridFamily, time_case
+from .options import positive_ints
+from .report import Column
+from .roofline import Row
 
 IMPLS = ("base", "fastpeft", "torch")
 NON_LINEARITY = "relu"
@@ -207,15 +202,15 @@ def run_case(run: Run, K: int, N: int, M: int, rf: int) -> list[Row]:
                                  bottleneck_bytes(M, d, rf, mode, impl, run.elem)))
 
 
-FAMILY = Family(
+FAMILY = GridFamily(
     bench="bottleneck", title="Bottleneck adapter", doc=__doc__, impls=IMPLS, full=FULL, quick=QUICK, axis="rf",
-    axis_arg=("--reduction-factors", {"type": _driver.positive_ints,
+    axis_arg=("--reduction-factors", {"type": positive_ints,
                                       "help": "reduction factors rf (bottleneck width m = d // rf), e.g. 16,64"}),
     config={"non_linearity": NON_LINEARITY, "scaling": SCALING, "bottleneck_width": "d // rf",
             "weights": "W_d, b_d, W_u, b_u in the benchmark dtype", "base": "activation copy (floor)"},
     fast=("fastpeft.ops", "bottleneck_adapter"),
     peft=None,  # PEFT has no bottleneck adapters
-    run_case=run_case, label="fastpeft bottleneck", extra_metrics=_driver.vs_torch,
+    run_case=run_case, label="fastpeft bottleneck", extra_metrics=grid.vs_torch,
     extra_columns=(Column("vs_torch", "vs torch", 8, ".2f"),),
     extra_pivots=(("torch", "vs_torch",
                    "fastpeft bottleneck speed-up over the AdapterHub-style eager module (torch ms / fastpeft ms), "
@@ -223,8 +218,4 @@ FAMILY = Family(
 
 
 def main(argv=None) -> int:
-    return _driver.main(FAMILY, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return driver.main(FAMILY, argv)
