@@ -75,7 +75,6 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, cfg: TimerConfig | N
                  copy_bytes=nbytes, copy_ms=copy_ms, bandwidth_gbps=2.0 * nbytes / (copy_ms * 1e-3) / 1e9)
 
 
-
 @dataclass
 class Row:
     """One timing: a case (dict of sizes, e.g. shape/M/r), a mode, an implementation; metrics filled later.

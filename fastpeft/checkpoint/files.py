@@ -142,7 +142,6 @@ def in_out(module: nn.Module) -> tuple[int, int]:
     return (w.shape[0], w.shape[1]) if is_conv1d(module) else (w.shape[1], w.shape[0])
 
 
-
 def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], fields: dict,
                      prefix: str = PREFIX) -> None:
     """adapter_model.safetensors (keys get PEFT's prefix; prompt-learning methods have none) then

@@ -11,7 +11,6 @@ NON_LINEARITIES = ("gelu", "gelu_new", "gelu_pytorch_tanh", "leaky_relu", "leaky
                    "silu", "swish", "tanh")
 
 
-
 def fail(cfg, field_name: str, problem: str, fix: str) -> None:
     raise ConfigError(f"{type(cfg).__name__}.{field_name}: {problem}; {fix}.")
 

@@ -227,7 +227,6 @@ def current_batch(module: torch.nn.Module) -> RowBatch | None:
     return None if ctx is None else ctx.current
 
 
-
 class SlotTables:
     """One layer's adapters laid out by slot (adapter id) for a multi-adapter op (a LoRABank, an IA3Bank), kept
     between batches. A batch checks it once, on first use: it is rebuilt when an adapter the batch uses changed

@@ -182,7 +182,6 @@ def reference_outputs(item: dict) -> dict:
     return out
 
 
-
 def run_case(run: Run, L: int, P: int, mode: str) -> list[Row]:
     """Check and time every impl of one (L, P, mode) on one shared input pool."""
     args, device, dtype, dims = run.args, run.device, run.dtype, run.ctx["dims"]

@@ -241,7 +241,6 @@ def model_summary(flat: list[dict]) -> dict:
             "cases": len(rows), "worst": {k: worst[k] for k in ("L", "P", "prefix", "vs_peer", "vs_base")}}
 
 
-
 def run_step(run: Run) -> None:
     """Every (L, P, prefix kind) of the model section, printed and written as "model" rows of the JSON."""
     args, device, dtype = run.args, run.device, run.dtype
@@ -293,7 +292,6 @@ def run_step(run: Run) -> None:
     free_memory(device)
     run.payload["model_summary"] = model_summary(run.payload["model"])
     run.write()
-
 
 
 def report_step(run: Run) -> None:
