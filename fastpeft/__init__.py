@@ -15,7 +15,7 @@ from .inject import (Stack, adapter_batch, adapter_ids, adapters, add_adapter, d
                      eject_prefix_tuning, merge_adapter, set_active_adapters, trainable_parameters, unload,
                      unmerge_adapter)
 from .inject.adalora import RankAllocator
-from .version import __version__
+from .version import __version__  # noqa: F401  (fp.__version__)
 
 __all__ = [
     "ops", "AdapterConfig", "LoRAConfig", "IA3Config", "AdaLoRAConfig", "RankAllocator", "BnConfig", "SeqBnConfig",
