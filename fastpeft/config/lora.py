@@ -9,6 +9,9 @@ from ._base import AdapterConfig
 from ._checks import check_alpha_dropout, check_layers, check_targets, fail, pattern_value
 
 
+PEFT_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init_weights"}  # PEFT's names
+
+
 @dataclass
 class LoRAConfig(AdapterConfig):
     """LoRA: W' = W + s·B·A with A (r x in), B (out x r), s = alpha/r (or alpha/sqrt(r) with use_rslora).
@@ -23,8 +26,7 @@ class LoRAConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "lora"
-    aliases: ClassVar[dict[str, str]] = {"lora_alpha": "alpha", "lora_dropout": "dropout",
-                                         "init_lora_weights": "init_weights"}
+    aliases: ClassVar[dict[str, str]] = PEFT_ALIASES
 
     r: int = 8
     alpha: float = 8
@@ -95,8 +97,7 @@ class AdaLoRAConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "adalora"
-    aliases: ClassVar[dict[str, str]] = {"lora_alpha": "alpha", "lora_dropout": "dropout",
-                                         "init_lora_weights": "init_weights"}
+    aliases: ClassVar[dict[str, str]] = PEFT_ALIASES
 
     init_r: int = 12
     target_r: int = 8
