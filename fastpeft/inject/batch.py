@@ -50,8 +50,10 @@ def register(state: AdapterState, name: str, config: AdapterConfig) -> None:
 def install(model: nn.Module, state: AdapterState) -> None:
     """Let the model take adapter_names= in forward and generate (removed by uninstall)."""
     rows = NamedRows(state.batch, model)
-    state.batch_hooks = [model.register_forward_pre_hook(rows.pre_forward, with_kwargs=True),
-                         model.register_forward_hook(rows.post_forward, with_kwargs=True, always_call=True)]
+    base = getattr(model, "base_model", model)  # called alone (e.g. model.model(...)), it takes adapter_names too
+    state.batch_hooks = [handle for m in dict.fromkeys([model, base]) if isinstance(m, nn.Module) for handle in (
+        m.register_forward_pre_hook(rows.pre_forward, with_kwargs=True),
+        m.register_forward_hook(rows.post_forward, with_kwargs=True, always_call=True))]
     if callable(getattr(type(model), "generate", None)):
         model.__dict__["generate"] = rows.generate
 

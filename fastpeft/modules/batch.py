@@ -191,6 +191,9 @@ class NamedRows:
     def pre_forward(self, model, args, kwargs):
         names = kwargs.pop("adapter_names", None)
         if names is not None:
+            if torch.compiler.is_compiling():  # a clear message under fullgraph=True; else a graph break into eager
+                torch._dynamo.graph_break(msg=EAGER_ONLY)
+            _check_rows(names, _input_rows(args, kwargs), "adapter_names")
             batch = self.ctx.make_batch(model, names)
             calls, runner = self._calls.holding(), self.ctx.running(batch)
             calls.__enter__()
@@ -210,11 +213,42 @@ class NamedRows:
             counted.__exit__(None, None, None)
 
     def generate(self, *args, adapter_names=None, **kwargs):
+        """generate(..., adapter_names=[one per input row]): beams and return sequences repeat each row's adapter."""
         generate = type(self.model).generate
         if adapter_names is None:
             return generate(self.model, *args, **kwargs)
+        _check_rows(adapter_names, _input_rows(args, kwargs) or 1, "generate(adapter_names=...)")
         with self.ctx.running(self.ctx.make_batch(self.model, adapter_names, expand=True, where="adapter_batch")):
             return generate(self.model, *args, **kwargs)
+
+
+EAGER_ONLY = ("adapter_names: multi-adapter batches run eagerly (their routing is host data built per batch); call "
+              "the model uncompiled, or compile it with torch.compile(model, fullgraph=False), which runs the batch "
+              "paths eagerly")
+
+
+_INPUTS = ("input_ids", "inputs_embeds", "input_features", "pixel_values")
+
+
+def _input_rows(args: tuple, kwargs: dict) -> int | None:
+    """The batch size of a model call's inputs (None when it has none: generate then starts from one BOS row)."""
+    for value in (*(kwargs.get(k) for k in _INPUTS), *args[:1]):
+        if isinstance(value, Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    return None
+
+
+def _check_rows(names, rows: int | None, where: str) -> None:
+    """One adapter per input row, checked on the host before the model runs (beams and num_return_sequences repeat
+    rows later, inside generate)."""
+    count = None  # make_batch explains anything that is not a sequence or a 1-D tensor
+    if isinstance(names, Tensor):
+        count = names.shape[0] if names.dim() == 1 else None
+    elif isinstance(names, Sequence) and not isinstance(names, str):
+        count = len(names)
+    if rows is not None and count is not None and count != rows:
+        raise AdapterError(f"{where}: {count} adapter name(s) for {rows} input row(s); pass one per row (None or "
+                           "'__base__' for a row without an adapter).")
 
 
 def context_of(module: torch.nn.Module) -> BatchContext | None:
