@@ -80,6 +80,12 @@ class _Counter:
         self.open = 0
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        return {}  # a copy of a model (deepcopy, pickle) holds no open block, and a lock of its own
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
     @contextlib.contextmanager
     def holding(self):
         with self._lock:

@@ -408,3 +408,18 @@ def test_compiled_models_run_batches_eagerly_or_say_why():
             torch.compile(m, fullgraph=True, backend="eager")(input_ids=IDS[:3], adapter_names=names)
         got = torch.compile(m, backend="eager")(input_ids=IDS[:3], adapter_names=names).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_deep_copy_runs_its_own_batches():
+    """copy.deepcopy of a model with adapters (EMA copies, evaluation copies) works, and the copy's batches and
+    adapters are its own."""
+    import copy
+
+    m = _mixed()
+    c = copy.deepcopy(m)
+    with torch.no_grad():
+        want = m(input_ids=IDS[:3], adapter_names=["r4", None, "ia3"]).logits
+        torch.testing.assert_close(c(input_ids=IDS[:3], adapter_names=["r4", None, "ia3"]).logits, want)
+    fp.delete_adapter(c, "r4")
+    assert "r4" in fp.adapters(m) and "r4" not in fp.adapters(c)
+    _assert_isolated(m, IDS[:2], ["r4", "ia3"])
