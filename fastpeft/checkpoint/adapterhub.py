@@ -19,8 +19,9 @@ from torch import nn
 from ..config import BnConfig, PrefixTuningConfig
 from ..errors import CheckpointError, ConfigError
 from ..inject.state import require_state
+from ..inject.wrapped import model_class
 from ..version import __version__
-from .files import CONFIG_NAME, add_and_fill, read_safetensors, safetensors_bytes, write_atomic
+from .files import CONFIG_NAME, add_and_fill, read_safetensors, write_files
 
 SAFETENSORS_NAME = "adapter.safetensors"
 PICKLE_NAME = "pytorch_adapter.bin"
@@ -42,17 +43,15 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 def export(model: nn.Module, name: str, config: BnConfig | PrefixTuningConfig, directory: str) -> None:
     """Write adapter `name` as AdapterHub's save_adapter does (safetensors weights), each file atomically."""
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_tensors(model, name).items()}
     fields = {k: v for k, v in config.to_dict().items() if k != "method" or isinstance(config, PrefixTuningConfig)}
     if isinstance(config, PrefixTuningConfig):
         fields["architecture"] = "prefix_tuning"
     model_config = getattr(model, "config", None)
     meta = {"config": fields, "hidden_size": getattr(model_config, "hidden_size", None),
-            "model_class": type(model).__name__, "model_name": getattr(model_config, "_name_or_path", "") or "",
+            "model_class": model_class(model).__name__, "model_name": getattr(model_config, "_name_or_path", "") or "",
             "model_type": getattr(model_config, "model_type", None), "name": name, "version": f"fastpeft.{__version__}"}
-    os.makedirs(directory, exist_ok=True)
-    write_atomic(os.path.join(directory, SAFETENSORS_NAME), safetensors_bytes(tensors, metadata={"format": "pt"}))
-    write_atomic(os.path.join(directory, CONFIG_NAME), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    write_files(directory, SAFETENSORS_NAME, adapter_tensors(model, name), text)
 
 
 def load(model: nn.Module, name: str, raw: dict, directory: str, config_path: str) -> nn.Module:

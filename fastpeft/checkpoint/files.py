@@ -17,7 +17,12 @@ from ..inject import add_adapter, delete_adapter
 from ..inject.swap import wrappers
 from ..modules import AdapterLayer, ModulesToSave
 from ..modules.base_layers import is_conv1d
+from .gather import host_copies, write_once
 
+# What to do about weights that do not match their config (the formats' tensor checks say this after the keys)
+MISMATCH_FIX = ("load it into the base model it was made for, or save the adapter again from the model it was trained "
+                "on (fp.save_adapter or PeftModel.save_pretrained)")
+INCOMPLETE_FIX = "the file is incomplete: save the adapter again (fp.save_adapter or PeftModel.save_pretrained)"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -45,8 +50,15 @@ def check_files(directory: str, config_path: str, weights_path: str) -> None:
                               f"{CONFIG_NAME} and {WEIGHTS_NAME} (written by fp.save_adapter or PEFT's "
                               "save_pretrained).")
     if not os.path.isfile(config_path):
-        inner = sorted(d for d in os.listdir(directory) if os.path.isfile(os.path.join(directory, d, CONFIG_NAME)))
+        entries = os.listdir(directory)
+        inner = sorted(d for d in entries if os.path.isfile(os.path.join(directory, d, CONFIG_NAME)))
         hint = f" Subfolders with an adapter (PEFT saves named adapters there): {', '.join(inner)}." if inner else ""
+        if "config.json" in entries and not inner:
+            hint = (" It holds a full model (config.json): load that with from_pretrained; fp.load_adapter reads the "
+                    "folder fp.save_adapter, model.save_pretrained of a model with adapters, or Trainer wrote.")
+        elif any(d.startswith("checkpoint-") for d in entries) and not inner:
+            hint = (" Its checkpoint-<step> folders hold no adapter either: the run saved a model without fastpeft "
+                    "adapters, or the adapters were added after the Trainer saved.")
         raise CheckpointError(f"load_adapter: {config_path} is missing; the folder must hold {CONFIG_NAME} and "
                               f"{WEIGHTS_NAME} as written by fp.save_adapter or PeftModel.save_pretrained.{hint}")
     if not os.path.isfile(weights_path):
@@ -82,7 +94,8 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
     for key, value in tensors.items():
         if not value.dtype.is_floating_point:
             raise CheckpointError(f"load_adapter: {path}: tensor {key!r} has dtype {value.dtype}; adapter tensors "
-                                  "are floating point. The file was not written for an adapter.")
+                                  "are floating point, so the file was not written for an adapter: save the adapter "
+                                  "again with fp.save_adapter or PeftModel.save_pretrained.")
     return tensors
 
 
@@ -146,13 +159,35 @@ def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tens
                      prefix: str = PREFIX) -> None:
     """adapter_model.safetensors (keys get PEFT's prefix; prompt-learning methods have none) then
     adapter_config.json, each written atomically."""
-    # Own CPU copies: safetensors refuses tensors that share memory (e.g. tied weights).
-    tensors = {prefix + k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    write_atomic(os.path.join(directory, WEIGHTS_NAME), safetensors_bytes(tensors, metadata={"format": "pt"}))
     text = json.dumps({k: fields[k] for k in sorted(fields)}, indent=2) + "\n"  # pattern dicts keep their order
-    write_atomic(os.path.join(directory, CONFIG_NAME), text.encode())
+    write_files(directory, WEIGHTS_NAME, {prefix + k: v for k, v in tensors.items()}, text)
+
+
+def write_files(directory: str | os.PathLike, weights_name: str, tensors: dict[str, torch.Tensor],
+                config_text: str) -> None:
+    """`weights_name` (safetensors) then adapter_config.json in `directory` (created if needed), each atomically.
+    The tensors of a sharded model are gathered first (every rank must save) and rank 0 alone writes (gather.py)."""
+    tensors, gathered_on = host_copies(tensors, "save_adapter")
+    directory = os.fspath(directory)
+
+    if os.path.exists(directory) and not os.path.isdir(directory) or _file_above(directory):
+        raise CheckpointError(f"save_adapter: {directory} is not a directory (a file is in the way at "
+                              f"{_file_above(directory) or directory}); pass a folder path, e.g. 'out/my-adapter'.")
+
+    def write():
+        os.makedirs(directory, exist_ok=True)
+        write_atomic(os.path.join(directory, weights_name), safetensors_bytes(tensors, metadata={"format": "pt"}))
+        write_atomic(os.path.join(directory, CONFIG_NAME), config_text.encode())
+
+    write_once(gathered_on, write, "save_adapter")
+
+
+def _file_above(directory: str) -> str | None:
+    """The first existing path above `directory` that is a file (where makedirs would fail), if any."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent if parent and os.path.isfile(parent) else None
 
 
 def read_tensors(weights_path: str) -> tuple[dict[str, torch.Tensor], str]:
@@ -167,9 +202,11 @@ def plan_for_checkpoint(plan: Callable, model: nn.Module, name: str, config, con
     try:
         return plan(model, name, config)
     except TargetError as exc:
-        raise CheckpointError(f"load_adapter: {config_path} does not fit this {type(model).__name__}: {exc} "
-                              f"Was the adapter made for another base model (base_model_name_or_path="
-                              f"{raw.get('base_model_name_or_path')!r})?") from None
+        made_for = raw.get("base_model_name_or_path")
+        raise CheckpointError(f"load_adapter: {config_path} does not fit this {type(model).__name__}: "
+                              f"{exc.args[0].split('; ')[0].split('. ')[0]}. The adapter was made for another base "
+                              f"model{f' ({made_for})' if made_for else ''}: load it into the base model it was made "
+                              "for.") from None
 
 
 def add_and_fill(model: nn.Module, name: str, config, fill: Callable[[list[Callable]], None]) -> None:
@@ -241,11 +278,11 @@ def check_tensors(tensors: dict, required: dict[str, tuple], weights_path: str, 
     if unexpected:
         raise CheckpointError(f"load_adapter: {weights_path} has {len(unexpected)} tensor(s) that match no module "
                               f"this adapter adapts or saves in {type(model).__name__}: {few(unexpected, prefix)}; "
-                              "the weights and the config come from different adapters or base models.")
+                              f"the weights and the config come from different adapters or base models: {MISMATCH_FIX}.")
     missing = [k for k in required if k not in tensors]
     if missing:
         raise CheckpointError(f"load_adapter: {weights_path} lacks {len(missing)} tensor(s) its config calls for: "
-                              f"{few(missing, prefix)}; the file is incomplete or belongs to another adapter.")
+                              f"{few(missing, prefix)}; {INCOMPLETE_FIX}.")
     for key, (_, _, shape, what, _) in required.items():
         if tuple(tensors[key].shape) != shape:
             raise CheckpointError(f"load_adapter: {weights_path}: tensor {prefix + key!r} has shape "

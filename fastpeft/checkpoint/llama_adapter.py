@@ -18,7 +18,7 @@ from torch import nn
 from ..config import LlamaAdapterConfig
 from ..errors import CheckpointError, ConfigError
 from ..inject import llama_adapter as inject
-from .files import add_and_fill, check_fields, plan_for_checkpoint, read_tensors
+from .files import MISMATCH_FIX, add_and_fill, check_fields, plan_for_checkpoint, read_tensors
 from .prefix import TASKS
 
 NAMES = ("adaption_prompt", "adaption_gate")
@@ -84,7 +84,7 @@ def load(model: nn.Module, name: str, raw: dict, config_path: str, weights_path:
         raise CheckpointError(f"load_adapter: {weights_path} does not hold the adaption prompts of the top "
                               f"{len(plan.layers)} layers of this {type(model).__name__}: missing "
                               f"{[prefix + k for k in missing[:4]]}, unexpected {[prefix + k for k in unexpected[:4]]}."
-                              " The weights and the config come from different adapters or base models.")
+                              f" The weights and the config come from different adapters or base models: {MISMATCH_FIX}.")
     for key, (_, _, shape) in required.items():
         if tuple(tensors[key].shape) != shape:
             raise CheckpointError(f"load_adapter: {weights_path}: tensor {prefix + key!r} has shape "

@@ -16,9 +16,9 @@ from torch import nn
 from ..config import LoRAConfig
 from ..errors import CheckpointError
 from ..inject import lora as lora_inject
-from .files import (add_and_fill, base_state, check_fields, few, fill_saved, in_out, peft_modules_to_save,
-                    peft_target_modules, plan_for_checkpoint, present_modules_to_save, read_tensors,
-                    saved_requirements)
+from .files import (INCOMPLETE_FIX, MISMATCH_FIX, add_and_fill, base_state, check_fields, few, fill_saved, in_out,
+                    peft_modules_to_save, peft_target_modules, plan_for_checkpoint, present_modules_to_save,
+                    read_tensors, saved_requirements)
 
 # adapter_config.json fields -> LoRAConfig fields
 _FIELDS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
@@ -142,11 +142,11 @@ def _match(model: nn.Module, config: LoRAConfig, lora_plan, tensors: dict, path:
                               f"adapter wraps or saves in {type(model).__name__}: {few(unexpected, prefix)}. "
                               f"From its config the adapter wraps {wrapped or 'nothing'}, bias={config.bias!r}, "
                               f"modules_to_save={config.modules_to_save!r}; the weights and the config come from "
-                              "different adapters or base models.")
+                              f"different adapters or base models: {MISMATCH_FIX}.")
     missing = [k for k in required if k not in tensors]
     if missing:
         raise CheckpointError(f"load_adapter: {path} lacks {len(missing)} tensor(s) its config calls for: "
-                              f"{few(missing, prefix)}; the file is incomplete or belongs to another adapter.")
+                              f"{few(missing, prefix)}; {INCOMPLETE_FIX}.")
     out = []
     for key, tensor in sorted(tensors.items()):
         if redundant(key):

@@ -22,12 +22,14 @@ from torch import nn
 from ..config import AdapterConfig
 from ..modules.batch import NamedRows
 from .state import AdapterState, require_state
+from .wrapped import unwrap_model
 
 BATCH_METHODS = {"lora", "adalora", "ia3", "prefix_tuning", "llama_adapter"}
 
 
 def adapter_ids(model: nn.Module) -> dict[str, int]:
     """Each adapter's integer id: what fp.adapter_batch takes per row (-1: none). Stable while the adapter exists."""
+    model = unwrap_model(model, "adapter_ids")
     return dict(require_state(model, "adapter_ids").batch.ids)
 
 
@@ -37,6 +39,7 @@ def adapter_batch(model: nn.Module, adapters, *, expand: bool = False):
     of fp.adapter_ids (-1: none), as a sequence or a 1-D integer tensor (a CPU tensor avoids a synchronisation).
     With `expand`, a layer's batch may be a multiple of the rows (each row repeated in place, as generate does for
     beams and return sequences). Yields the RowBatch."""
+    model = unwrap_model(model, "adapter_batch")
     ctx = require_state(model, "adapter_batch").batch
     with ctx.running(ctx.make_batch(model, adapters, expand=expand, where="adapter_batch")) as batch:
         yield batch

@@ -1,6 +1,7 @@
 """Per-model adapter bookkeeping: configs, where each adapter lives, which are active, what to restore."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -10,6 +11,11 @@ from ..errors import AdapterError
 from ..modules.batch import BatchContext
 
 ATTRIBUTE = "_fastpeft_state"
+# Model-level behaviour that the layers above inject/ attach to a model while it holds adapters (checkpoint/ makes
+# save_pretrained and Trainer checkpoints write adapters): (install, uninstall) pairs, registered at import time.
+# install(model) runs when the model gets its first adapter and returns what uninstall(model, installed) needs to
+# remove it again when the model loses its last adapter (delete_adapter, unload).
+INSTALLERS: list[tuple[Callable, Callable]] = []
 
 
 @dataclass
@@ -23,6 +29,7 @@ class AdapterState:
     attention: str | None = None  # the attention implementation before attention-level adapters switched it
     batch: BatchContext = field(default_factory=BatchContext)  # adapter ids, the multi-adapter batch being run
     batch_hooks: list = field(default_factory=list)  # what lets the model take adapter_names=
+    installed: list = field(default_factory=list)  # (uninstall, what install returned) of each of INSTALLERS
 
     def check_known(self, names, where: str) -> None:
         for name in names:
@@ -45,6 +52,29 @@ def require_state(model: nn.Module, where: str) -> AdapterState:
         raise AdapterError(f"{where}: this {type(model).__name__} has no fastpeft adapters; "
                            "add one with fp.add_adapter(model, name, config).")
     return state
+
+
+def register_installer(install: Callable, uninstall: Callable) -> None:
+    """Add an (install, uninstall) pair to INSTALLERS (once); models that already hold adapters keep what they have."""
+    if (install, uninstall) not in INSTALLERS:
+        INSTALLERS.append((install, uninstall))
+
+
+def install_all(model: nn.Module, state: AdapterState) -> None:
+    """Run every installer on a model that has just got its first adapter."""
+    try:
+        for install, uninstall in INSTALLERS:
+            state.installed.append((uninstall, install(model)))
+    except BaseException:
+        uninstall_all(model, state)
+        raise
+
+
+def uninstall_all(model: nn.Module, state: AdapterState) -> None:
+    """Remove what install_all installed, last first."""
+    while state.installed:
+        uninstall, installed = state.installed.pop()
+        uninstall(model, installed)
 
 
 def clear_state(model: nn.Module) -> None:
