@@ -10,7 +10,8 @@ from .checkpoint import load_adapter, save_adapter
 from .config import (AdaLoRAConfig, AdapterConfig, BnConfig, CompacterConfig, CompacterPlusPlusConfig,
                      DoubleSeqBnConfig, DoubleSeqBnInvConfig, IA3Config, LlamaAdapterConfig, LoRAConfig, ParBnConfig,
                      PrefixTuningConfig, PromptTuningConfig, PTuningConfig, SeqBnConfig, SeqBnInvConfig)
-from .errors import AdapterError, BackendError, CheckpointError, ConfigError, FastPEFTError, TargetError
+from .errors import (AdapterError, BackendError, CheckpointError, ConfigError, FastPEFTError, InputError,
+                     TargetError)
 from .inject import (Stack, adapter_batch, adapter_ids, adapters, add_adapter, delete_adapter, disable_adapters,
                      eject_prefix_tuning, merge_adapter, set_active_adapters, trainable_parameters, unload,
                      unmerge_adapter)
@@ -26,4 +27,5 @@ __all__ = [
     "delete_adapter", "unload", "trainable_parameters", "adapters", "save_adapter", "load_adapter",
     "eject_prefix_tuning", "adapter_batch", "adapter_ids",
     "FastPEFTError", "ConfigError", "TargetError", "AdapterError", "CheckpointError", "BackendError",
+    "InputError",
 ]

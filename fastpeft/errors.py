@@ -29,6 +29,11 @@ class BackendError(FastPEFTError, RuntimeError):
     """A backend was requested that cannot run these inputs here."""
 
 
+class InputError(FastPEFTError, ValueError, TypeError):
+    """A tensor or argument given to an op (fp.ops.*) with a shape, dtype or device the op cannot take. It is a
+    ValueError (a shape, a device) and a TypeError (a dtype) both, as the ops raised before it existed."""
+
+
 def closest(name: str, candidates: Iterable[str], n: int = 5) -> str:
     """A short human list of the candidates closest to `name`, for 'did you mean' hints."""
     candidates = sorted(set(candidates))

@@ -28,7 +28,8 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     """The config a `to_dict()` output describes."""
     method = data.get("method")
     if method not in CONFIGS:
-        raise ConfigError(f"config method {method!r} is not known; known methods: {', '.join(sorted(CONFIGS))}.")
+        raise ConfigError(f"config_from_dict: the config's method={method!r} is not a fastpeft method; use one of "
+                          f"{', '.join(sorted(CONFIGS))}.")
     return CONFIGS[method].from_dict(data)
 
 

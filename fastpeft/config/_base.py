@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..errors import ConfigError
+from ..errors import ConfigError, closest
 
 
 @dataclass
@@ -34,8 +34,10 @@ class AdapterConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; "
-                              f"known fields: {', '.join(sorted(names - set(cls.aliases)))}.")
+            known = sorted(names - set(cls.aliases))
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)} (closest: "
+                              f"{closest(unknown[0], known, n=3)}); rename or drop them, the known fields are "
+                              f"{', '.join(known)}.")
         return cls(**data)
 
     def _apply_aliases(self) -> None:

@@ -25,7 +25,9 @@ def check_targets(cfg, name: str, value) -> None:
                      "pass a list of module names or a valid regex")
         return
     if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) and v for v in value):
-        fail(cfg, name, f"got {value!r}", 'pass a list of module names, a regex string, or "all-linear"')
+        fix = 'pass a list of module names, a regex string, or "all-linear"' if name == "target_modules" else \
+            "pass a list of module names or a regex string"
+        fail(cfg, name, f"got {value!r}", fix)
 
 
 def check_layers(cfg, name: str, value) -> None:
@@ -35,6 +37,24 @@ def check_layers(cfg, name: str, value) -> None:
     if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                                                         for v in values):
         fail(cfg, name, f"got {value!r}", "pass a layer index or a list of non-negative layer indices")
+
+
+def check_layers_pattern(cfg) -> None:
+    value = cfg.layers_pattern
+    if value is None or (isinstance(value, str) and value):
+        return
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
+        fail(cfg, "layers_pattern", f"got {value!r}", "pass the name of the ModuleList that holds the transformer "
+             "blocks (e.g. 'layers', or 'h' in GPT-2), a list of such names, or None")
+
+
+def check_flags(cfg, *names: str, optional: tuple[str, ...] = ()) -> None:
+    """Boolean fields (those in `optional` may also be None)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value not in (True, False) and not (value is None and name in optional):
+            fail(cfg, name, f"must be True or False, got {value!r}",
+                 f"use {name}=True or False{' (or None)' if name in optional else ''}")
 
 
 def check_alpha_dropout(cfg) -> None:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ._base import AdapterConfig
-from ._checks import check_layers, check_targets, fail
+from ._checks import check_flags, check_layers, check_layers_pattern, check_targets, fail
 
 
 @dataclass
@@ -53,6 +53,8 @@ class IA3Config(AdapterConfig):
         check_targets(self, "modules_to_save", self.modules_to_save if not isinstance(self.modules_to_save, str)
                       else [self.modules_to_save])
         check_layers(self, "layers_to_transform", self.layers_to_transform)
+        check_layers_pattern(self)
+        check_flags(self, "fan_in_fan_out", optional=("fan_in_fan_out",))
         for name in ("target_modules", "feedforward_modules"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple, set)):

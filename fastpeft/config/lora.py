@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ._base import AdapterConfig
-from ._checks import check_alpha_dropout, check_layers, check_targets, fail, pattern_value
+from ._checks import (check_alpha_dropout, check_flags, check_layers, check_layers_pattern, check_targets, fail,
+                      pattern_value)
 
 
 PEFT_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init_weights"}  # PEFT's names
@@ -63,12 +64,16 @@ class LoRAConfig(AdapterConfig):
         check_targets(self, "modules_to_save", self.modules_to_save if not isinstance(self.modules_to_save, str)
                       else [self.modules_to_save])
         check_layers(self, "layers_to_transform", self.layers_to_transform)
+        check_layers_pattern(self)
+        check_flags(self, "use_rslora", "fan_in_fan_out", optional=("fan_in_fan_out",))
         for key, r in self.rank_pattern.items():
             if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-                fail(self, "rank_pattern", f"rank {r!r} for {key!r} is not a positive integer", "fix that entry")
+                fail(self, "rank_pattern", f"rank {r!r} for {key!r} is not a positive integer",
+                     f"give that entry a rank >= 1, e.g. {{{key!r}: 8}}")
         for key, a in self.alpha_pattern.items():
             if not isinstance(a, (int, float)) or isinstance(a, bool):
-                fail(self, "alpha_pattern", f"alpha {a!r} for {key!r} is not a number", "fix that entry")
+                fail(self, "alpha_pattern", f"alpha {a!r} for {key!r} is not a number",
+                     f"give that entry a number, e.g. {{{key!r}: 16}}")
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = sorted(set(self.target_modules))
         if isinstance(self.modules_to_save, str):
@@ -156,6 +161,7 @@ class AdaLoRAConfig(AdapterConfig):
         check_targets(self, "modules_to_save", self.modules_to_save if not isinstance(self.modules_to_save, str)
                       else [self.modules_to_save])
         check_layers(self, "layers_to_transform", self.layers_to_transform)
+        check_layers_pattern(self)
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = sorted(set(self.target_modules))
         if isinstance(self.modules_to_save, str):

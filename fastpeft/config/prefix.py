@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ._base import AdapterConfig
-from ._checks import check_dropout, check_int, check_leave_out, check_non_linearity, check_targets, fail
+from ._checks import check_dropout, check_flags, check_int, check_leave_out, check_non_linearity, check_targets
 
 
 @dataclass
@@ -53,8 +53,6 @@ class PrefixTuningConfig(AdapterConfig):
         check_int(self, "bottleneck_size", 1, "512")
         check_non_linearity(self)
         check_dropout(self)
-        for name in ("flat", "encoder_prefix", "cross_prefix", "use_gating", "shared_gating", "shift_positions"):
-            if getattr(self, name) not in (True, False):
-                fail(self, name, f"must be True or False, got {getattr(self, name)!r}", f"use {name}=True or False")
+        check_flags(self, "flat", "encoder_prefix", "cross_prefix", "use_gating", "shared_gating", "shift_positions")
         check_int(self, "init_weights_seed", 0, "42", optional=True)
         check_leave_out(self)

@@ -21,6 +21,7 @@ from ..errors import AdapterError, ConfigError
 from ..modules import LoRALinear
 from ..modules.lora import OrthogonalPenalty, orthogonality
 from .state import get_state, require_state
+from .wrapped import unwrap_model
 from .swap import check_one_method, check_saved_overlap, wrap, wrap_saved
 from .targets import model_modules, resolve_linear_targets, resolve_modules_to_save
 
@@ -66,6 +67,7 @@ class RankAllocator:
     """The AdaLoRA budget: importance-scored pruning of singular values E, across all layers of one adapter."""
 
     def __init__(self, model: nn.Module, name: str):
+        model = unwrap_model(model, "RankAllocator")
         state = require_state(model, "RankAllocator")
         state.check_known([name], "RankAllocator")
         if not isinstance(state.configs[name], AdaLoRAConfig):
@@ -94,7 +96,7 @@ class RankAllocator:
     @torch.no_grad()
     def update_and_allocate(self, model: nn.Module, step: int) -> int:
         """Call after loss.backward() (and optimizer.step()), before zero_grad(). Returns the current budget."""
-        c = self.config
+        model, c = unwrap_model(model, "RankAllocator.update_and_allocate"), self.config
         final = c.total_step - c.tfinal
         if step < final:
             self._update_importance(model)
@@ -111,18 +113,19 @@ class RankAllocator:
 
     def _update_importance(self, model: nn.Module) -> None:
         c = self.config
-        for path, layer in svd_layers(model, self.name):
-            for kind in ("lora_A", "lora_B", "lora_E"):
-                p = getattr(layer, kind)[self.name]
-                if p.grad is None:
-                    raise AdapterError(f"RankAllocator.update_and_allocate: {path}.{kind}.{self.name} has no gradient;"
-                                       " call it after loss.backward() and before optimizer.zero_grad().")
-                ipt = (p * p.grad).abs().float()
-                key = (path, kind)
-                avg = self.sensitivity.get(key, torch.zeros_like(ipt))
-                unc = self.uncertainty.get(key, torch.zeros_like(ipt))
-                self.sensitivity[key] = c.beta1 * avg + (1 - c.beta1) * ipt
-                self.uncertainty[key] = c.beta2 * unc + (1 - c.beta2) * (ipt - self.sensitivity[key]).abs()
+        params = [(path, kind, getattr(layer, kind)[self.name])
+                  for path, layer in svd_layers(model, self.name) for kind in ("lora_A", "lora_B", "lora_E")]
+        for path, kind, p in params:  # every gradient checked before any score moves
+            if p.grad is None:
+                raise AdapterError(f"RankAllocator.update_and_allocate: {path}.{kind}.{self.name} has no gradient;"
+                                   " call it after loss.backward() and before optimizer.zero_grad().")
+        for path, kind, p in params:
+            ipt = (p * p.grad).abs().float()
+            key = (path, kind)
+            avg = self.sensitivity.get(key, torch.zeros_like(ipt))
+            unc = self.uncertainty.get(key, torch.zeros_like(ipt))
+            self.sensitivity[key] = c.beta1 * avg + (1 - c.beta1) * ipt
+            self.uncertainty[key] = c.beta2 * unc + (1 - c.beta2) * (ipt - self.sensitivity[key]).abs()
 
     def _triplet_scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Per layer (r,): score(E_i) + mean score of row i of A + mean score of column i of B."""

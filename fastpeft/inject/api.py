@@ -18,8 +18,9 @@ from . import adalora, bottleneck, ia3, lora, prefix
 from . import batch as batching
 from . import llama_adapter as llama_adapter_inject
 from . import prompt as prompt_inject
-from .state import AdapterState, clear_state, get_state, require_state
+from .state import AdapterState, clear_state, get_state, install_all, require_state, uninstall_all
 from .swap import holder, unwrap, wrappers
+from .wrapped import refuse_sharded, unwrap_model
 
 HANDLERS = {"lora": lora, "ia3": ia3, "adalora": adalora, "bottleneck": bottleneck, "prefix_tuning": prefix,
             "prompt_tuning": prompt_inject, "p_tuning": prompt_inject, "llama_adapter": llama_adapter_inject}
@@ -44,6 +45,8 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
     The first adapter added becomes active; later ones are added inactive (see set_active_adapters).
     Only the parameters of active adapters are trainable; the base model is frozen.
     """
+    outer, model = model, unwrap_model(model, "add_adapter", changes_trainable=True)
+    refuse_sharded(model, "add_adapter", adds=True)
     if not isinstance(config, AdapterConfig):
         raise ConfigError(f"add_adapter: config must be a fastpeft config such as fp.LoRAConfig(...), "
                           f"got {type(config).__name__}.")
@@ -71,13 +74,14 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> nn.Module
     batching.register(state, name, config)
     if fresh:
         batching.install(model, state)
+        install_all(model, state)  # e.g. save_pretrained writing the adapters (checkpoint/hf.py)
     if not state.active:
         state.active = [name]
     if name not in state.active and config.method in LAYER_METHODS:
         _refresh_new(model, state, name)  # only its own layers change: adding the 1000th adapter stays cheap
     else:
         _refresh(model, state)
-    return model
+    return outer
 
 
 def _check_new_name(model: nn.Module, name) -> None:
@@ -93,11 +97,17 @@ def _check_new_name(model: nn.Module, name) -> None:
 def set_active_adapters(model: nn.Module, names: str | Iterable[str] | None) -> None:
     """Activate these adapters (None: none, the base model alone). Their parameters become the trainable ones.
     Bottleneck adapters at the same site run in the order given (fp.Stack); LoRA-style updates add up."""
-    state = require_state(model, "set_active_adapters")
+    inner = unwrap_model(model, "set_active_adapters")
+    state = require_state(inner, "set_active_adapters")
+    if names is not None and not isinstance(names, (str, Iterable)):
+        raise AdapterError(f"set_active_adapters: expected an adapter name, a list of names (or fp.Stack) or None, "
+                           f"got {names!r} ({type(names).__name__}); pass e.g. 'a' or ['a', 'b'] (names, not ids).")
     names = [] if names is None else [names] if isinstance(names, str) else list(names)
     state.check_known(names, "set_active_adapters")
+    if set(names) != set(state.active):  # the trainable parameters change: refused inside DDP
+        unwrap_model(model, "set_active_adapters", changes_trainable=True)
     state.active = list(dict.fromkeys(names))
-    _refresh(model, state)
+    _refresh(inner, state)
 
 
 def _refresh(model: nn.Module, state: AdapterState) -> None:
@@ -148,8 +158,9 @@ def _refresh_new(model: nn.Module, state: AdapterState, name: str) -> None:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Inside the block the model computes as its base model (adapters stay loaded)."""
-    require_state(model, "disable_adapters")
-    layers = wrappers(model)
+    inner = unwrap_model(model, "disable_adapters")
+    require_state(inner, "disable_adapters")
+    layers = wrappers(inner)
     merged = [n for n, m in layers if getattr(m, "merged_adapters", None)]
     if merged:
         raise AdapterError(f"disable_adapters: adapters are merged into the base weights of {merged[0]} (and "
@@ -166,38 +177,56 @@ def disable_adapters(model: nn.Module):
 
 def merge_adapter(model: nn.Module, name: str) -> nn.Module:
     """Fold adapter `name` into the base weights (LoRA: W += s·B·A; IA3: W ⊙= l); unmerge_adapter restores them."""
+    outer, model = model, unwrap_model(model, "merge_adapter")
     state = require_state(model, "merge_adapter")
     state.check_known([name], "merge_adapter")
+    refuse_sharded(model, "merge_adapter")
     if state.configs[name].method not in MERGEABLE:
-        raise AdapterError(f"merge_adapter: {type(state.configs[name]).__name__} adapters cannot be merged.")
+        raise AdapterError(f"merge_adapter: {type(state.configs[name]).__name__} adapters cannot be merged (they are "
+                           f"not a change of the base weights); keep adapter {name!r} unmerged, or remove it with "
+                           "fp.delete_adapter / fp.unload(model).")
+    layers = _mergeable_layers(model, name, "merge_adapter")
+    _merge_all(model, [(name, layers)])
+    return outer
+
+
+def _mergeable_layers(model: nn.Module, name: str, where: str) -> list[AdapterLayer]:
+    """The layers holding adapter `name`, after checking that merging it there is possible and not done yet."""
     layers = [m for _, m in wrappers(model) if isinstance(m, AdapterLayer) and name in m.adapter_names]
     nested = [p for p, m in wrappers(model) if isinstance(m, IA3Linear) and m.wraps_adapters
               and (name in m.adapter_names or name in m.base_layer.adapter_names)]
     if nested:
-        raise AdapterError(f"merge_adapter: {nested[0]} holds both LoRA and IA3 adapters; merging works on layers "
+        raise AdapterError(f"{where}: {nested[0]} holds both LoRA and IA3 adapters; merging works on layers "
                            f"whose adapters are of one method. Delete the other method's adapters there first.")
     if any(name in m.merged_adapters for m in layers):
-        raise AdapterError(f"merge_adapter: adapter {name!r} is already merged; merging it again would add its "
+        raise AdapterError(f"{where}: adapter {name!r} is already merged; merging it again would add its "
                            "update twice. Call fp.unmerge_adapter(model) to restore the base weights first.")
+    return layers
+
+
+def _merge_all(model: nn.Module, plan: list[tuple[str, list[AdapterLayer]]]) -> None:
+    """Merge each adapter into its layers; if any merge fails, every layer is back to its weights before the call."""
     done: list[AdapterLayer] = []
     try:
-        for m in layers:
-            m.merge(name)
-            done.append(m)
+        for name, layers in plan:
+            for m in layers:
+                m.merge(name)
+                done.append(m)
     except BaseException:
-        for m in done:
+        for m in reversed(done):
             previous = m.merged_adapters[:-1]
             m.unmerge()
             for n in previous:
                 m.merge(n)
         raise
-    return model
 
 
 def unmerge_adapter(model: nn.Module) -> nn.Module:
     """Restore every merged layer's original base weight, bit for bit."""
-    require_state(model, "unmerge_adapter")
-    for _, m in wrappers(model):
+    inner = unwrap_model(model, "unmerge_adapter")
+    require_state(inner, "unmerge_adapter")
+    refuse_sharded(inner, "unmerge_adapter")
+    for _, m in wrappers(inner):
         if isinstance(m, AdapterLayer):
             m.unmerge()
     return model
@@ -205,8 +234,10 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter `name`; layers left without adapters get their original module back."""
+    outer, model = model, unwrap_model(model, "delete_adapter")
     state = require_state(model, "delete_adapter")
     state.check_known([name], "delete_adapter")
+    refuse_sharded(model, "delete_adapter")
     for path in state.modules[name]:
         if name in holder(model, path, name)[1].merged_adapters:
             raise AdapterError(f"delete_adapter: adapter {name!r} is merged into {path}; "
@@ -227,8 +258,9 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     else:
         _restore_requires_grad(model, state)
         batching.uninstall(model, state)
+        uninstall_all(model, state)
         clear_state(model)
-    return model
+    return outer
 
 
 def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
@@ -237,14 +269,16 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
     merge=False: merged weights are first restored, so the model is bit-identical to before add_adapter.
     merge=True: active adapters are merged and kept in the weights (PEFT's merge_and_unload), and the active
     modules_to_save copies replace their originals. Adapters that cannot be merged (bottleneck, Compacter,
-    invertible) are removed either way.
+    invertible) are removed either way. Returns the model without fastpeft's layers (and without DDP or
+    torch.compile wrappers, when it was passed in one).
     """
+    model = unwrap_model(model, "unload")
     state = require_state(model, "unload")
-    if merge:
-        for name in state.active:
-            if state.configs[name].method in MERGEABLE and not any(
-                    name in m.merged_adapters for _, m in wrappers(model) if isinstance(m, AdapterLayer)):
-                merge_adapter(model, name)
+    refuse_sharded(model, "unload")
+    if merge:  # every merge checked before the first one runs: a refusal leaves the weights as they were
+        merged = {n for _, m in wrappers(model) if isinstance(m, AdapterLayer) for n in m.merged_adapters}
+        _merge_all(model, [(name, _mergeable_layers(model, name, "unload(merge=True)")) for name in state.active
+                           if state.configs[name].method in MERGEABLE and name not in merged])
     for path, module in reversed(wrappers(model)):  # inner layers first (LoRA inside IA3)
         if isinstance(module, AdapterLayer) and not merge:
             module.unmerge()
@@ -256,6 +290,7 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
         handle.remove()
     _restore_requires_grad(model, state)
     batching.uninstall(model, state)
+    uninstall_all(model, state)
     clear_state(model)
     return model
 
@@ -269,7 +304,7 @@ def _restore_requires_grad(model: nn.Module, state: AdapterState) -> None:
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared parameters are counted once."""
     trainable = total = 0
-    for p in model.parameters():
+    for p in unwrap_model(model, "trainable_parameters").parameters():
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
@@ -277,5 +312,5 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 def adapters(model: nn.Module) -> dict[str, AdapterConfig]:
     """The adapters on `model` and their configs (empty when there are none)."""
-    state = get_state(model)
+    state = get_state(unwrap_model(model, "adapters"))
     return dict(state.configs) if state else {}

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import TargetError
 from ..modules.attention import PREFIX, delegating_attention, site_of
-from .families import FAMILIES, family_of
+from .families import FAMILIES, NO_ROW_FIX, family_of
 from .state import get_state
 from .targets import blocks, join
 
@@ -38,8 +38,9 @@ def attention_calls(model: nn.Module, where: str) -> list[tuple[str, str, int]]:
     model_type, family = family_of(model)
     if family is None or not family.attention_calls:
         supported = sorted(k for k, f in FAMILIES.items() if f.attention_calls)
-        raise TargetError(f"{where}: attention-level adapters have no row for model_type={model_type!r}; "
-                          f"supported families: {', '.join(supported)}.")
+        raise TargetError(f"{where}: attention-level adapters have no row for model_type={model_type!r} (which "
+                          "modules call attention, fastpeft/inject/families.py); supported families: "
+                          f"{', '.join(supported)}. {NO_ROW_FIX}")
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     calls = []
     for block, index in blocks(model, family.layers):

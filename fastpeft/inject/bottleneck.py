@@ -16,10 +16,10 @@ from torch import nn
 from ..config import BnConfig
 from ..errors import ConfigError, TargetError
 from ..modules.bottleneck import BottleneckAdapter, BottleneckLayer, SharedParameters
-from ..modules.invertible import InvertibleAdapters, make_invertible
+from ..modules.invertible import InvertibleAdapters, check_invertible, make_invertible
 from ..modules.base_layers import adapter_placement
 from ..modules.phm import PHMShared
-from .families import FAMILIES, Site, family_of
+from .families import FAMILIES, NO_ROW_FIX, Site, family_of
 from .swap import container
 from .targets import base_model_path, blocks, join
 
@@ -71,35 +71,39 @@ def bottleneck_width(config: BnConfig, hidden: int, index: int) -> int:
     if width < 1 or width != int(width):
         divisors = [hidden // w for w in range(1, hidden + 1) if hidden % w == 0 and hidden // w > 1]
         near = sorted(divisors, key=lambda f: abs(f - factor))[:3]
-        raise ConfigError(f"BnConfig.reduction_factor: {factor!r} (layer {index}) does not divide the hidden size "
-                          f"{hidden} (bottleneck {width:g}); use a factor that does, e.g. "
+        raise ConfigError(f"{type(config).__name__}.reduction_factor: {factor!r} (layer {index}) does not divide the "
+                          f"hidden size {hidden} (bottleneck {width:g}); use a factor that does, e.g. "
                           f"{', '.join(str(f) for f in sorted(near))}.")
     return int(width)
 
 
 def plan(model: nn.Module, name: str, config: BnConfig) -> BottleneckPlan:
+    where = type(config).__name__
     model_type, family = family_of(model)
     if family is None or family.bottleneck is None:
         supported = sorted(k for k, f in FAMILIES.items() if f.bottleneck is not None)
-        raise TargetError(f"BnConfig: bottleneck adapters have no placement row for model_type={model_type!r}; "
-                          f"supported families: {', '.join(supported)}.")
+        raise TargetError(f"{where}: bottleneck adapters have no placement row for model_type={model_type!r} (where "
+                          "a block's sub-layers and residuals are, fastpeft/inject/families.py); supported families: "
+                          f"{', '.join(supported)}. {NO_ROW_FIX}")
     placement = family.bottleneck
     hidden = getattr(model.config, "hidden_size", None)
     if not isinstance(hidden, int):
-        raise TargetError(f"BnConfig: the model config has no integer hidden_size (got {hidden!r}).")
+        raise TargetError(f"{where}: the model config has no integer hidden_size (got {hidden!r}); bottleneck "
+                          "adapters size themselves from it: use a transformers model whose config sets it.")
     found = blocks(model, family.layers)
     if not found:
-        raise TargetError(f"BnConfig: no transformer blocks (a ModuleList named {family.layers!r}) in "
+        raise TargetError(f"{where}: no transformer blocks (a ModuleList named {family.layers!r}) in "
                           f"{type(model).__name__}.")
     count = max(i for _, i in found) + 1
     outside = sorted(i for i in config.leave_out if i >= count)
     if outside:
-        raise ConfigError(f"BnConfig.leave_out: layer(s) {outside} do not exist; this model has layers 0..{count - 1}.")
+        raise ConfigError(f"{where}.leave_out: layer(s) {outside} do not exist; this model has layers "
+                          f"0..{count - 1}: list indices in that range.")
     if isinstance(config.reduction_factor, dict):
         unknown = sorted(k for k in config.reduction_factor if k != "default" and int(k) >= count)
         if unknown:
-            raise ConfigError(f"BnConfig.reduction_factor: keys {unknown} name layers this model lacks "
-                              f"(layers 0..{count - 1}).")
+            raise ConfigError(f"{where}.reduction_factor: keys {unknown} name layers this model lacks "
+                              f"(layers 0..{count - 1}); use keys '0'..'{count - 1}' and 'default'.")
     _check_options(config, placement.mh_adapter.norm is not None, model_type)
     sites = []
     for block, index in found:
@@ -107,20 +111,21 @@ def plan(model: nn.Module, name: str, config: BnConfig) -> BottleneckPlan:
             continue
         width = bottleneck_width(config, hidden, index)
         if config.phm_layer and (hidden % config.phm_dim or width % config.phm_dim):
-            raise ConfigError(f"BnConfig.phm_dim: {config.phm_dim} must divide the hidden size {hidden} and the "
+            raise ConfigError(f"{where}.phm_dim: {config.phm_dim} must divide the hidden size {hidden} and the "
                               f"bottleneck {width} (layer {index}); choose a phm_dim that divides both, or another "
                               "reduction_factor.")
         for site_name in SITES:
             if getattr(config, site_name):
                 sites.append(_site(model, block, getattr(placement, site_name), width, site_name))
     if config.phm_layer and config.shared_W_phm and len({s.bottleneck for s in sites}) > 1:
-        raise ConfigError("BnConfig.shared_W_phm: the layers' bottleneck widths differ (a reduction_factor mapping), "
+        raise ConfigError(f"{where}.shared_W_phm: the layers' bottleneck widths differ (a reduction_factor mapping), "
                           "so one shared W cannot serve them; use one reduction_factor or shared_W_phm=False.")
     result = BottleneckPlan(hidden, base_model_path(model), sites, shared=config.phm_layer and PHMShared.needed(config))
     if config.inv_adapter:
         if placement.embeddings is None:
-            raise ConfigError(f"BnConfig.inv_adapter: invertible adapters are not placed for model_type="
+            raise ConfigError(f"{where}.inv_adapter: invertible adapters are not placed for model_type="
                               f"{model_type!r} (no embeddings entry in its row); use inv_adapter=None.")
+        check_invertible(hidden, config.inv_adapter_reduction_factor, f"{where}.inv_adapter_reduction_factor")
         result.embeddings = join(result.base, placement.embeddings)
         _require(model, result.embeddings, "the embedding output")
         get_out = getattr(model, "get_output_embeddings", None)
@@ -129,14 +134,15 @@ def plan(model: nn.Module, name: str, config: BnConfig) -> BottleneckPlan:
 
 
 def _check_options(config: BnConfig, post_ln: bool, model_type: str) -> None:
+    where = type(config).__name__
     if post_ln and not config.original_ln_after:
-        raise ConfigError(f"BnConfig.original_ln_after: False is not supported on post-LN blocks ({model_type}): the "
+        raise ConfigError(f"{where}.original_ln_after: False is not supported on post-LN blocks ({model_type}): the "
                           "block's own LayerNorm(h + x) always runs after the adapter; use original_ln_after=True.")
     if config.cross_adapter:
-        raise ConfigError("BnConfig.cross_adapter: adapters after cross-attention are not supported yet; "
+        raise ConfigError(f"{where}.cross_adapter: adapters after cross-attention are not supported yet; "
                           "use cross_adapter=False.")
     if config.stochastic_depth:
-        raise ConfigError("BnConfig.stochastic_depth: not supported; use stochastic_depth=0.0.")
+        raise ConfigError(f"{where}.stochastic_depth: not supported; use stochastic_depth=0.0.")
 
 
 def _require(model: nn.Module, path: str, what: str) -> nn.Module:

@@ -124,6 +124,11 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# What to do on a model whose family lacks the row a method needs (the end of those TargetErrors).
+NO_ROW_FIX = ("Use a model of one of them, or on this one a method that names its target layers "
+              "(fp.LoRAConfig or fp.IA3Config with target_modules=[...]).")
+
+
 def family_of(model) -> tuple[str | None, Family | None]:
     """(model_type, Family) of a transformers model, or (model_type, None) when no row exists."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)

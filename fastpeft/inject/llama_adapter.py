@@ -23,7 +23,7 @@ from ..modules.base_layers import adapter_placement
 from ..modules.llama_adapter import AdaptionSource, LlamaAdapterGroup, LlamaAdapterPool
 from . import attention
 from .attention import attention_calls, heads_of
-from .families import FAMILIES, family_of
+from .families import FAMILIES, NO_ROW_FIX, family_of
 from .swap import container
 from .targets import base_model_path, join
 
@@ -57,7 +57,9 @@ def _projection(module: nn.Module, names: tuple[str, ...]) -> str | None:
 
 
 def supported_families() -> list[str]:
-    return sorted(k for k, f in FAMILIES.items() if f.attention_calls and set(f.k).isdisjoint(f.v))
+    """Families with attention calls, separate k/v projections and no cross-attention (not encoder-decoder)."""
+    return sorted(k for k, f in FAMILIES.items()
+                  if f.attention_calls and set(f.k).isdisjoint(f.v) and not f.cross_attention_calls)
 
 
 def plan(model: nn.Module, name: str, config: LlamaAdapterConfig) -> LlamaAdapterPlan:
@@ -66,12 +68,18 @@ def plan(model: nn.Module, name: str, config: LlamaAdapterConfig) -> LlamaAdapte
         raise TargetError(f"{WHERE}: model_type={model_type!r} computes keys and values in one fused projection "
                           f"({', '.join(family.k)}); LLaMA-Adapter needs separate k/v projections (PEFT's GPT-2 "
                           f"variant adds the prompt's attention after the output projection, a different formula). "
-                          f"Supported families: {', '.join(supported_families())}.")
+                          f"Supported families: {', '.join(supported_families())}; on this model, use prefix tuning "
+                          "(fp.PrefixTuningConfig) instead.")
     attention.check(model, WHERE)
+    if family is None or not family.attention_calls:
+        raise TargetError(f"{WHERE}: LLaMA-Adapter has no row for model_type={model_type!r} (which modules call "
+                          "attention and where their k/v projections are, fastpeft/inject/families.py); supported "
+                          f"families: {', '.join(supported_families())}. {NO_ROW_FIX}")
     calls = attention_calls(model, WHERE)
     if getattr(model.config, "is_encoder_decoder", False):
         raise TargetError(f"{WHERE}: {type(model).__name__} is an encoder-decoder model; LLaMA-Adapter is supported "
-                          f"on decoder-only and encoder-only models ({', '.join(supported_families())}).")
+                          f"on decoder-only and encoder-only models ({', '.join(supported_families())}); on this "
+                          "model, use prefix tuning (fp.PrefixTuningConfig) instead.")
     calls = [(path, index) for path, kind, index in calls if kind == "self_prefix"]
     first = model.get_submodule(calls[0][0])
     k_name, v_name = _projection(first, family.k), _projection(first, family.v)

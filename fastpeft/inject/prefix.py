@@ -26,6 +26,7 @@ from . import attention
 from .attention import attention_calls, heads_of
 from .families import Family, family_of
 from .state import require_state
+from .wrapped import refuse_sharded, unwrap_model
 from .swap import check_saved_overlap, container, wrap_saved
 from .targets import base_model_path, join, resolve_modules_to_save
 
@@ -56,7 +57,8 @@ def plan(model: nn.Module, name: str, config: PrefixTuningConfig) -> PrefixPlan:
     count = max(i for _, _, i in calls) + 1
     outside = sorted(i for i in config.leave_out if i >= count)
     if outside:
-        raise ConfigError(f"{where}.leave_out: layer(s) {outside} do not exist; this model has layers 0..{count - 1}.")
+        raise ConfigError(f"{where}.leave_out: layer(s) {outside} do not exist; this model has layers "
+                          f"0..{count - 1}: list indices in that range.")
     wanted = {"self_prefix": True, "encoder_prefix": config.encoder_prefix, "cross_prefix": config.cross_prefix}
     layers: dict[str, list[int]] = {}
     for _, kind, index in calls:
@@ -65,7 +67,8 @@ def plan(model: nn.Module, name: str, config: PrefixTuningConfig) -> PrefixPlan:
     layers = {k: v for k, v in layers.items() if v}
     if not layers:
         raise ConfigError(f"{where}: no attention layer is left for the prefix (leave_out={config.leave_out}, "
-                          f"encoder_prefix={config.encoder_prefix}, cross_prefix={config.cross_prefix}).")
+                          f"encoder_prefix={config.encoder_prefix}, cross_prefix={config.cross_prefix}); leave out "
+                          "fewer layers (or let encoder_prefix/cross_prefix add theirs).")
     kv, head_dim = heads_of(model.config)
     saved = resolve_modules_to_save(model, config.modules_to_save, where)
     check_saved_overlap(model, [], saved, where)
@@ -156,13 +159,18 @@ def _hook_positions(model: nn.Module, pool: PrefixTuningPool, prefix_plan: Prefi
 def eject(model: nn.Module, name: str) -> nn.Module:
     """Replace prefix-tuning adapter `name`'s reparameterisation MLP by the flat prefix it produces: the outputs
     stay the same, the parameters shrink to P·layers·2·H_kv·D numbers per attention kind."""
+    outer, model = model, unwrap_model(model, "eject_prefix_tuning", changes_trainable=True)
     state = require_state(model, "eject_prefix_tuning")
     state.check_known([name], "eject_prefix_tuning")
+    refuse_sharded(model, "eject_prefix_tuning")
     config = state.configs[name]
     if not isinstance(config, PrefixTuningConfig):
-        raise AdapterError(f"eject_prefix_tuning: adapter {name!r} is a {type(config).__name__}, not prefix tuning.")
+        prefixes = [n for n, c in state.configs.items() if isinstance(c, PrefixTuningConfig)]
+        raise AdapterError(f"eject_prefix_tuning: adapter {name!r} is a {type(config).__name__}, not prefix tuning; "
+                           "pass the name of a PrefixTuningConfig adapter (on this model: "
+                           f"{', '.join(map(repr, prefixes)) or 'none'}).")
     pool = model.get_submodule(state.modules[name][0])
     for prefix in pool.prefix_tunings[name].values():
         prefix.eject()
     state.configs[name] = dataclasses.replace(config, flat=True)
-    return model
+    return outer

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import TargetError, closest
 from ..modules import AdapterContainer, AdapterLayer, ModulesToSave
-from ..modules.base_layers import is_conv1d, is_plain_linear
+from ..modules.base_layers import is_plain_linear, looks_linear
 from .families import default_lora_targets, family_of
 
 WRAPPERS = (AdapterLayer, ModulesToSave, AdapterContainer)
@@ -56,7 +56,7 @@ def layer_index(name: str, layers_pattern=None) -> int | None:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, AdapterLayer) or is_plain_linear(module) or is_conv1d(module)
+    return isinstance(module, AdapterLayer) or is_plain_linear(module)
 
 
 def _head_names(model: nn.Module) -> set[str]:
@@ -75,34 +75,92 @@ def resolve_linear_targets(model: nn.Module, config, *, method: str,
                            default: Callable = default_lora_targets) -> list[str]:
     """Module paths of the linear layers `config` targets. Raises TargetError before anything changes."""
     targets = config.target_modules
+    modules = dict(model_modules(model))
     if targets is None:
         model_type, family = family_of(model)
         if family is None:
-            raise TargetError(f"{method}: no default target modules for model_type={model_type!r}; pass "
-                              "target_modules=[...] (module names), a regex, or \"all-linear\".")
+            raise TargetError(f"{method}: no default target modules for model_type={model_type!r} (fastpeft has no "
+                              "row for this family in fastpeft/inject/families.py); pass target_modules=[...] "
+                              f"(linear layer names in this model: {_linear_names(modules)})"
+                              + (" and feedforward_modules=[...]" if config.method == "ia3" else
+                                 ', a regex, or "all-linear"') + ".")
         targets = default(family)
-    modules = dict(model_modules(model))
     if targets == "all-linear":
-        heads = _head_names(model)
-        names = [n for n, m in modules.items() if n and _is_linear(m) and n not in heads]
+        heads = _head_names(model)  # with the linears fastpeft has no rule for: refused below, never skipped
+        names = [n for n, m in modules.items() if n and (_is_linear(m) or looks_linear(m)) and n not in heads]
     else:
         names = [n for n in modules if n and name_matches(n, targets)]
         _check_all_matched(targets, names, modules, method)
+    matched = names
     if config.exclude_modules:
         names = [n for n in names if not name_matches(n, config.exclude_modules)]
     if config.layers_to_transform is not None:
         names = _filter_layers(names, config, modules, method)
-    unsupported = [f"{n} ({type(modules[n]).__name__})" for n in names if not _is_linear(modules[n])]
-    if unsupported:
-        raise TargetError(f"{method}: target_modules matched module(s) that are not linear layers: "
-                          f"{', '.join(unsupported[:5])}. {method} wraps nn.Linear and GPT-2 Conv1D layers; "
-                          "name the projections inside those modules instead (e.g. 'q_proj').")
+    refused = _refusal(modules, names, method)
+    if refused:
+        raise TargetError(refused)
     if not names:
-        linear = [n for n, m in modules.items() if n and _is_linear(m)]
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
-        raise TargetError(f"{method}: target_modules={targets!r} matched no linear layer in "
-                          f"{type(model).__name__}. Linear layer names in this model: {', '.join(leaves[:12])}.")
+        raise TargetError(f"{method}: target_modules={targets!r} matched no linear layer in {type(model).__name__}: "
+                          f"{_why_none(targets, matched, config, modules)}. Linear layer names in this model: "
+                          f"{_linear_names(modules)}.")
     return names
+
+
+def _why_none(targets, matched: list[str], config, modules: dict) -> str:
+    """Why no target is left, and what to change."""
+    if matched and config.exclude_modules and all(name_matches(n, config.exclude_modules) for n in matched):
+        return (f"exclude_modules={config.exclude_modules!r} removed all {len(matched)} modules it matched; exclude "
+                "fewer")
+    if matched:
+        return (f"layers_to_transform={config.layers_to_transform!r} kept none of the {len(matched)} modules it "
+                "matched; choose layers that hold them")
+    if targets == "all-linear":
+        return "the model has no nn.Linear or Conv1D layer outside its output head; name the modules to adapt"
+    if not isinstance(targets, str):
+        return "pass names of linear layers"
+    example = next((n for n, m in modules.items() if n and _is_linear(m)), "model.layers.0.self_attn.q_proj")
+    leaf = example.rsplit(".", 1)[-1]
+    regex = ".*\\." + leaf
+    return (f"a regex must match a whole module path such as {example!r}, e.g. {regex!r}; or pass a list of "
+            f"names, e.g. [{leaf!r}]")
+
+
+def _linear_names(modules: dict) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if n and _is_linear(m)})
+    return ", ".join(leaves[:12]) + (", ..." if len(leaves) > 12 else "")
+
+
+def _refusal(modules: dict, names: list[str], method: str) -> str | None:
+    """Why targets that are not linear layers fastpeft wraps are refused, with the fix that fits what they are: a
+    module another adapter copies whole, a linear layer of a kind without a rule, a block, or another kind of leaf."""
+    bad = [n for n in names if not _is_linear(modules[n])]
+    if not bad:
+        return None
+    listed = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in bad[:5]) + (", ..." if len(bad) > 5 else "")
+    copied = [n for n in bad if isinstance(modules[n], ModulesToSave)]
+    if copied:
+        owners = sorted({a for n in copied for a in modules[n].adapter_names})
+        return (f"{method}: target_modules matched {listed}, which adapter(s) {', '.join(map(repr, owners))} copy "
+                "whole (modules_to_save); a module cannot be both adapted and copied whole: drop it from "
+                "target_modules (exclude_modules=[...]), or delete those adapters first.")
+    kinds = [n for n in bad if looks_linear(modules[n])]
+    if kinds:
+        kind = sorted({type(modules[n]).__name__ for n in kinds})
+        return (f"{method}: target_modules matched {listed}: linear layers of a kind fastpeft has no rule for yet "
+                f"({', '.join(kind)}; a quantized layer such as bitsandbytes' Linear4bit, or a subclass of nn.Linear "
+                f"with its own forward). {method} adapts nn.Linear (and subclasses that keep its forward) and "
+                "transformers' Conv1D with floating-point weights. Load the base model without quantization (or "
+                "dequantize these layers), or leave them out with exclude_modules=[...].")
+    blocks = [n for n in bad if any(_is_linear(m) for _, m in modules[n].named_modules())]
+    if blocks:
+        inner = sorted({c.rsplit(".", 1)[-1] for n in blocks for c, m in modules.items()
+                        if c.startswith(n + ".") and _is_linear(m)})
+        return (f"{method}: target_modules matched {listed}, which are blocks, not linear layers; {method} wraps "
+                "linear layers (nn.Linear, GPT-2 Conv1D): name the linear layers inside them instead, e.g. "
+                f"{', '.join(repr(c) for c in inner[:6])}.")
+    return (f"{method}: target_modules matched {listed}, which are not linear layers; {method} wraps linear layers "
+            f"(nn.Linear, GPT-2 Conv1D): target linear layers instead ({_linear_names(modules)}), or train these "
+            f"modules whole with modules_to_save={sorted({n.rsplit('.', 1)[-1] for n in bad})!r}.")
 
 
 def _check_all_matched(targets, names: list[str], modules: dict, method: str) -> None:
@@ -113,7 +171,9 @@ def _check_all_matched(targets, names: list[str], modules: dict, method: str) ->
         candidates = {n.rsplit(".", 1)[-1] for n, m in modules.items() if n and _is_linear(m)}
         hints = "; ".join(f"{t!r}: closest {closest(t, candidates)}" for t in missing)
         raise TargetError(f"{method}: target_modules entr{'y' if len(missing) == 1 else 'ies'} "
-                          f"{', '.join(repr(t) for t in missing)} matched no module ({hints}).")
+                          f"{', '.join(repr(t) for t in missing)} matched no module ({hints}); use the names the "
+                          "model has (an entry matches a module's name or the end of its path, e.g. 'q_proj' or "
+                          "'self_attn.q_proj').")
 
 
 def _filter_layers(names: list[str], config, modules: dict, method: str) -> list[str]:
@@ -124,8 +184,13 @@ def _filter_layers(names: list[str], config, modules: dict, method: str) -> list
     missing = sorted(wanted - present)
     if missing:
         span = f"{min(present)}..{max(present)}" if present else "none found"
+        if present:
+            fix = f"use indices in {span}"
+        else:
+            lists = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if n and isinstance(m, nn.ModuleList)})
+            fix = f"set layers_pattern to the ModuleList that holds the blocks ({', '.join(map(repr, lists))})"
         raise TargetError(f"{method}: layers_to_transform={sorted(wanted)} names layer(s) {missing} that the model "
-                          f"does not have (layer indices: {span}; layers_pattern={config.layers_pattern!r}).")
+                          f"does not have (layer indices: {span}; layers_pattern={config.layers_pattern!r}); {fix}.")
     return [n for n in names if layer_index(n, config.layers_pattern) in wanted]
 
 
@@ -141,7 +206,8 @@ def resolve_modules_to_save(model: nn.Module, names, method: str) -> list[str]:
     if missing:
         leaves = {n.rsplit(".", 1)[-1] for n in modules if n}
         hints = "; ".join(f"{k!r}: closest {closest(k, leaves)}" for k in missing)
-        raise TargetError(f"{method}: modules_to_save entries matched no module ({hints}).")
+        raise TargetError(f"{method}: modules_to_save entries matched no module ({hints}); use the names the model "
+                          "has (an entry matches a module's name or the end of its path, e.g. 'lm_head').")
     return sorted(set(found))
 
 

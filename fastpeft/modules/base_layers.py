@@ -22,6 +22,18 @@ def is_plain_linear(module: nn.Module) -> bool:
             and module.weight.dtype.is_floating_point)
 
 
+def looks_linear(module: nn.Module) -> bool:
+    """A linear layer of some kind, with or without a rule here: nn.Linear and its subclasses, Conv1D, and the
+    quantized or custom linears that keep nn.Linear's in_features/out_features (bitsandbytes' Linear4bit and
+    Linear8bitLt, ...) or are called ...Linear... and hold a weight. add_adapter refuses the ones for which
+    is_plain_linear is False, saying that fastpeft has no rule for their kind yet."""
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return True
+    has_weight = isinstance(getattr(module, "weight", None), torch.Tensor)
+    sized = hasattr(module, "in_features") and hasattr(module, "out_features")
+    return has_weight and (sized or "linear" in type(module).__name__.lower())
+
+
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     """Adapter parameters live in float32 on half-precision bases (as PEFT's default), else in the base dtype."""
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype

@@ -176,6 +176,9 @@ def _id_list(adapters, names_of: dict[int, str], where: str) -> tuple[int, ...]:
         if adapters.dim() != 1 or adapters.dtype.is_floating_point or adapters.dtype == torch.bool:
             raise AdapterError(f"{where}: expected a 1-D integer tensor of adapter ids, got {adapters.dtype} of shape "
                                f"{tuple(adapters.shape)}.")
+        if adapters.device.type == "meta":
+            raise AdapterError(f"{where}: the adapter ids are a meta tensor, which holds no values; pass them on the "
+                               "CPU (a CPU tensor also avoids a device synchronisation) or on the model's device.")
         adapters = adapters.tolist()
     bad = [(i, s) for i, s in enumerate(adapters) if s != -1 and s not in names_of]
     if bad:

@@ -40,6 +40,16 @@ def subnet(dims_in: int, dims_out: int, non_linearity: str | None, reduction_fac
     return nn.Sequential(nn.Linear(dims_in, hidden), Activation(non_linearity), nn.Linear(hidden, dims_out))
 
 
+def check_invertible(dim: int, reduction_factor: float, where: str) -> None:
+    """What make_invertible(kind, dim, ..., reduction_factor) refuses, said before anything is built (`where`: the
+    config field): a hidden size too small to split, or a factor that leaves a subnet without hidden units."""
+    smaller = _split_sizes(dim)[0]  # the smaller half is the narrowest subnet input
+    if not reduction_factor > 0 or int(smaller // reduction_factor) < 1:
+        raise ConfigError(f"{where}: {reduction_factor!r} leaves the invertible adapter's subnets no hidden unit (their "
+                          f"input is half the hidden size {dim}, {smaller}); use a positive factor of at most "
+                          f"{smaller}.")
+
+
 def _split_sizes(dim: int) -> tuple[int, int]:
     if dim < 2:
         raise ConfigError(f"invertible adapter: the hidden size {dim} is too small to split; it needs at least 2.")

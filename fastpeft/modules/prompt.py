@@ -230,7 +230,8 @@ class PromptTuningLayer(AdapterContainer):
             embeds = self._model[0].get_input_embeddings()(ids)
         batch, n = embeds.shape[:2]
         if combine == "prefix_after_bos" and n < 1:
-            raise AdapterError(f"prompt tuning ({where}): combine='prefix_after_bos' needs at least one input token.")
+            raise AdapterError(f"prompt tuning ({where}): combine='prefix_after_bos' needs at least one input token "
+                               "(the first one the prompt goes after); pass one, or use combine='prefix'.")
         length = virtual.shape[0]
         kw["input_ids"] = None
         kw["inputs_embeds"] = insert(embeds, virtual.to(embeds.dtype)[None].expand(batch, -1, -1), combine)

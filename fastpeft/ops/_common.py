@@ -7,6 +7,7 @@ import functools
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..kernels.limits import TRITON_DTYPES
 from ..reference._common import base_weight_t
 from . import dispatch
@@ -58,22 +59,60 @@ def dense(t: Tensor | None) -> Tensor | None:
     return t.contiguous() if t is not None else None
 
 
+def check_base(x: Tensor, weight: Tensor, fan_in_fan_out: bool, where: str) -> tuple[int, int]:
+    """A linear op's base layer and input: a 2-D floating-point weight, x with its input features and dtype.
+    Returns (K, N)."""
+    if weight.dim() != 2:
+        raise InputError(f"{where}: weight must be 2-D, got shape {tuple(weight.shape)}; pass the base layer's "
+                         "weight matrix, (out, in) (or (in, out) with fan_in_fan_out=True).")
+    K, N = (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
+    layout = "(in, out) since fan_in_fan_out=True" if fan_in_fan_out else "(out, in)"
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise InputError(f"{where}: x has {x.shape[-1] if x.dim() else 0} input features, but the base weight "
+                         f"{tuple(weight.shape)} read as {layout} expects {K}; pass x of shape (..., {K}), or "
+                         "set fan_in_fan_out to the weight's layout.")
+    check_input_dtype(x, weight, where)
+    return K, N
+
+
 def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool, where: str) -> tuple[int, int]:
     """Host-side validation of a multi-adapter op's base layer before any launch. Returns (K, N)."""
-    if weight.dim() != 2:
-        raise ValueError(f"{where}: weight must be 2-D, got shape {tuple(weight.shape)}.")
-    K, N = (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"{where}: x has {x.shape[-1] if x.dim() else 0} input features, but the base weight "
-                         f"{tuple(weight.shape)} expects {K}.")
-    if not x.dtype.is_floating_point or x.dtype != weight.dtype:
-        raise TypeError(f"{where}: x is {x.dtype} and the base weight is {weight.dtype}; they must match.")
-    if bias is not None and bias.shape != (N,):
-        raise ValueError(f"{where}: bias has shape {tuple(bias.shape)}; expected ({N},).")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{where}: {name} is on {t.device} but x is on {x.device}; move them together.")
+    K, N = check_base(x, weight, fan_in_fan_out, where)
+    check_vector(bias, "bias", N, "one entry per output feature", x, where)
+    check_device(weight, "weight", x, where)
     return K, N
+
+
+def check_vector(t: Tensor | None, name: str, n: int, what: str, x: Tensor, where: str) -> None:
+    """An optional (n,) floating-point vector on x's device (a bias, a scale)."""
+    if t is None:
+        return
+    if tuple(t.shape) != (n,):
+        raise InputError(f"{where}: {name} has shape {tuple(t.shape)}; expected ({n},), {what} (or None).")
+    check_device(t, name, x, where)
+    check_floating(t, name, where)
+
+
+def check_input_dtype(x: Tensor, weight: Tensor, where: str) -> None:
+    """x must be floating point, in the base weight's dtype (a floating-point one)."""
+    if x.dtype.is_floating_point:
+        check_floating(weight, "weight", where)
+    if not x.dtype.is_floating_point or x.dtype != weight.dtype:
+        cast = f"x.to({weight.dtype})" if weight.dtype.is_floating_point else "x.float() and weight.float()"
+        raise InputError(f"{where}: x is {x.dtype} and the base weight is {weight.dtype}; they must match, in a "
+                         f"floating-point dtype: cast it with {cast} (or run under torch.autocast).")
+
+
+def check_device(t: Tensor | None, name: str, x: Tensor, where: str, x_name: str = "x") -> None:
+    """Every tensor of a call on x's device (a meta tensor beside real ones included)."""
+    if t is not None and t.device != x.device:
+        raise InputError(f"{where}: {name} is on {t.device} but {x_name} is on {x.device}; move them together "
+                         f"({name}.to({x_name}.device)).")
+
+
+def check_floating(t: Tensor | None, name: str, where: str) -> None:
+    if t is not None and not t.dtype.is_floating_point:
+        raise InputError(f"{where}: {name} must be floating point, got {t.dtype}; cast it, e.g. {name}.float().")
 
 
 def base_product(x2: Tensor, weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool) -> Tensor:

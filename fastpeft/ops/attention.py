@@ -39,6 +39,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..kernels.limits import ATTENTION_HEAD_DIMS, TRITON_DTYPES
 from ..reference import attention as reference
 from . import dispatch, registry
@@ -113,16 +114,16 @@ def _check_prefix_bias(bias: Tensor, q: Tensor, prefix_k: Tensor | None) -> None
     B, H, Lq, _ = q.shape
     P = 0 if prefix_k is None else prefix_k.shape[2]
     if not bias.dtype.is_floating_point:
-        raise ValueError(f"{where}: prefix_bias has dtype {bias.dtype}; it is added to scores, use a float tensor.")
+        raise InputError(f"{where}: prefix_bias has dtype {bias.dtype}; it is added to scores, use a float tensor.")
     if bias.device != q.device:
-        raise ValueError(f"{where}: prefix_bias is on {bias.device} but q is on {q.device}; move it to {q.device}.")
+        raise InputError(f"{where}: prefix_bias is on {bias.device} but q is on {q.device}; move it to {q.device}.")
     try:
         torch.broadcast_shapes(tuple(bias.shape), (B, H, Lq, P))
         ok = bias.dim() == 4 and bias.shape[-1] == P
     except RuntimeError:
         ok = False
     if not ok:
-        raise ValueError(f"{where}: prefix_bias has shape {tuple(bias.shape)}; expected a shape broadcastable to "
+        raise InputError(f"{where}: prefix_bias has shape {tuple(bias.shape)}; expected a shape broadcastable to "
                          f"(B, H, Lq, P) = ({B}, {H}, {Lq}, {P}), one column per prefix key.")
 
 
@@ -134,17 +135,17 @@ def _check_prefix_rows(q, prefix_k, offsets, lengths) -> None:
     given = [(name, t) for name, t in (("prefix_offsets", offsets), ("prefix_lengths", lengths)) if t is not None]
     for name, t in given:
         if prefix_k is None:
-            raise ValueError(f"{where}: {name} is given but there is no prefix; pass prefix_k and prefix_v (the "
+            raise InputError(f"{where}: {name} is given but there is no prefix; pass prefix_k and prefix_v (the "
                              "packed prefixes the rows index into) or drop prefix_offsets/prefix_lengths.")
         if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != B:
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{where}: {name} has shape {got}; expected (B,) = ({B},), one entry per batch row "
+            raise InputError(f"{where}: {name} has shape {got}; expected (B,) = ({B},), one entry per batch row "
                              "(e.g. torch.tensor([...], dtype=torch.int32)).")
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise ValueError(f"{where}: {name} has dtype {t.dtype}; use an integer tensor (int32 preferred: the "
+            raise InputError(f"{where}: {name} has dtype {t.dtype}; use an integer tensor (int32 preferred: the "
                              "kernels read int32), e.g. .to(torch.int32).")
         if t.device != q.device:
-            raise ValueError(f"{where}: {name} is on {t.device} but q is on {q.device}; move it to {q.device}.")
+            raise InputError(f"{where}: {name} is on {t.device} but q is on {q.device}; move it to {q.device}.")
     if not given or q.device.type != "cpu" or torch.compiler.is_compiling():
         return
     P = prefix_k.shape[2]
@@ -155,7 +156,7 @@ def _check_prefix_rows(q, prefix_k, offsets, lengths) -> None:
                             ("prefix_offsets + prefix_lengths", off + length > P, f"exceeds P = {P}")):
         if bad.any():
             b = int(bad.nonzero()[0, 0])
-            raise ValueError(f"{where}: {name} of row {b} {what} (offset {int(off[b])}, length {int(length[b])}); "
+            raise InputError(f"{where}: {name} of row {b} {what} (offset {int(off[b])}, length {int(length[b])}); "
                              f"each row's prefix slice [off, off + len) must lie inside the prefix: 0 <= off, "
                              f"0 <= len, off + len <= P = {P} (prefix_k.shape[2], the packed prefixes' length).")
 
@@ -165,52 +166,57 @@ def _check(q, k, v, prefix_k, prefix_v, mask, query_offset, attn_mask=None, drop
     where = "fp.ops.prefix_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
-            raise ValueError(f"{where}: {name} has shape {tuple(t.shape)}; expected 4 dimensions "
-                             f"({'(B, H, Lq, D)' if name == 'q' else '(B, H_kv, Lk, D)'}: heads before sequence).")
+            raise InputError(f"{where}: {name} has shape {tuple(t.shape)}; expected 4 dimensions "
+                             f"({'(B, H, Lq, D)' if name == 'q' else '(B, H_kv, Lk, D)'}: heads before sequence); "
+                             "reshape it, e.g. t.view(B, L, H, D).transpose(1, 2).")
     B, H, _, D = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"{where}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape.")
+        raise InputError(f"{where}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape; pass "
+                         "one layer's keys and values.")
     Hkv = k.shape[1]
     if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"{where}: k and v {tuple(k.shape)} must be (B={B}, H_kv, Lk, D={D}) for q "
+        raise InputError(f"{where}: k and v {tuple(k.shape)} must be (B={B}, H_kv, Lk, D={D}) for q "
                          f"{tuple(q.shape)} (same batch and head dim).")
     if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"{where}: q has {H} heads and k/v {Hkv}; the query heads must be a multiple of the "
-                         "key/value heads (grouped-query attention).")
+        raise InputError(f"{where}: q has {H} heads and k/v {Hkv}; the query heads must be a multiple of the "
+                         f"key/value heads (grouped-query attention); pass k and v with a number of heads that divides "
+                         f"{H}.")
     if (prefix_k is None) != (prefix_v is None):
-        raise ValueError(f"{where}: pass both prefix_k and prefix_v, or neither.")
+        raise InputError(f"{where}: pass both prefix_k and prefix_v, or neither.")
     if prefix_k is not None:
         if prefix_k.shape != prefix_v.shape:
-            raise ValueError(f"{where}: prefix_k {tuple(prefix_k.shape)} and prefix_v {tuple(prefix_v.shape)} must "
-                             "have the same shape.")
+            raise InputError(f"{where}: prefix_k {tuple(prefix_k.shape)} and prefix_v {tuple(prefix_v.shape)} must "
+                             "have the same shape; pass one prefix's keys and values.")
         if prefix_k.dim() != 4 or prefix_k.shape[0] not in (1, B) or prefix_k.shape[1] != Hkv \
                 or prefix_k.shape[3] != D:
-            raise ValueError(f"{where}: prefix_k/prefix_v have shape {tuple(prefix_k.shape)}; expected (1 or {B}, "
+            raise InputError(f"{where}: prefix_k/prefix_v have shape {tuple(prefix_k.shape)}; expected (1 or {B}, "
                              f"{Hkv}, P, {D}): one prefix shared by the batch or one per row, with k's heads and "
                              "head dim.")
     if mask is not None:
         if tuple(mask.shape) != (B, k.shape[2]):
-            raise ValueError(f"{where}: key_padding_mask has shape {tuple(mask.shape)}; expected (B, Lk) = "
+            raise InputError(f"{where}: key_padding_mask has shape {tuple(mask.shape)}; expected (B, Lk) = "
                              f"({B}, {k.shape[2]}), True for real tokens.")
         if mask.dtype.is_floating_point or mask.dtype.is_complex:
-            raise ValueError(f"{where}: key_padding_mask has dtype {mask.dtype}; use bool (True = keep) or an "
+            raise InputError(f"{where}: key_padding_mask has dtype {mask.dtype}; use bool (True = keep) or an "
                              "integer tensor (nonzero = keep).")
     if query_offset is not None and not isinstance(query_offset, int):
-        raise ValueError(f"{where}: query_offset={query_offset!r} must be an int (the position of query 0).")
+        raise InputError(f"{where}: query_offset={query_offset!r} must be an int (the position of query "
+                         "0); pass e.g. query_offset=0, or None.")
     if attn_mask is not None:
         _check_attn_mask(attn_mask, q, k, prefix_k)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{where}: dropout_p={dropout_p!r}; expected a float with 0 <= dropout_p < 1 (the "
+        raise InputError(f"{where}: dropout_p={dropout_p!r}; expected a float with 0 <= dropout_p < 1 (the "
                          "probability of dropping an attention weight; 0 when not training).")
     named = (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v))
     for name, t in (*named, ("key_padding_mask", mask), ("attn_mask", attn_mask)):
         if t is not None and t.device != q.device:
-            raise ValueError(f"{where}: {name} is on {t.device} but q is on {q.device}; move it to {q.device}.")
+            raise InputError(f"{where}: {name} is on {t.device} but q is on {q.device}; move it to {q.device}.")
     if not q.dtype.is_floating_point:
-        raise ValueError(f"{where}: q has dtype {q.dtype}; expected a floating-point dtype.")
+        raise InputError(f"{where}: q has dtype {q.dtype}; expected a floating-point dtype; "
+                         "cast q, k and v, e.g. .float().")
     for name, t in named:
         if t is not None and t.dtype != q.dtype:
-            raise ValueError(f"{where}: {name} has dtype {t.dtype} but q has {q.dtype}; cast them to one dtype.")
+            raise InputError(f"{where}: {name} has dtype {t.dtype} but q has {q.dtype}; cast them to one dtype.")
 
 
 def _check_attn_mask(attn_mask, q, k, prefix_k) -> None:
@@ -228,10 +234,10 @@ def _check_attn_mask(attn_mask, q, k, prefix_k) -> None:
         fix = "e.g. (B, 1, Lq, Lk) for a padding or causal mask, (1, H, Lq, Lk) for a position bias"
         if P and got and got[-1] == P + Lk:
             fix = f"it seems to cover the prefix too: pass attn_mask[..., {P}:] (the prefix is always visible)"
-        raise ValueError(f"{where}: attn_mask has shape {got}; expected a shape broadcastable to (B, H, Lq, Lk) = "
+        raise InputError(f"{where}: attn_mask has shape {got}; expected a shape broadcastable to (B, H, Lq, Lk) = "
                          f"{full}, over the real keys only ({fix}).")
     if not (attn_mask.dtype == torch.bool or attn_mask.dtype.is_floating_point):
-        raise ValueError(f"{where}: attn_mask has dtype {attn_mask.dtype}; use bool (True = visible) or a floating "
+        raise InputError(f"{where}: attn_mask has dtype {attn_mask.dtype}; use bool (True = visible) or a floating "
                          "mask added to the scores (0 = visible, -inf = hidden); convert a 0/1 mask with .bool().")
 
 

@@ -31,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import InputError
 from ..kernels.limits import ACTIVATIONS, BOTTLENECK_MAX_WIDTH, EPILOGUE_ACTIVATIONS, TRITON_DTYPES
 from ..reference import bottleneck as reference
 from . import dispatch, registry
-from ._common import TINY_M, dense, rows_backend, target_programs
+from ._common import TINY_M, check_device, dense, rows_backend, target_programs
 
 registry.describe(
     "bottleneck_adapter", dtypes=TRITON_DTYPES, doc="y = r + s (f(LN?(x) Wd^T + bd) Wu^T + bu), LN after optional",
@@ -71,7 +72,10 @@ def bottleneck_adapter(x: Tensor, residual: Tensor, w_down: Tensor, b_down: Tens
     ln_after, gate: (weight, bias) pairs or None; dropout: AdapterHub's dropout on s · up (pass 0.0 in eval).
     """
     _check(x, residual, w_down, b_down, w_up, b_up, scaling, dropout)
-    activation(non_linearity)  # a clear error for an unknown name
+    try:
+        activation(non_linearity)
+    except ValueError as exc:  # an unknown name: say where
+        raise InputError(f"bottleneck_adapter: {exc}") from None
     act = non_linearity.lower()
     d, m = x.shape[-1], w_down.shape[0]
     wide = m > BOTTLENECK_MAX_WIDTH
@@ -106,30 +110,39 @@ def bottleneck_adapter(x: Tensor, residual: Tensor, w_down: Tensor, b_down: Tens
 
 
 def _check(x, residual, w_down, b_down, w_up, b_up, scaling, dropout) -> None:
+    where = "bottleneck_adapter"
     d = x.shape[-1]
     m = w_down.shape[0]
     if residual.shape != x.shape:
-        raise ValueError(f"bottleneck_adapter: residual has shape {tuple(residual.shape)}, x {tuple(x.shape)}; "
-                         "they must match.")
+        raise InputError(f"{where}: residual has shape {tuple(residual.shape)}, x {tuple(x.shape)}; they must match "
+                         "(pass the sub-layer's input as the residual, or zeros for none).")
     if w_down.dim() != 2 or w_down.shape[1] != d or w_up.shape != (d, m):
-        raise ValueError(f"bottleneck_adapter: w_down {tuple(w_down.shape)} and w_up {tuple(w_up.shape)} must be "
-                         f"(m, {d}) and ({d}, m) for inputs of {d} features.")
+        raise InputError(f"{where}: w_down {tuple(w_down.shape)} and w_up {tuple(w_up.shape)} must be "
+                         f"(m, {d}) and ({d}, m) for inputs of {d} features; pass the down and up projections' "
+                         "weights in nn.Linear's (out, in) layout.")
     for name, t, n in (("b_down", b_down, m), ("b_up", b_up, d)):
         if t is not None and t.shape != (n,):
-            raise ValueError(f"bottleneck_adapter: {name} has shape {tuple(t.shape)}; expected ({n},).")
+            raise InputError(f"{where}: {name} has shape {tuple(t.shape)}; expected ({n},) (or None).")
     if isinstance(scaling, Tensor):
         if scaling.numel() not in (1, d) or (scaling.numel() == d and scaling.shape[-1] != d):
-            raise ValueError(f"bottleneck_adapter: scaling has shape {tuple(scaling.shape)}; use a number, a "
+            raise InputError(f"{where}: scaling has shape {tuple(scaling.shape)}; use a number, a "
                              f"1-element tensor (scaling='learned') or a ({d},) tensor (scaling='channel').")
         residual_tensors = (("scaling", scaling),)
     else:
         residual_tensors = ()
     if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"bottleneck_adapter: dropout={dropout} is outside [0, 1).")
+        raise InputError(f"{where}: dropout={dropout} is outside [0, 1); use a probability such as 0.1, or 0.0 "
+                         "(always 0.0 in eval).")
     for name, t in (("residual", residual), ("w_down", w_down), ("w_up", w_up), ("b_down", b_down), ("b_up", b_up),
                     *residual_tensors):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"bottleneck_adapter: {name} is on {t.device} but x is on {x.device}.")
+        check_device(t, name, x, where)
+    if not x.dtype.is_floating_point:
+        raise InputError(f"{where}: x is {x.dtype}; pass floating-point hidden states, e.g. x.float().")
+    if not torch.is_autocast_enabled(x.device.type):  # under autocast F.linear casts the weights itself
+        for name, t in (("w_down", w_down), ("w_up", w_up), ("b_down", b_down), ("b_up", b_up)):
+            if t is not None and t.dtype != x.dtype:
+                raise InputError(f"{where}: {name} is {t.dtype} but x is {x.dtype}; cast the adapter's weights to "
+                                 f"x's dtype ({name}.to(x.dtype)), or run under torch.autocast.")
 
 
 def _ln_vectors(w_down: Tensor, ln_w: Tensor, ln_b: Tensor | None) -> tuple[Tensor, Tensor]:

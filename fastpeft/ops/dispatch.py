@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from ..errors import BackendError
+from ..errors import BackendError, InputError
 
 BACKENDS = ("torch", "triton", "cuda")
 _backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastpeft_backend", default=None)
@@ -106,7 +106,7 @@ def use_kernel_options(**changes):
     unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(KernelOptions)})
     if unknown:
         fields = ", ".join(f.name for f in dataclasses.fields(KernelOptions))
-        raise TypeError(f"use_kernel_options: unknown option(s) {', '.join(unknown)}; the options are {fields}.")
+        raise InputError(f"use_kernel_options: unknown option(s) {', '.join(unknown)}; the options are {fields}.")
     token = _options.set(dataclasses.replace(_options.get(), **changes))
     try:
         yield _options.get()
@@ -163,24 +163,33 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, *, triton_dtypes, 
         return "torch"
     usable, why_not = _triton_can_run(device, dtype, triton_dtypes, triton_ok)
     if forced == "cuda":
+        how, stop = forcing(forced)
         if not has_cuda_kernel:
-            raise BackendError(f"{op}: FASTPEFT_BACKEND=cuda, but {op} has no CUDA C++ kernel; "
-                               "use FASTPEFT_BACKEND=triton or torch.")
+            raise BackendError(f"{op}: {how}, but {op} has no CUDA C++ kernel; force 'triton' or 'torch' instead, or "
+                               f"{stop} (automatic choice).")
         if device.type != "cuda":
-            raise BackendError(f"{op}: FASTPEFT_BACKEND=cuda, but the tensors are on {device.type}; the CUDA C++ "
-                               "kernels run on CUDA tensors.")
+            raise BackendError(f"{op}: {how}, but the tensors are on {device.type}; the CUDA C++ kernels run on CUDA "
+                               f"tensors: move them to a CUDA device, or {stop}.")
         from . import cuda_ext  # the extension's loader; asking its status never compiles anything
 
         ok, why = cuda_ext.status()
         if not ok:
-            raise BackendError(f"{op}: FASTPEFT_BACKEND=cuda, but the CUDA C++ extension cannot be used: {why}.")
+            raise BackendError(f"{op}: {how}, but the CUDA C++ extension cannot be used: {why}.")
         return "cuda"
     if forced == "triton":
         if not usable:
-            raise BackendError(f"{op}: FASTPEFT_BACKEND=triton, but {why_not}. Unset FASTPEFT_BACKEND to use the "
-                               "PyTorch reference, or set TRITON_INTERPRET=1 to run the kernels on CPU.")
+            how, stop = forcing(forced)
+            raise BackendError(f"{op}: {how}, but {why_not}. {stop[0].upper() + stop[1:]} to use the PyTorch "
+                               "reference, or set TRITON_INTERPRET=1 to run the kernels on CPU.")
         return "triton"
     return "triton" if usable and device.type == "cuda" else "torch"
+
+
+def forcing(forced: str) -> tuple[str, str]:
+    """For messages: how the backend `forced` was forced (fp.ops.use_backend or FASTPEFT_BACKEND), and how to stop."""
+    if _forced() is not None:
+        return f"fp.ops.use_backend({forced!r})", "leave the use_backend block"
+    return f"FASTPEFT_BACKEND={forced}", "unset FASTPEFT_BACKEND"
 
 
 def _triton_can_run(device, dtype, triton_dtypes, triton_ok) -> tuple[bool, str]:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..kernels.limits import TRITON_DTYPES
 from ..reference import dora as reference
 from . import dispatch, registry
-from .lora import lora_linear
+from ._common import autocast, check_device, check_floating, check_vector
+from .lora import check_lora, lora_linear
 
 registry.describe("dora_weight_norm", dtypes=TRITON_DTYPES, doc="||W + s B A|| per row, without forming it")
 
@@ -55,10 +57,13 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
     weight_norm: ‖W + s B A‖ (N,) when already known (unchanged W, A, B since it was computed); else computed,
     with `weight_sq_norm` (‖W_n‖²) saving the pass over W.
     """
-    N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    _, N = check_lora(*autocast(x, weight, bias), lora_a, lora_b, fan_in_fan_out, "dora_linear")  # before any work
     if magnitude.shape != (N,):
-        raise ValueError(f"dora_linear: magnitude has shape {tuple(magnitude.shape)}; expected ({N},), one entry per "
-                         "output feature.")
+        raise InputError(f"dora_linear: magnitude has shape {tuple(magnitude.shape)}; expected ({N},), one entry per "
+                         "output feature (the layer's lora_magnitude_vector).")
+    check_device(magnitude, "magnitude", x, "dora_linear")
+    check_floating(magnitude, "magnitude", "dora_linear")
+    check_vector(weight_norm, "weight_norm", N, "‖W + s B A‖ per output feature", x, "dora_linear")
     norm = weight_norm if weight_norm is not None else dora_weight_norm(
         weight, lora_a, lora_b, scale, fan_in_fan_out=fan_in_fan_out, weight_sq_norm=weight_sq_norm)
     return lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=dropout_p, seed=seed,

@@ -18,7 +18,7 @@ from ..kernels.limits import TRITON_DTYPES
 from ..reference import ia3 as reference
 from ..reference._common import scale_cols
 from . import dispatch, registry
-from ._common import TINY_M, autocast, dense, rows_backend
+from ._common import TINY_M, autocast, check_base, check_device, check_vector, dense, rows_backend
 
 registry.describe("ia3_linear", dtypes=TRITON_DTYPES, doc="y = ((x * u) W^T + b) * v",
                   note=f"inputs of at most {TINY_M} rows (tokens) run the reference (cuBLAS)")
@@ -53,25 +53,11 @@ def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, in_scale: Tensor 
 
 def _check(x, weight, bias, in_scale, out_scale, fan_in_fan_out):
     """Host-side validation before any launch. Returns (K, N)."""
-    if weight.dim() != 2:
-        raise ValueError(f"ia3_linear: weight must be 2-D, got shape {tuple(weight.shape)}.")
-    K, N = (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
-    layout = "(in, out) since fan_in_fan_out=True" if fan_in_fan_out else "(out, in)"
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"ia3_linear: x has {x.shape[-1] if x.dim() else 0} input features, but the base weight "
-                         f"{tuple(weight.shape)} read as {layout} expects {K}.")
-    if not x.dtype.is_floating_point or x.dtype != weight.dtype:
-        raise TypeError(f"ia3_linear: x is {x.dtype} and the base weight is {weight.dtype}; they must match "
-                        "(cast the input, or run under torch.autocast).")
-    for name, t, shape in (("bias", bias, (N,)), ("in_scale", in_scale, (K,)), ("out_scale", out_scale, (N,))):
-        if t is None:
-            continue
-        if tuple(t.shape) != shape:
-            raise ValueError(f"ia3_linear: {name} has shape {tuple(t.shape)}; expected {shape}.")
-        if t.device != x.device:
-            raise ValueError(f"ia3_linear: {name} is on {t.device} but x is on {x.device}; move them together.")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"ia3_linear: {name} must be floating point, got {t.dtype}.")
+    K, N = check_base(x, weight, fan_in_fan_out, "ia3_linear")
+    check_device(weight, "weight", x, "ia3_linear")
+    check_vector(bias, "bias", N, "one entry per output feature", x, "ia3_linear")
+    check_vector(in_scale, "in_scale", K, "one entry per input feature", x, "ia3_linear")
+    check_vector(out_scale, "out_scale", N, "one entry per output feature", x, "ia3_linear")
     return K, N
 
 

@@ -16,12 +16,14 @@ import math
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..kernels.limits import FUSED_SHRINK_MAX_RANK, TRITON_DTYPES
 from ..reference import lora as reference
 from ..reference._common import scale_cols
 from ..reference.dropout import keep_threshold
 from . import dispatch, registry
-from ._common import TINY_M, autocast, rows_backend, target_programs
+from ._common import (TINY_M, autocast, check_base, check_device, check_floating, check_vector, rows_backend,
+                      target_programs)
 
 registry.describe("lora_linear", dtypes=TRITON_DTYPES, doc="y = x W^T + b + s * drop(x) A^T B^T",
                   note=f"inputs of at most {TINY_M} rows (tokens) run the reference (cuBLAS)")
@@ -48,25 +50,27 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
     (drawn from torch's generator when omitted); out_scale: optional (N,) column scale of everything but the bias.
     """
     x, weight, bias = autocast(x, weight, bias)
-    K, N = _check(x, weight, bias, lora_a, lora_b, fan_in_fan_out)
+    K, N = check_lora(x, weight, bias, lora_a, lora_b, fan_in_fan_out, "lora_linear")
     R = lora_a.shape[0]
     if not isinstance(scale, Tensor):
         scale = torch.full((R,), float(scale), device=x.device, dtype=torch.float32)
     elif scale.shape != (R,):
-        raise ValueError(f"lora_linear: scale has shape {tuple(scale.shape)}; expected ({R},), one entry per rank.")
-    elif scale.device != x.device:
-        raise ValueError(f"lora_linear: scale is on {scale.device} but x is on {x.device}; move them together.")
-    if seed is not None and seed.device != x.device:
-        raise ValueError(f"lora_linear: seed is on {seed.device} but x is on {x.device}; move them together.")
+        raise InputError(f"lora_linear: scale has shape {tuple(scale.shape)}; expected ({R},), one entry per rank "
+                         "(or pass a number).")
+    else:
+        check_device(scale, "scale", x, "lora_linear")
+    check_device(seed, "seed", x, "lora_linear")
     if seed is not None and (seed.dtype.is_floating_point or seed.numel() != 1):
-        raise ValueError(f"lora_linear: seed must be a one-element integer tensor, got {seed.dtype} of shape "
-                         f"{tuple(seed.shape)}.")
+        raise InputError(f"lora_linear: seed must be a one-element integer tensor, got {seed.dtype} of shape "
+                         f"{tuple(seed.shape)}; pass e.g. torch.tensor([1234]) (or None to draw one).")
     if out_scale is not None and (out_scale.shape != (N,) or out_scale.device != x.device
                                   or not out_scale.dtype.is_floating_point):
-        raise ValueError(f"lora_linear: out_scale must be a floating-point ({N},) tensor on {x.device}, got "
-                         f"{out_scale.dtype} of shape {tuple(out_scale.shape)} on {out_scale.device}.")
+        raise InputError(f"lora_linear: out_scale must be a floating-point ({N},) tensor on {x.device}, got "
+                         f"{out_scale.dtype} of shape {tuple(out_scale.shape)} on {out_scale.device}; pass one "
+                         "column scale per output feature (or None).")
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"lora_linear: dropout_p={dropout_p} is outside [0, 1).")
+        raise InputError(f"lora_linear: dropout_p={dropout_p} is outside [0, 1); use a probability such as 0.05, "
+                         "or 0.0 for none.")
     if dropout_p == 0.0:
         seed = None
     elif seed is None:
@@ -87,31 +91,21 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
 
 
-def _check(x, weight, bias, lora_a, lora_b, fan_in_fan_out):
-    """Host-side validation before any launch. Returns (K, N)."""
-    if weight.dim() != 2:
-        raise ValueError(f"lora_linear: weight must be 2-D, got shape {tuple(weight.shape)}.")
-    K, N = (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
-    layout = "(in, out) since fan_in_fan_out=True" if fan_in_fan_out else "(out, in)"
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"lora_linear: x has {x.shape[-1] if x.dim() else 0} input features, but the base weight "
-                         f"{tuple(weight.shape)} read as {layout} expects {K}.")
+def check_lora(x, weight, bias, lora_a, lora_b, fan_in_fan_out, where: str) -> tuple[int, int]:
+    """Host-side validation of the LoRA linear's inputs (shapes, dtypes, devices) before any launch, in the words
+    of `where` (lora_linear, dora_linear). Returns (K, N)."""
+    K, N = check_base(x, weight, fan_in_fan_out, where)
     if lora_a.dim() != 2 or lora_a.shape[1] != K or lora_a.shape[0] < 1:
-        raise ValueError(f"lora_linear: lora_a has shape {tuple(lora_a.shape)}; expected (r, {K}) with r >= 1.")
+        raise InputError(f"{where}: lora_a has shape {tuple(lora_a.shape)}; expected (r, {K}) with r >= 1 (the "
+                         "down projection, one row per rank, over the layer's input features).")
     R = lora_a.shape[0]
     if lora_b.shape != (N, R):
-        raise ValueError(f"lora_linear: lora_b has shape {tuple(lora_b.shape)}; expected ({N}, {R}) to match "
-                         f"lora_a {tuple(lora_a.shape)} and the weight.")
-    if bias is not None and bias.shape != (N,):
-        raise ValueError(f"lora_linear: bias has shape {tuple(bias.shape)}; expected ({N},).")
-    if not x.dtype.is_floating_point or x.dtype != weight.dtype:
-        raise TypeError(f"lora_linear: x is {x.dtype} and the base weight is {weight.dtype}; they must match "
-                        "(cast the input, or run under torch.autocast).")
-    for name, t in (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"lora_linear: {name} is on {t.device} but x is on {x.device}; move them together.")
-        if t is not None and not t.dtype.is_floating_point:
-            raise TypeError(f"lora_linear: {name} must be floating point, got {t.dtype}.")
+        raise InputError(f"{where}: lora_b has shape {tuple(lora_b.shape)}; expected ({N}, {R}) to match "
+                         f"lora_a {tuple(lora_a.shape)} and the weight (the up projection: out features x rank).")
+    check_vector(bias, "bias", N, "one entry per output feature", x, where)
+    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        check_device(t, name, x, where)
+        check_floating(t, name, where)
     return K, N
 
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..kernels.limits import TRITON_DTYPES
 from ..reference import multi_ia3 as reference
 from . import dispatch, registry
@@ -52,13 +53,14 @@ class IA3Bank:
                 self.vectors.append(None)
                 continue
             if v.dim() != 1 or not v.dtype.is_floating_point:
-                raise ValueError(f"{where}: slot {i} holds a {v.dtype} tensor of shape {tuple(v.shape)}; an IA3 "
-                                 "vector is 1-D floating point.")
+                raise InputError(f"{where}: slot {i} holds a {v.dtype} tensor of shape {tuple(v.shape)}; an IA3 "
+                                 "vector is 1-D floating point (one entry per scaled feature): pass such vectors.")
             if self.dtype is None:
                 self.size, self.dtype, self.device = v.shape[0], v.dtype, v.device
             if (v.shape[0], v.dtype, v.device) != (self.size, self.dtype, self.device):
-                raise ValueError(f"{where}: slot {i} is a {v.dtype} ({v.shape[0]},) vector on {v.device}, the first "
-                                 f"a {self.dtype} ({self.size},) one on {self.device}; one size, dtype and device.")
+                raise InputError(f"{where}: slot {i} is a {v.dtype} ({v.shape[0]},) vector on {v.device}, the first "
+                                 f"a {self.dtype} ({self.size},) one on {self.device}; keep one size, dtype and device "
+                                 "(cast or move them).")
             self.vectors.append(v.contiguous())
         self.table = pointer_table([self.vectors], self.device or torch.device("cpu"))
 
@@ -80,7 +82,7 @@ def multi_ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, vectors: Se
     -1 for none; or a Routing.
     """
     if (bank is None) == (vectors is None):
-        raise ValueError("multi_ia3_linear: pass the vectors (one entry per slot) or bank=, exactly one of them.")
+        raise InputError("multi_ia3_linear: pass the vectors (one entry per slot) or bank=, exactly one of them.")
     bank = bank if bank is not None else IA3Bank(vectors)
     x, weight, bias = autocast(x, weight, bias)
     K, N = _check(x, weight, bias, bank, feedforward, fan_in_fan_out)
@@ -108,11 +110,13 @@ def _check(x, weight, bias, bank: IA3Bank, feedforward, fan_in_fan_out) -> tuple
     where = "multi_ia3_linear"
     K, N = check_linear(x, weight, bias, fan_in_fan_out, where)
     size = K if feedforward else N
+    flip = f", or feedforward={not feedforward} for vectors that scale the {'output' if feedforward else 'input'}" \
+        if bank.size == (N if feedforward else K) else ""
     if bank.size is not None and bank.size != size:
-        raise ValueError(f"{where}: the vectors have {bank.size} entries; {'input' if feedforward else 'output'} "
-                         f"scaling of this layer needs {size}.")
+        raise InputError(f"{where}: the vectors have {bank.size} entries; {'input' if feedforward else 'output'} "
+                         f"scaling of this layer needs {size}; pass ({size},) vectors{flip}.")
     if bank.device is not None and bank.device != x.device:
-        raise ValueError(f"{where}: the vectors are on {bank.device} but x is on {x.device}; move them together.")
+        raise InputError(f"{where}: the vectors are on {bank.device} but x is on {x.device}; move them together.")
     return K, N
 
 
@@ -201,12 +205,12 @@ def multi_ia3_scale(t: Tensor, vectors: Sequence[Tensor | None] | None = None,
     """t_m ⊙ l_a for t of shape (..., D), a = the adapter of token m (none: t_m): the per-row IA3 scale alone, for a
     layer whose product another module computes (IA3 around a LoRA layer). Differentiable in t and the vectors."""
     if (bank is None) == (vectors is None):
-        raise ValueError("multi_ia3_scale: pass the vectors (one entry per slot) or bank=, exactly one of them.")
+        raise InputError("multi_ia3_scale: pass the vectors (one entry per slot) or bank=, exactly one of them.")
     bank = bank if bank is not None else IA3Bank(vectors, where="multi_ia3_scale")
     D = t.shape[-1]
     if bank.size is not None and (bank.size != D or bank.device != t.device):
-        raise ValueError(f"multi_ia3_scale: the vectors are ({bank.size},) on {bank.device}; t has {D} features on "
-                         f"{t.device}.")
+        raise InputError(f"multi_ia3_scale: the vectors are ({bank.size},) on {bank.device}; t has {D} features on "
+                         f"{t.device}; pass ({D},) vectors on t's device.")
     routing = Routing.for_input(adapter_index, t, bank.num_slots, "multi_ia3_scale")
     t2 = t.reshape(-1, D)
     used = bank.slots_used(routing)

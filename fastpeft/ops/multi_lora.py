@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..errors import BackendError
+from ..errors import BackendError, InputError
 from ..kernels.limits import MULTI_LORA_DECODE_MAX_RANK, TRITON_DTYPES
 from ..reference import multi_lora as reference
 from . import dispatch, registry
@@ -56,8 +56,9 @@ class LoRABank:
     def __init__(self, lora_a: Sequence[Tensor | None], lora_b: Sequence[Tensor | None],
                  scale: Sequence[float | Tensor | None] | float, *, where: str = "multi_lora_linear"):
         if not (len(lora_a) == len(lora_b)) or (not isinstance(scale, (int, float)) and len(scale) != len(lora_a)):
-            raise ValueError(f"{where}: lora_a, lora_b and scale must list the same slots (got {len(lora_a)}, "
-                             f"{len(lora_b)} and {1 if isinstance(scale, (int, float)) else len(scale)} entries).")
+            raise InputError(f"{where}: lora_a, lora_b and scale must list the same slots (got {len(lora_a)}, "
+                             f"{len(lora_b)} and {1 if isinstance(scale, (int, float)) else len(scale)} entries); give "
+                             "one entry per slot in each (None for an empty slot).")
         scales = [scale] * len(lora_a) if isinstance(scale, (int, float)) else list(scale)
         self.a: list[Tensor | None] = []
         self.b: list[Tensor | None] = []
@@ -65,7 +66,7 @@ class LoRABank:
         self.in_features = self.out_features = self.dtype = self.device = None
         for i, (a, b, s) in enumerate(zip(lora_a, lora_b, scales)):
             if (a is None) != (b is None):
-                raise ValueError(f"{where}: slot {i} has {'lora_b' if a is None else 'lora_a'} but not the other; "
+                raise InputError(f"{where}: slot {i} has {'lora_b' if a is None else 'lora_a'} but not the other; "
                                  "give both, or None for both (an empty slot).")
             if a is None:
                 self.a.append(None)
@@ -85,21 +86,22 @@ class LoRABank:
 
     def _check_slot(self, i: int, a: Tensor, b: Tensor, where: str) -> None:
         if a.dim() != 2 or a.shape[0] < 1 or b.dim() != 2 or b.shape[1] != a.shape[0]:
-            raise ValueError(f"{where}: slot {i} has lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)}; expected "
+            raise InputError(f"{where}: slot {i} has lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)}; expected "
                              "(r, in_features) and (out_features, r) with r >= 1.")
         if not a.dtype.is_floating_point or a.dtype != b.dtype:
-            raise TypeError(f"{where}: slot {i} has lora_a {a.dtype} and lora_b {b.dtype}; both must be one floating "
-                            "dtype.")
+            raise InputError(f"{where}: slot {i} has lora_a {a.dtype} and lora_b {b.dtype}; both must be one floating "
+                             "dtype: cast them, e.g. .float().")
         if self.dtype is None:
             self.in_features, self.out_features, self.dtype, self.device = a.shape[1], b.shape[0], a.dtype, a.device
         if (a.shape[1], b.shape[0]) != (self.in_features, self.out_features):
-            raise ValueError(f"{where}: slot {i} maps {a.shape[1]} -> {b.shape[0]} features, the first adapter "
-                             f"{self.in_features} -> {self.out_features}; every slot adapts the same layer.")
+            raise InputError(f"{where}: slot {i} maps {a.shape[1]} -> {b.shape[0]} features, the first adapter "
+                             f"{self.in_features} -> {self.out_features}; every slot adapts the same layer: pass "
+                             "adapters made for it.")
         if a.dtype != self.dtype:
-            raise TypeError(f"{where}: slot {i} is {a.dtype} and the first adapter {self.dtype}; keep one adapter "
-                            "dtype per layer (cast the adapters).")
+            raise InputError(f"{where}: slot {i} is {a.dtype} and the first adapter {self.dtype}; keep one adapter "
+                             "dtype per layer (cast the adapters).")
         if a.device != self.device or b.device != self.device:
-            raise ValueError(f"{where}: slot {i} is on {a.device}, the first adapter on {self.device}; move them "
+            raise InputError(f"{where}: slot {i} is on {a.device}, the first adapter on {self.device}; move them "
                              "together.")
 
     @property
@@ -113,13 +115,13 @@ class LoRABank:
 
 def _rank_scale(s, r: int, device, i: int, where: str) -> Tensor:
     if s is None:
-        raise ValueError(f"{where}: slot {i} holds an adapter but no scale; pass a number or an (r,) tensor.")
+        raise InputError(f"{where}: slot {i} holds an adapter but no scale; pass a number or an (r,) tensor.")
     if isinstance(s, Tensor):
         if s.shape != (r,) or not s.dtype.is_floating_point or s.device != device:
-            raise ValueError(f"{where}: slot {i}'s scale has shape {tuple(s.shape)} ({s.dtype}, {s.device}); expected "
+            raise InputError(f"{where}: slot {i}'s scale has shape {tuple(s.shape)} ({s.dtype}, {s.device}); expected "
                              f"a floating ({r},) tensor on {device}, one entry per rank.")
         if s.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{where}: slot {i}'s scale requires grad; multi-adapter batches give scales no "
+            raise InputError(f"{where}: slot {i}'s scale requires grad; multi-adapter batches give scales no "
                              "gradient (train such adapters one at a time, or detach the scale).")
         return s.detach().to(torch.float32).contiguous()
     return torch.full((r,), float(s), device=device, dtype=torch.float32)
@@ -143,10 +145,10 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Se
     """
     if bank is None:
         if lora_a is None or lora_b is None or scale is None:
-            raise ValueError("multi_lora_linear: pass lora_a, lora_b and scale (one entry per slot), or bank=.")
+            raise InputError("multi_lora_linear: pass lora_a, lora_b and scale (one entry per slot), or bank=.")
         bank = LoRABank(lora_a, lora_b, scale)
     elif lora_a is not None or lora_b is not None or scale is not None:
-        raise ValueError("multi_lora_linear: pass either bank= or lora_a/lora_b/scale, not both.")
+        raise InputError("multi_lora_linear: pass either bank= or lora_a/lora_b/scale, not both.")
     x, weight, bias = autocast(x, weight, bias)
     K, N = _check(x, weight, bias, bank, adapter_input, fan_in_fan_out)
     routing = Routing.for_input(adapter_index, x, bank.num_slots, "multi_lora_linear")
@@ -174,13 +176,14 @@ def _check(x, weight, bias, bank: LoRABank, adapter_input, fan_in_fan_out) -> tu
     K, N = check_linear(x, weight, bias, fan_in_fan_out, where)
     if bank.dtype is not None:
         if (bank.in_features, bank.out_features) != (K, N):
-            raise ValueError(f"{where}: the adapters map {bank.in_features} -> {bank.out_features} features, the "
-                             f"base weight {K} -> {N}.")
+            raise InputError(f"{where}: the adapters map {bank.in_features} -> {bank.out_features} features, the "
+                             f"base weight {K} -> {N}; pass adapters made for this layer: lora_a (r, {K}), lora_b "
+                             f"({N}, r).")
         if bank.device != x.device:
-            raise ValueError(f"{where}: the adapters are on {bank.device} but x is on {x.device}; move them together.")
+            raise InputError(f"{where}: the adapters are on {bank.device} but x is on {x.device}; move them together.")
     if adapter_input is not None and (adapter_input.shape != x.shape or adapter_input.dtype != x.dtype
                                       or adapter_input.device != x.device):
-        raise ValueError(f"{where}: adapter_input is {adapter_input.dtype} {tuple(adapter_input.shape)} on "
+        raise InputError(f"{where}: adapter_input is {adapter_input.dtype} {tuple(adapter_input.shape)} on "
                          f"{adapter_input.device}; it must be like x ({x.dtype} {tuple(x.shape)} on {x.device}).")
     return K, N
 
@@ -203,8 +206,9 @@ def _forward(x2, weight, bias, h2, bank: LoRABank, routing: Routing, used, fan_i
         return y, None
     if backend == "cuda":
         if need_t:
-            raise BackendError("multi_lora_linear: FASTPEFT_BACKEND=cuda, but the CUDA C++ kernel is a decode "
-                               "(forward) kernel; training runs the Triton kernels: unset FASTPEFT_BACKEND.")
+            how, stop = dispatch.forcing("cuda")
+            raise BackendError(f"multi_lora_linear: {how}, but the CUDA C++ kernel is a decode (forward) kernel; "
+                               f"training runs the Triton kernels: force 'triton', or {stop}.")
         from . import cuda_ext
 
         cuda_ext.load().multi_lora_decode(y, h.contiguous(), bank.table, bank.ranks, routing.token_slot, bank.dtype)

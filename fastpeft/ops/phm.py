@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+from ._common import check_device, check_floating
+
 
 def phm_linear(x: Tensor, rule: Tensor, w: Tensor, bias: Tensor | None = None, *,
                w_right: Tensor | None = None) -> Tensor:
@@ -36,23 +39,29 @@ def phm_linear(x: Tensor, rule: Tensor, w: Tensor, bias: Tensor | None = None, *
 
 def _check(x, rule, w, w_right, bias) -> tuple[int, int, int]:
     """(n, p, q) after host-side validation."""
+    where = "phm_linear"
     if rule.dim() != 3 or rule.shape[0] != rule.shape[1] or rule.shape[1] != rule.shape[2]:
-        raise ValueError(f"phm_linear: rule must be (n, n, n), got {tuple(rule.shape)}.")
+        raise InputError(f"{where}: rule must be (n, n, n), got {tuple(rule.shape)}; pass the n rule matrices A_i "
+                         "(n x n each) stacked, n = phm_dim.")
     n = rule.shape[0]
     if w.dim() != 3 or w.shape[0] != n:
-        raise ValueError(f"phm_linear: w must be (n={n}, in/n, out/n) (or the left factor (n, in/n, k)), got "
-                         f"{tuple(w.shape)}.")
+        raise InputError(f"{where}: w must be (n={n}, in/n, out/n) (or the left factor (n, in/n, k)), got "
+                         f"{tuple(w.shape)}; pass one weight block per rule matrix.")
     p = w.shape[1]
     if w_right is not None and (w_right.dim() != 3 or w_right.shape[0] != n or w_right.shape[1] != w.shape[2]):
-        raise ValueError(f"phm_linear: w_right must be (n={n}, k={w.shape[2]}, out/n) to match w "
-                         f"{tuple(w.shape)}, got {tuple(w_right.shape)}.")
+        raise InputError(f"{where}: w_right must be (n={n}, k={w.shape[2]}, out/n) to match w "
+                         f"{tuple(w.shape)}, got {tuple(w_right.shape)}; pass the right factor of the same rank k.")
     q = (w_right if w_right is not None else w).shape[2]
     if x.dim() < 1 or x.shape[-1] != n * p:
-        raise ValueError(f"phm_linear: x has {x.shape[-1] if x.dim() else 0} features, but n * in/n = {n * p} "
-                         f"(phm_dim n={n} must divide the input size; the weights are sized for {n * p}).")
+        raise InputError(f"{where}: x has {x.shape[-1] if x.dim() else 0} features, but n * in/n = {n * p} "
+                         f"(phm_dim n={n} must divide the input size; the weights are sized for {n * p}); pass x "
+                         f"of shape (..., {n * p}).")
     if bias is not None and bias.shape != (n * q,):
-        raise ValueError(f"phm_linear: bias has shape {tuple(bias.shape)}; expected ({n * q},).")
+        raise InputError(f"{where}: bias has shape {tuple(bias.shape)}; expected ({n * q},) (or None).")
+    if not x.dtype.is_floating_point:
+        raise InputError(f"{where}: x is {x.dtype}; pass floating-point inputs, e.g. x.float() (the rule and "
+                         "weights are computed in x's dtype).")
     for name, t in (("rule", rule), ("w", w), ("w_right", w_right), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"phm_linear: {name} is on {t.device} but x is on {x.device}; move them together.")
+        check_device(t, name, x, where)
+        check_floating(t, name, where)
     return n, p, q

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import AdapterError
+
 
 @dataclass(frozen=True, eq=False)
 class Routing:
@@ -82,19 +84,20 @@ class Routing:
         if isinstance(adapter_index, Routing):
             routing = adapter_index
         elif not isinstance(adapter_index, Tensor):
-            raise ValueError(f"{where}: adapter_index must be an integer tensor (one slot per token, or per row of "
-                             "a 3-D x) or a fastpeft.ops.Routing.")
+            raise AdapterError(f"{where}: adapter_index must be an integer tensor (one slot per token, or per row of "
+                               "a 3-D x) or a fastpeft.ops.Routing; pass e.g. torch.tensor([0, 1, -1]).")
         elif tuple(adapter_index.shape) == tuple(x.shape[:-1]):
             routing = cls.build(adapter_index.reshape(-1), num_slots, x.device, where=where)
         elif x.dim() == 3 and tuple(adapter_index.shape) == (x.shape[0],):
             routing = cls.build(adapter_index, num_slots, x.device, tokens_per_slot=x.shape[1], where=where)
         else:
-            raise ValueError(f"{where}: adapter_index has shape {tuple(adapter_index.shape)}; expected "
-                             f"{tuple(x.shape[:-1])} (one per token) or, for a 3-D x, ({x.shape[0]},) (one per row).")
+            raise AdapterError(f"{where}: adapter_index has shape {tuple(adapter_index.shape)}; expected "
+                               f"{tuple(x.shape[:-1])} (one per token) or, for a 3-D x, ({x.shape[0]},) (one per "
+                               "row).")
         tokens = x.numel() // max(x.shape[-1], 1)
         if routing.num_tokens != tokens or routing.device != x.device:
-            raise ValueError(f"{where}: the routing covers {routing.num_tokens} tokens on {routing.device}, x has "
-                             f"{tokens} on {x.device}; build it for this batch.")
+            raise AdapterError(f"{where}: the routing covers {routing.num_tokens} tokens on {routing.device}, x has "
+                               f"{tokens} on {x.device}; build it for this batch.")
         return routing
 
 
@@ -102,22 +105,27 @@ def _host_slots(slots, num_slots: int, where: str) -> Tensor:
     """The slots as a CPU int64 tensor, every one in [-1, num_slots)."""
     if isinstance(slots, Tensor):
         if slots.dtype.is_floating_point or slots.dtype.is_complex or slots.dtype == torch.bool:
-            raise ValueError(f"{where}: expected integer adapter indices, got a {slots.dtype} tensor.")
+            raise AdapterError(f"{where}: expected integer adapter indices, got a {slots.dtype} tensor; pass an int32 "
+                               "or int64 tensor (e.g. ids.long()).")
         if slots.dim() != 1:
-            raise ValueError(f"{where}: expected a 1-D tensor of adapter indices (one per row), got shape "
-                             f"{tuple(slots.shape)}.")
+            raise AdapterError(f"{where}: expected a 1-D tensor of adapter indices (one per row), got shape "
+                               f"{tuple(slots.shape)}; pass one index per row, e.g. ids.flatten().")
+        if slots.device.type == "meta":
+            raise AdapterError(f"{where}: the adapter indices are a meta tensor, which holds no values; pass them on "
+                               "the CPU or x's device.")
         host = slots.detach().to("cpu", torch.int64)  # one synchronisation for a device tensor
     else:
         try:
             host = torch.tensor(list(slots), dtype=torch.int64)
         except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"{where}: expected a sequence of integer adapter indices, got {slots!r}.") from None
+            raise AdapterError(f"{where}: expected a sequence of integer adapter indices, got {slots!r}; pass a "
+                               "list of ints or an integer tensor.") from None
         host = host.reshape(-1)
     bad = torch.nonzero((host < -1) | (host >= num_slots)).flatten()
     if bad.numel():
         i = int(bad[0])
-        raise ValueError(f"{where}: adapter index {int(host[i])} at row {i} is out of range; valid indices are "
-                         f"0..{num_slots - 1} (and -1 for no adapter).")
+        raise AdapterError(f"{where}: adapter index {int(host[i])} at row {i} is out of range; valid indices are "
+                           f"0..{num_slots - 1} (and -1 for no adapter).")
     return host
 
 

@@ -1,5 +1,8 @@
 """Bad input to the injection API: a clear error that names the field or module and the fix, and a model left
-exactly as it was (same modules, same weights, same requires_grad flags, same adapters)."""
+exactly as it was (same modules, same weights, same requires_grad flags, same adapters).
+
+One row per kind of mistake lives in tests/test_error_catalogue.py; here: the same mistake over many values, the
+rollback of a call that fails half way, and the checks that do not fit a row."""
 from __future__ import annotations
 
 import contextlib
@@ -11,25 +14,19 @@ import fastpeft as fp
 from fastpeft.modules import LoRALinear
 
 pytest.importorskip("transformers")
-from tests.models.tiny import assert_same_state, model, out, snapshot, structure  # noqa: E402
+from tests.models.tiny import model, out  # noqa: E402
+from tests.test_error_catalogue import assert_unchanged, snapshot  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @contextlib.contextmanager
 def unchanged(m):
-    """The body must raise (checked by the caller); afterwards the model must be as it was before."""
-    state, shape, adapters, active = snapshot(m), structure(m), fp.adapters(m), _active(m)
+    """The body must raise (checked by the caller); afterwards the model must be as it was before (the error
+    catalogue's snapshot: weights, hooks, module tree, flags, adapters and their bookkeeping)."""
+    before = snapshot(m)
     yield
-    assert_same_state(m, state)
-    assert structure(m) == shape
-    assert fp.adapters(m) == adapters
-    assert _active(m) == active
-
-
-def _active(m):
-    return [(n, list(x.active_adapters), list(x.merged_adapters), x.disabled)
-            for n, x in m.named_modules() if isinstance(x, LoRALinear)]
+    assert_unchanged(before, snapshot(m))
 
 
 def _with_adapter(**kw):
@@ -71,37 +68,7 @@ def test_config_changed_after_creation_is_checked_again(field, value):
         fp.add_adapter(m, "b", config)
 
 
-def test_not_a_config():
-    m = model()
-    with unchanged(m), pytest.raises(fp.ConfigError, match="LoRAConfig"):
-        fp.add_adapter(m, "a", {"r": 8})
-
-
-def test_unknown_field_in_a_dict():
-    with pytest.raises(fp.ConfigError, match="unknown field.*rank.*known fields"):
-        fp.LoRAConfig.from_dict({"rank": 8})
-
-
-def test_alias_and_canonical_name_disagree():
-    with pytest.raises(fp.ConfigError, match="alpha.*lora_alpha"):
-        fp.LoRAConfig(alpha=16, lora_alpha=32)
-
-
 # ------------------------------------------------------------------------------------------------ targets
-def test_targets_that_match_nothing_list_the_closest_names():
-    m = _with_adapter()
-    with unchanged(m), pytest.raises(fp.TargetError) as info:
-        fp.add_adapter(m, "b", fp.LoRAConfig(target_modules=["q_prj"]))
-    msg = str(info.value)
-    assert "q_prj" in msg and "q_proj" in msg and "target_modules" in msg
-
-
-def test_regex_that_matches_nothing():
-    m = model()
-    with unchanged(m), pytest.raises(fp.TargetError, match="target_modules"):
-        fp.add_adapter(m, "a", fp.LoRAConfig(target_modules=r".*\.attention\.query"))
-
-
 @pytest.mark.parametrize("target", ["embed_tokens", "input_layernorm", "self_attn"])
 def test_target_that_is_not_a_linear_layer(target):
     m = model()
@@ -110,48 +77,12 @@ def test_target_that_is_not_a_linear_layer(target):
     assert target in str(info.value)
 
 
-def test_layer_that_does_not_exist():
-    m = model()
-    with unchanged(m), pytest.raises(fp.TargetError, match="5"):
-        fp.add_adapter(m, "a", fp.LoRAConfig(target_modules=["q_proj"], layers_to_transform=[0, 5]))
-
-
-def test_modules_to_save_that_does_not_exist():
-    m = model()
-    with unchanged(m), pytest.raises(fp.TargetError, match="lm_haed.*lm_head"):
-        fp.add_adapter(m, "a", fp.LoRAConfig(target_modules=["q_proj"], modules_to_save=["lm_haed"]))
-
-
-def test_modules_to_save_containing_another_adapters_layer():
-    m = _with_adapter()
-    with unchanged(m), pytest.raises(fp.TargetError, match="modules_to_save"):
-        fp.add_adapter(m, "b", fp.LoRAConfig(target_modules=["k_proj"], modules_to_save=["layers.0.self_attn"]))
-
-
 # ------------------------------------------------------------------------------------------------ adapter names
 @pytest.mark.parametrize("name", ["", "a.b", "two words", 3, None])
 def test_unusable_adapter_name(name):
     m = model()
     with unchanged(m), pytest.raises(fp.AdapterError, match="name"):
         fp.add_adapter(m, name, fp.LoRAConfig(target_modules=["q_proj"]))
-
-
-def test_duplicate_adapter_name():
-    m = _with_adapter()
-    with unchanged(m), pytest.raises(fp.AdapterError, match="already has an adapter named 'a'.*delete_adapter"):
-        fp.add_adapter(m, "a", fp.LoRAConfig(target_modules=["k_proj"]))
-
-
-@pytest.mark.parametrize("call", [
-    lambda m: fp.set_active_adapters(m, ["a", "nope"]),
-    lambda m: fp.merge_adapter(m, "nope"),
-    lambda m: fp.delete_adapter(m, "nope"),
-])
-def test_unknown_adapter_name_lists_the_known_ones(call):
-    m = _with_adapter()
-    with unchanged(m), pytest.raises(fp.AdapterError) as info:
-        call(m)
-    assert "'nope'" in str(info.value) and "'a'" in str(info.value)
 
 
 @pytest.mark.parametrize("call", [
@@ -176,21 +107,6 @@ def test_merging_twice():
     with unchanged(m), pytest.raises(fp.AdapterError, match="already merged.*unmerge_adapter"):
         fp.merge_adapter(m, "a")
     assert torch.equal(out(m), merged)
-
-
-def test_disable_while_merged():
-    m = _with_adapter(init_weights=False)
-    fp.merge_adapter(m, "a")
-    with unchanged(m), pytest.raises(fp.AdapterError, match="unmerge_adapter"):
-        with fp.disable_adapters(m):
-            pass
-
-
-def test_delete_while_merged():
-    m = _with_adapter(init_weights=False)
-    fp.merge_adapter(m, "a")
-    with unchanged(m), pytest.raises(fp.AdapterError, match="merged.*unmerge_adapter"):
-        fp.delete_adapter(m, "a")
 
 
 # ------------------------------------------------------------------------------------------------ rollback
@@ -238,3 +154,16 @@ def test_a_typo_on_a_wrapped_layer_is_an_attribute_error():
                                              r"'wieght'.*\.base_layer"):
         layer.wieght
     assert not hasattr(layer, "reset_parameters")  # the base layer's methods are not the wrapper's
+
+
+def test_a_failing_rank_allocator_step_moves_no_score():
+    """update_and_allocate checks every gradient before it updates any importance score: a layer without a gradient
+    fails the step and leaves the scores of the layers before it as they were."""
+    m = model()
+    fp.add_adapter(m, "a", fp.AdaLoRAConfig(total_step=10, target_modules=["q_proj"], init_weights=False))
+    allocator = fp.RankAllocator(m, "a")
+    m(input_ids=torch.randint(3, 100, (1, 4))).logits.square().mean().backward()
+    m.model.layers[1].self_attn.q_proj.lora_A["a"].grad = None
+    with pytest.raises(fp.AdapterError, match=r"layers\.1\.self_attn\.q_proj\.lora_A\.a has no gradient"):
+        allocator.update_and_allocate(m, 1)
+    assert allocator.sensitivity == {} and allocator.uncertainty == {}
