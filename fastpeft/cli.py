@@ -85,6 +85,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"    Triton dtypes: {dtypes}; CUDA C++ kernel: {'yes' if spec['cuda'] else 'no'}")
         print(f"    cpu tensors:  {cpu[name]}")
         print(f"    cuda tensors: {cuda[name] if cuda_here else 'no CUDA device here; on one: ' + cuda[name]}")
+
+    from fastpeft.ops import strategy
+
+    device = torch.device("cuda" if cuda_here else "cpu")
+    print("\nlinear ops on CUDA, Triton backend: fused GEMM or cuBLAS base + adapter kernel (fastpeft/ops/strategy.py)"
+          + ("" if cuda_here else "; no CUDA device here: as a device without a table entry"))
+    for line in strategy.describe(device):
+        print(f"  {line}")
     return 0
 
 

@@ -22,3 +22,4 @@ BOTTLENECK_MAX_WIDTH = 256  # fused bottleneck: the widest bottleneck whose (BLO
 MULTI_LORA_DECODE_MAX_RANK = 256  # multi-adapter LoRA decode kernel: T (BLOCK_R floats) held in registers
 ATTENTION_HEAD_DIMS = (64, 80, 96, 128)  # prefix attention (padded to BLOCK_D = 64 or 128)
 ATTENTION_DECODE_MAX_ROWS = 64  # split-K decode: GQA group x L_q rows at most in the packed query tile
+UPDATE_MAX_RANK = 64  # the cuBLAS-base strategy's adapter kernel (kernels/lora_update.py): S (BLOCK_M x 64) in registers

@@ -44,9 +44,13 @@ class KernelOptions:
         kernels always), the segment kernels above.
     decode_splits: prefix_attention's split-K decode forward cuts the keys into this many chunks (None: about two
         programs per SM).
+    linear_strategy: the linear ops' GPU strategy (fastpeft/ops/strategy.py): "fused" (the whole layer in one
+        Triton GEMM), "cublas" (the base product on cuBLAS, the adapter's terms in one small kernel), or None (the
+        committed table's choice for this device, dtype and row count; "cublas" without an entry).
     """
 
     fused_shrink: bool | None = None
+    linear_strategy: str | None = None
     decode_max_tokens: int = 64  # provisional: not yet timed on a GPU
     decode_splits: int | None = None
 
@@ -107,6 +111,10 @@ def use_kernel_options(**changes):
     if unknown:
         fields = ", ".join(f.name for f in dataclasses.fields(KernelOptions))
         raise InputError(f"use_kernel_options: unknown option(s) {', '.join(unknown)}; the options are {fields}.")
+    strategy = changes.get("linear_strategy")
+    if strategy is not None and strategy not in ("fused", "cublas"):
+        raise InputError(f"use_kernel_options: linear_strategy={strategy!r} is not a strategy; use 'fused', "
+                         "'cublas' or None (the strategy table's choice).")
     token = _options.set(dataclasses.replace(_options.get(), **changes))
     try:
         yield _options.get()

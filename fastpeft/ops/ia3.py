@@ -7,6 +7,8 @@ term (the launcher of fastpeft/kernels/ia3.py), u applied to the x tiles as they
 the epilogue. The backward is that GEMM again, dX = ((dY ⊙ v) W) ⊙ u, with the vector gradients reduced inside
 it: dv = Σ_m dY ⊙ Z from the dY tiles the prologue already loads, du = Σ_m H ⊙ x in the epilogue; per-row-block
 partials are summed afterwards.
+The cuBLAS-base strategy (fastpeft/ops/strategy.py) runs the reference's formula instead: the GEMM on cuBLAS, the
+scales as single elementwise passes (the traffic of PEFT's IA3 layer, never more).
 Saved for backward: x, and Z (the output before v) when v is trained.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ..kernels.limits import TRITON_DTYPES
 from ..reference import ia3 as reference
 from ..reference._common import scale_cols
 from . import dispatch, registry
+from .strategy import strategy
 from ._common import TINY_M, autocast, check_base, check_device, check_vector, dense, rows_backend
 
 registry.describe("ia3_linear", dtypes=TRITON_DTYPES, doc="y = ((x * u) W^T + b) * v",
@@ -64,7 +67,7 @@ def _check(x, weight, bias, in_scale, out_scale, fan_in_fan_out):
 @torch.library.triton_op("fastpeft::ia3_linear", mutates_args=())
 def _ia3_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, in_scale: Tensor | None,
                    out_scale: Tensor | None, fan_in_fan_out: bool, need_z: bool) -> tuple[Tensor, Tensor]:
-    if rows_backend("ia3_linear", x) == "torch":
+    if rows_backend("ia3_linear", x) == "torch" or strategy("ia3_linear", x) == "cublas":
         return reference.ia3_linear_fwd(x, weight, bias, in_scale, out_scale, fan_in_fan_out, need_z)
     return _triton_forward(x, weight, bias, in_scale, out_scale, fan_in_fan_out, need_z)
 
@@ -74,7 +77,7 @@ def _ia3_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, in_scale: Ten
                             out_scale: Tensor | None, z: Tensor, fan_in_fan_out: bool, need_dx: bool,
                             need_du: bool, need_dv: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     needs = (need_dx, need_du, need_dv, need_db)
-    if rows_backend("ia3_linear", dy) == "torch":
+    if rows_backend("ia3_linear", dy) == "torch" or strategy("ia3_linear", dy) == "cublas":
         return reference.ia3_linear_bwd(dy, x, weight, in_scale, out_scale, z, fan_in_fan_out, needs)
     return _triton_backward(dy, x, weight, in_scale, out_scale, z, fan_in_fan_out, needs)
 

@@ -17,11 +17,12 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..kernels.limits import FUSED_SHRINK_MAX_RANK, TRITON_DTYPES
+from ..kernels.limits import FUSED_SHRINK_MAX_RANK, TRITON_DTYPES, UPDATE_MAX_RANK
 from ..reference import lora as reference
 from ..reference._common import scale_cols
 from ..reference.dropout import keep_threshold
 from . import dispatch, registry
+from .strategy import strategy
 from ._common import (TINY_M, autocast, check_base, check_device, check_floating, check_vector, rows_backend,
                       target_programs)
 
@@ -33,6 +34,19 @@ def _kernels():
     from ..kernels import lora  # imported on first CUDA call only: `import fastpeft` never loads triton
 
     return lora
+
+
+def _update_kernel():
+    from ..kernels import lora_update
+
+    return lora_update
+
+
+def cublas_base(x: Tensor, rank: int, out_scale: Tensor | None) -> bool:
+    """Whether this call runs the cuBLAS-base strategy (fastpeft/ops/strategy.py): the table's or the pinned
+    choice for LoRA (DoRA with a column scale), for ranks the adapter kernel holds in registers."""
+    op = "lora_linear" if out_scale is None else "dora_linear"
+    return rank <= UPDATE_MAX_RANK and strategy(op, x) == "cublas"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -236,6 +250,16 @@ def _triton_forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan
         return out, t, z
     w_kn = weight if fan_in_fan_out else weight.t()
     drop = _dropout_args(seed, dropout_p)
+    if cublas_base(x, R, out_scale):  # Y = x Wᵀ (+ b) on cuBLAS, then the adapter's terms in place
+        c = out_scale.contiguous() if out_scale is not None else None
+        if bias is not None and c is None:
+            torch.addmm(bias, x, w_kn, out=out)
+        else:
+            torch.mm(x, w_kn, out=out)
+        _update_kernel().update(x, lora_a.t(), lora_b.t(), scale, out, s=t if need_t else None, **drop,
+                                out_scale=c, bias=bias if c is not None else None, z=z if need_z else None,
+                                target_programs=target_programs(x.device))
+        return out, t, z
     col = {} if out_scale is None else {"out_scale": out_scale.contiguous(), "z": z if need_z else None}
     if fuse_shrink(M, K, N, R, x.element_size(), bool(drop)):
         kern.gemm(x, w_kn, bias, lora_b.t(), scale, out, s=t if need_t else None, u_kr=lora_a.t(), write_s=need_t,
@@ -275,7 +299,14 @@ def _triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, f
             if need_dc:
                 dc = dispatch.new_output((N,), like=dy, dtype=torch.float32)
                 extra["in_dot"] = (z, dc)
-        if fuse_shrink(M, N, K, R, dy.element_size(), False):  # the fused shrink sees the scaled dY tiles
+        if cublas_base(dy, R, c):  # dX = dY' W on cuBLAS, then + keep ⊙ s (dY' B) A in place
+            dy_c = dy if c is None else scale_cols(dy, c)
+            torch.mm(dy_c, w_nk, out=dx)
+            _update_kernel().update(dy_c, lora_b, lora_a, scale, dx, s=g, **drop, mask_out=True,
+                                    target_programs=target_programs(dy.device))
+            if need_dc:
+                dc = (dy.float() * z.float()).sum(0)
+        elif fuse_shrink(M, N, K, R, dy.element_size(), False):  # the fused shrink sees the scaled dY tiles
             kern.gemm(dy, w_nk, None, lora_a, scale, dx, s=g, u_kr=lora_b, write_s=True, **drop, **extra)
         else:
             kern.shrink(dy, _col_scaled_b(lora_b, c), g)

@@ -110,7 +110,7 @@ def test_backward_on_another_thread_runs_under_the_forward_state(op, allocations
     state: the defaults) still runs the kernels, poisoned, under those options; gradients match the reference."""
     torch.manual_seed(0)
     fn, leaves = OPS[op]()
-    options = dict(fused_shrink=False, decode_max_tokens=3, decode_splits=2)
+    options = dict(fused_shrink=False, decode_max_tokens=3, decode_splits=2, linear_strategy="fused")
     with fp.ops.use_backend("triton"), fp.ops.poison_outputs(), fp.ops.use_kernel_options(**options):
         y = fn()
         forward = dispatch.snapshot()

@@ -11,6 +11,14 @@ from fastpeft.reference import dora as reference
 from tests.harness import DEVICE, check_op, needs_triton, rel_err
 
 
+@pytest.fixture(autouse=True)
+def _fused_strategy():
+    """These tests pin the fused strategy (the whole layer in one Triton GEMM); the cuBLAS-base strategy, the
+    default on a device with no strategy-table entry, is tested in tests/ops/test_cublas_strategy.py."""
+    with fp.ops.use_kernel_options(linear_strategy="fused"):
+        yield
+
+
 def _make(M, K, N, R, *, bias=True, fan_in_fan_out=False, grads=("x", "bias", "lora_a", "lora_b", "magnitude")):
     def make(dtype):
         g = torch.Generator().manual_seed(M * 13 + K * 7 + R)

@@ -19,6 +19,14 @@ from tests.harness import DEVICE, HAS_TRITON, check_op, needs_triton
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+@pytest.fixture(autouse=True)
+def _fused_strategy():
+    """These tests pin the fused strategy (the whole layer in one Triton GEMM); the cuBLAS-base strategy, the
+    default on a device with no strategy-table entry, is tested in tests/ops/test_cublas_strategy.py."""
+    with fp.ops.use_kernel_options(linear_strategy="fused"):
+        yield
+
+
 @pytest.fixture
 def gemms(monkeypatch):
     """Records the keyword arguments of each GEMM launch of fastpeft/kernels/lora.py."""

@@ -24,6 +24,14 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 
 
+@pytest.fixture(autouse=True)
+def _fused_strategy():
+    """These tests pin the fused strategy (the whole layer in one Triton GEMM); the cuBLAS-base strategy, the
+    default on a device with no strategy-table entry, is tested in tests/ops/test_cublas_strategy.py."""
+    with fp.ops.use_kernel_options(linear_strategy="fused"):
+        yield
+
+
 def dtype_id(d: torch.dtype) -> str:
     return str(d).replace("torch.", "")
 
