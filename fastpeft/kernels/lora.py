@@ -16,6 +16,8 @@ Accumulation is float32; S stays float32 in memory and is rounded to the input d
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from ._activation import activation
@@ -48,10 +50,12 @@ def _block_r(args) -> int:
 
 
 def _prune_gemm(configs, named_args, **kwargs):
-    """Drop tiles much taller than the problem (decode-sized M); fit the rest in shared memory."""
+    """Drop tiles much taller than the problem (decode-sized M) and tiles the variant's registers cannot hold; fit
+    the rest in shared memory."""
     named_args = {**named_args, **kwargs}  # positional arguments and the constexpr keywords of the launch
     m, el = named_args["M_BUCKET"], named_args["x_ptr"].element_size()
-    u_el = named_args["u_ptr"].element_size() if named_args.get("FUSED_SHRINK") else 0
+    u_el = el if named_args.get("FUSED_SHRINK") else 0  # the launcher casts U to X's dtype
+    configs = _fit_registers(configs, named_args)
     short = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * m)] or configs[-1:]
     u_bytes = _block_r(named_args) * u_el
 
@@ -61,9 +65,32 @@ def _prune_gemm(configs, named_args, **kwargs):
     return fit_shared(short, stage_bytes) or fit_shared(configs, stage_bytes)
 
 
+def _fit_registers(configs, args):
+    """The tiles a register-heavy variant keeps (measured with ptxas for sm_80 and sm_90, tests/aot.py). Heavy:
+    a full-tile dropout mask, row reductions or a second output (Z) beside the accumulator; each warp group then
+    holds at most 64 rows and 128 accumulator floats per thread, K steps at most 128 wide. Very heavy (the fused
+    shrink's second product, in-loop row reductions): at most 64 accumulator floats per thread and 64-wide K steps
+    (the mma.sync tiles keep their operands in registers)."""
+    very = any(args.get(flag) for flag in ("FUSED_SHRINK", "IN_DOT", "OUT_DOT"))
+    heavy = very or any(args.get(flag) for flag in ("MASK_LORA", "IN_SUM", "WRITE_Z", "OUT_SCALE"))
+    if not heavy:
+        return configs
+    kept = {}
+    for c in configs:
+        bm, bn, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
+        per_thread = bm * bn // (32 * w)
+        if bm > 16 * w or per_thread > (64 if very else 128):
+            continue
+        kwargs = dict(c.kwargs)
+        kwargs["BLOCK_K"] = min(kwargs["BLOCK_K"], 64 if very else 128)
+        key = (tuple(sorted(kwargs.items())), w, c.num_stages)
+        kept.setdefault(key, triton.Config(kwargs, num_warps=w, num_stages=c.num_stages))
+    return list(kept.values()) or configs[-1:]
+
+
 def _prune_shrink(configs, named_args, **kwargs):
     named_args = {**named_args, **kwargs}
-    el, u_el = named_args["x_ptr"].element_size(), named_args["u_ptr"].element_size()
+    el = u_el = named_args["x_ptr"].element_size()  # the launcher casts U to X's dtype
     u_bytes = _block_r(named_args) * u_el
     return fit_shared(configs, lambda c: c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] * el + u_bytes))
 
@@ -94,7 +121,7 @@ def lora_gemm_kernel(
     IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, SCALE_BIAS: tl.constexpr, WRITE_Z: tl.constexpr,
     IN_DOT: tl.constexpr, IN_SUM: tl.constexpr, OUT_DOT: tl.constexpr,
     S_ACT: tl.constexpr, S_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -106,9 +133,24 @@ def lora_gemm_kernel(
     rn_in = rn % N
     dtype = x_ptr.dtype.element_ty
 
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if not FUSED_SHRINK:
+        # The low-rank term (S ⊙ s) E first, R in chunks of BLOCK_R, and its dropout mask: the K loop then adds the
+        # base product to the same accumulator (one full tile of float32 registers, never two).
+        if R_CHUNKS <= 4:
+            for c in tl.static_range(R_CHUNKS):
+                acc = _lowrank_chunk(acc, s_ptr, scale_ptr, e_ptr, s_bias_ptr, rm_in, rn_in, c * BLOCK_R + rr, R,
+                                     stride_sm, stride_sr, stride_er, stride_en, dtype, S_ACT, S_BIAS, DOT_PRECISION)
+        else:
+            for r0 in range(0, R, BLOCK_R):
+                acc = _lowrank_chunk(acc, s_ptr, scale_ptr, e_ptr, s_bias_ptr, rm_in, rn_in, r0 + rr, R,
+                                     stride_sm, stride_sr, stride_er, stride_en, dtype, S_ACT, S_BIAS, DOT_PRECISION)
+        if MASK_LORA:
+            keep = keep_tile(row_keys(seed_ptr, rm), rn, threshold)
+            acc = tl.where(keep, acc * inv_keep, 0.0)
+
     x_ptrs = x_ptr + rm_in[:, None] * stride_xm + rk[None, :] * stride_xk
     w_ptrs = w_ptr + rk[:, None] * stride_wk + rn_in[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FUSED_SHRINK:
         u_ptrs = u_ptr + rk[:, None] * stride_uk + rr[None, :] * stride_ur
         acc_s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -132,40 +174,27 @@ def lora_gemm_kernel(
                 part = tl.sum(tl.where(row_ok[:, None], a.to(tl.float32), 0.0), axis=0)
                 tl.store(in_sum_ptr + pid_m * K + k * BLOCK_K + rk, part, mask=rk < k_left)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        if FUSED_SHRINK:
+        if FUSED_SHRINK:  # U arrives in X's dtype (the launcher casts it): its tiles stay in the pipeline's buffers
             u = tl.load(u_ptrs, mask=(rk[:, None] < k_left) & (rr[None, :] < R), other=0.0)
-            acc_s = tl.dot(a, u.to(dtype), acc_s, input_precision=DOT_PRECISION)
+            acc_s = tl.dot(a, u, acc_s, input_precision=DOT_PRECISION)
             u_ptrs += BLOCK_K * stride_uk
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    # Epilogue: the low-rank term (S ⊙ s) E, R in chunks of BLOCK_R, then dropout mask, bias, one store.
-    if MASK_LORA:
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        lora = acc
-    if FUSED_SHRINK:  # R <= BLOCK_R: one chunk, S still in registers
+    if FUSED_SHRINK:  # epilogue: the low-rank term with S = X U still in registers (R <= BLOCK_R: one chunk)
         if WRITE_S:
             if pid_n == 0:
                 s_ptrs = s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr
                 tl.store(s_ptrs, acc_s, mask=(rm[:, None] < M) & (rr[None, :] < R))
         sc = tl.load(scale_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)
         e = tl.load(e_ptr + rr[:, None] * stride_er + rn_in[None, :] * stride_en, mask=rr[:, None] < R, other=0.0)
-        act_s = _bias_activation(acc_s, s_bias_ptr, rr, R, S_ACT, S_BIAS)
-        lora = tl.dot((act_s * sc[None, :]).to(dtype), e.to(dtype), lora, input_precision=DOT_PRECISION)
-    else:
-        for r0 in range(0, R, BLOCK_R):
-            r = r0 + rr
-            s = tl.load(s_ptr + rm_in[:, None] * stride_sm + r[None, :] * stride_sr, mask=r[None, :] < R, other=0.0)
-            s = _bias_activation(s, s_bias_ptr, r, R, S_ACT, S_BIAS)
-            sc = tl.load(scale_ptr + r, mask=r < R, other=0.0).to(tl.float32)
-            e = tl.load(e_ptr + r[:, None] * stride_er + rn_in[None, :] * stride_en, mask=r[:, None] < R, other=0.0)
-            lora = tl.dot((s * sc[None, :]).to(dtype), e.to(dtype), lora, input_precision=DOT_PRECISION)
-    if MASK_LORA:
-        keep = keep_tile(row_keys(seed_ptr, rm), rn, threshold)
-        acc += tl.where(keep, lora * inv_keep, 0.0)
-    else:
-        acc = lora
+        act_s = (_bias_activation(acc_s, s_bias_ptr, rr, R, S_ACT, S_BIAS) * sc[None, :]).to(dtype)
+        if MASK_LORA:  # a second full tile for the masked term: the prune keeps tiles whose two fit in registers
+            lora = tl.dot(act_s, e.to(dtype), input_precision=DOT_PRECISION)
+            keep = keep_tile(row_keys(seed_ptr, rm), rn, threshold)
+            acc += tl.where(keep, lora * inv_keep, 0.0)
+        else:
+            acc = tl.dot(act_s, e.to(dtype), acc, input_precision=DOT_PRECISION)
     out_mask = row_ok[:, None] & (rn[None, :] < N)
     if HAS_BIAS and (SCALE_BIAS or not OUT_SCALE):
         acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
@@ -186,6 +215,18 @@ def lora_gemm_kernel(
 
 
 @triton.jit
+def _lowrank_chunk(acc, s_ptr, scale_ptr, e_ptr, s_bias_ptr, rm_in, rn_in, r, R, stride_sm, stride_sr, stride_er,
+                   stride_en, dtype: tl.constexpr, S_ACT: tl.constexpr, S_BIAS: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """acc + (f(S + b) ⊙ s)[:, r] E[r, :] for one chunk r of ranks, S float32 read from memory."""
+    s = tl.load(s_ptr + rm_in[:, None] * stride_sm + r[None, :] * stride_sr, mask=r[None, :] < R, other=0.0)
+    s = _bias_activation(s, s_bias_ptr, r, R, S_ACT, S_BIAS)
+    sc = tl.load(scale_ptr + r, mask=r < R, other=0.0).to(tl.float32)
+    e = tl.load(e_ptr + r[:, None] * stride_er + rn_in[None, :] * stride_en, mask=r[:, None] < R, other=0.0)
+    return tl.dot((s * sc[None, :]).to(dtype), e.to(dtype), acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _bias_activation(s, s_bias_ptr, r, R, S_ACT: tl.constexpr, S_BIAS: tl.constexpr):
     """f(S + b) on a float32 (rows, ranks) tile: the bottleneck adapter's non-linearity (identity when S_ACT = 0)."""
     if S_BIAS:
@@ -193,19 +234,21 @@ def _bias_activation(s, s_bias_ptr, r, R, S_ACT: tl.constexpr, S_BIAS: tl.conste
     return activation(s, S_ACT)
 
 
-@triton.autotune(configs=shrink_configs(), key=["M_BUCKET", "K", "R", "DROPOUT"],
+@triton.autotune(configs=shrink_configs(), key=["M_BUCKET", "K", "R", "K_PER_SPLIT", "DROPOUT"],
                  prune_configs_by={"early_config_prune": _prune_shrink})
 @triton.jit
 def lora_shrink_kernel(
     x_ptr, u_ptr, s_ptr, seed_ptr,
-    M, K, R,
-    stride_xm, stride_xk, stride_uk, stride_ur, stride_sm, stride_sr,
+    M, K, R, K_PER_SPLIT,
+    stride_xm, stride_xk, stride_uk, stride_ur, stride_ss, stride_sm, stride_sr,
     threshold, inv_keep, M_BUCKET,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """S[split] = X[:, range of split] U[range of split, :] over the K range of program_id(2)."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
@@ -213,20 +256,22 @@ def lora_shrink_kernel(
     dtype = x_ptr.dtype.element_ty
     if DROPOUT:
         row_key = row_keys(seed_ptr, rm_in)
-    x_ptrs = x_ptr + rm_in[:, None] * stride_xm + rk[None, :] * stride_xk
-    u_ptrs = u_ptr + rk[:, None] * stride_uk + rr[None, :] * stride_ur
+    k_begin = pid_s * K_PER_SPLIT
+    k_end = min(K, k_begin + K_PER_SPLIT)
+    x_ptrs = x_ptr + rm_in[:, None] * stride_xm + (k_begin + rk)[None, :] * stride_xk
+    u_ptrs = u_ptr + (k_begin + rk)[:, None] * stride_uk + rr[None, :] * stride_ur
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_left = k_end - k0
         a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
         if DROPOUT:
-            keep = keep_tile(row_key, k * BLOCK_K + rk, threshold)
+            keep = keep_tile(row_key, k0 + rk, threshold)
             a = tl.where(keep, a.to(tl.float32) * inv_keep, 0.0).to(dtype)
-        u = tl.load(u_ptrs, mask=(rk[:, None] < k_left) & (rr[None, :] < R), other=0.0)
-        acc = tl.dot(a, u.to(dtype), acc, input_precision=DOT_PRECISION)
+        u = tl.load(u_ptrs, mask=(rk[:, None] < k_left) & (rr[None, :] < R), other=0.0)  # X's dtype (launcher)
+        acc = tl.dot(a, u, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         u_ptrs += BLOCK_K * stride_uk
-    s_ptrs = s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr
+    s_ptrs = s_ptr + pid_s * stride_ss + rm[:, None] * stride_sm + rr[None, :] * stride_sr
     tl.store(s_ptrs, acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
 
 
@@ -249,7 +294,9 @@ def lora_reduce_kernel(
     rd_in = rd % D
     dtype = x_ptr.dtype.element_ty
     sc = tl.load(scale_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)
-    acc = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
+    # Cᵀ (R, D) = (S ⊙ s)ᵀ X: the operand formed in registers (S scaled and rounded) is the dot's left one, which
+    # the tensor cores read from registers; X's tiles stay in the pipeline's shared-memory buffers.
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     m_begin = pid_s * rows_per_split
     m_end = min(M, m_begin + rows_per_split)
@@ -264,10 +311,10 @@ def lora_reduce_kernel(
             colsum += tl.sum(x.to(tl.float32), axis=0)
         s = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
                     mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
-        acc = tl.dot(tl.trans(x), (s * sc[None, :]).to(dtype), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(tl.trans((s * sc[None, :]).to(dtype)), x, acc, input_precision=DOT_PRECISION)
     c_base = c_ptr + pid_s * stride_cs
-    tl.store(c_base + rd[:, None] * stride_cd + rr[None, :] * stride_cr, acc.to(c_ptr.dtype.element_ty),
-             mask=(rd[:, None] < D) & (rr[None, :] < R))
+    tl.store(c_base + rr[:, None] * stride_cr + rd[None, :] * stride_cd, acc.to(c_ptr.dtype.element_ty),
+             mask=(rr[:, None] < R) & (rd[None, :] < D))
     if HAS_COLSUM:
         if pid_r == 0:
             tl.store(colsum_ptr + pid_s * D + rd, colsum, mask=rd < D)
@@ -296,6 +343,8 @@ def gemm(x, w_kn, bias, e_rn, scale, out, *, s=None, u_kr=None, write_s=False, s
     R = e_rn.shape[0]
     fused = u_kr is not None
     block_r = pow2_at_least_16(R, FUSED_SHRINK_MAX_RANK if fused else 64)
+    if fused and u_kr.dtype != x.dtype:  # the kernel rounds U to X's dtype anyway: once here (K x R), so that its
+        u_kr = u_kr.to(x.dtype)          # tiles feed the tensor cores from the pipelined buffers
     s_arg = s if s is not None else out  # placeholder pointer, never dereferenced
     u_arg = u_kr if fused else e_rn
     # per-row-block partials of the reductions (row pid_m of a (blocks, D) buffer), summed in a fixed order
@@ -325,7 +374,7 @@ def gemm(x, w_kn, bias, e_rn, scale, out, *, s=None, u_kr=None, write_s=False, s
         MASK_LORA=seed is not None, IN_SCALE=in_scale is not None, OUT_SCALE=out_scale is not None,
         SCALE_BIAS=bool(scale_bias), WRITE_Z=z is not None, IN_DOT=in_dot is not None, IN_SUM=in_sum is not None,
         OUT_DOT=out_dot is not None, S_ACT=int(s_act), S_BIAS=s_bias is not None, RESIDUAL=residual is not None,
-        DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r, R_CHUNKS=0 if fused else triton.cdiv(R, block_r),
     )
     for buf, dst in ((in_dot_buf, in_dot and in_dot[1]), (in_sum_buf, in_sum), (out_dot_buf, out_dot and out_dot[1])):
         if buf is not None:
@@ -333,22 +382,66 @@ def gemm(x, w_kn, bias, e_rn, scale, out, *, s=None, u_kr=None, write_s=False, s
     return out
 
 
-def shrink(x, u_kr, s_out, *, seed=None, threshold=0, inv_keep=1.0):
-    """s_out (M, R) float32 = (x ⊙ keep / (1-p)) (M, K) @ u_kr (K, R); no mask without a seed."""
+@lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _default_target(x) -> int:
+    """Two programs per SM on CUDA (as ops/_common.target_programs); 4 under the interpreter."""
+    if x.device.type != "cuda":
+        return 4
+    return 2 * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+def shrink_splits(M: int, K: int, R: int, target_programs: int) -> int:
+    """How many K ranges the shrink is cut into so that about `target_programs` programs run when the row blocks
+    (counted at 64 rows, the smallest tensor-core row block of Hopper) are too few; each range keeps at least
+    two K steps of the widest BLOCK_K."""
+    tiles = triton.cdiv(M, 64) * triton.cdiv(R, pow2_at_least_16(R, 64))
+    if tiles >= target_programs:
+        return 1
+    return max(1, min(triton.cdiv(target_programs, tiles), K // (2 * _split_align())))
+
+
+def _split_align() -> int:
+    return max(c.kwargs["BLOCK_K"] for c in shrink_configs())
+
+
+def shrink(x, u_kr, s_out, *, seed=None, threshold=0, inv_keep=1.0, target_programs=None, splits=None):
+    """s_out (M, R) float32 = (x ⊙ keep / (1-p)) (M, K) @ u_kr (K, R); no mask without a seed.
+
+    When the row blocks alone are too few to fill the GPU (`target_programs`, default two per SM), K is split
+    into ranges whose float32 partials are then added up in a fixed order (deterministic, no atomics).
+    """
     M, K = x.shape
     R = u_kr.shape[1]
     block_r = pow2_at_least_16(R, 64)
+    if u_kr.dtype != x.dtype:  # the kernel rounds U to X's dtype anyway: once here (K x R), so that its tiles
+        u_kr = u_kr.to(x.dtype)  # feed the tensor cores from the pipelined buffers
+    if splits is None:
+        splits = shrink_splits(M, K, R, target_programs or _default_target(x))
+    align = _split_align()
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), align) * align
+    splits = max(1, triton.cdiv(K, k_per_split))
+    if splits > 1:
+        target = torch.empty((splits, M, R), device=x.device, dtype=torch.float32)
+        strides = (target.stride(0), target.stride(1), target.stride(2))
+    else:
+        target, strides = s_out, (0, s_out.stride(0), s_out.stride(1))
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r), splits)
 
     launch(lora_shrink_kernel)[grid](
-        x, u_kr, s_out, seed if seed is not None else s_out,
-        M, K, R,
-        x.stride(0), x.stride(1), u_kr.stride(0), u_kr.stride(1), s_out.stride(0), s_out.stride(1),
+        x, u_kr, target, seed if seed is not None else s_out,
+        M, K, R, k_per_split,
+        x.stride(0), x.stride(1), u_kr.stride(0), u_kr.stride(1), *strides,
         threshold, inv_keep, bucket(M),
         DROPOUT=seed is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
     )
+    if splits > 1:
+        torch.sum(target, 0, out=s_out)
     return s_out
 
 
