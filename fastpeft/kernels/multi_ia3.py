@@ -4,8 +4,8 @@ Each token scales by the vector of its own adapter, read through a pointer table
 data_ptr of l_s, contiguous, one dtype; 0 for an empty slot) and the token's slot (-1: none, scale 1):
 
 * ``multi_ia3_gemm``:      OUT = ((X ⊙ u_row) Wkn + bias) ⊙ v_row        one GEMM; u_row gathered per row of the X
-                           tiles as they are loaded (prologue, feed-forward targets), or v_row in the epilogue
-                           (output scaling); only one of the two per launch (a layer scales one side)
+                           tiles as they are loaded (prologue, feed-forward targets), or v_row in the epilogue by
+                           column chunks (output scaling); only one of the two per launch (a layer scales one side)
 * ``multi_ia3_row_scale``: DST[m] = SRC[m] ⊙ l_row                      in place or into a new tensor: after cuBLAS
                            at decode sizes (a GEMM tile would leave the GPU idle) and in the backward pass
 
@@ -18,18 +18,31 @@ from ._tiles import bucket, fit_shared, gemm_configs, grouped_tile
 
 
 def _prune_gemm(configs, named_args, **kwargs):
-    """Tiles no taller than the problem needs; the pipelined operand tiles (and the gathered input scales) in
-    shared memory."""
+    """Tiles no taller than the problem needs; with input scales, tiles whose scaled x operand fits in registers
+    (_scaled_operand); the pipelined operand tiles (and the gathered input scales) in shared memory."""
     args = {**named_args, **kwargs}
     el, v_el = args["x_ptr"].element_size(), args["V_DTYPE"].primitive_bitwidth // 8
     scales = bool(args["IN_SCALE"])
     short = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * args["M_BUCKET"])] or configs[-1:]
+    if scales:
+        short = [c for c in short if _scaled_operand(c) <= SCALED_OPERAND_BUDGET] or short[-1:]
 
     def stage_bytes(c):
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         return bk * ((bm + bn) * el + (bm * v_el if scales else 0))
 
     return fit_shared(short, stage_bytes) or fit_shared(configs, stage_bytes)
+
+
+SCALED_OPERAND_BUDGET = 64  # elements of the scaled x operand live per thread (beyond them ptxas spills)
+
+
+def _scaled_operand(c) -> int:
+    """Elements of x ⊙ u a thread holds with input scales: the (BLOCK_M, BLOCK_K) operand is formed in registers.
+    Tiles of 64 rows or more (wgmma on sm_90) split it over the warps, and the group in flight keeps the previous
+    one live (twice); shorter tiles (mma.sync) give every warp along the columns the whole operand."""
+    bm, bk, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps
+    return 2 * bm * bk // (32 * warps) if bm >= 64 else bm * bk // 32
 
 
 @triton.jit
@@ -63,7 +76,7 @@ def multi_ia3_gemm_kernel(
     x_ptrs = x_ptr + rm_in.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
     w_ptrs = w_ptr + rk[:, None] * stride_wk + rn_in[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(0, tl.maximum(tl.cdiv(K, BLOCK_K), 1)):  # at least once: no path skips the tensor cores
         k_left = K - k * BLOCK_K
         a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
         if IN_SCALE:  # x ⊙ u_row in float32, rounded once
@@ -76,11 +89,44 @@ def multi_ia3_gemm_kernel(
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
-    if not IN_SCALE:  # (x W + b) ⊙ v_row
-        v = tl.load(vec[:, None] + rn_in[None, :], mask=has[:, None], other=1.0)
-        acc = acc * v.to(tl.float32)
     out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    if IN_SCALE:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    else:  # (x W + b) ⊙ v_row, stored by column chunks of at most 64: the gathered v tile is as large as the
+        # accumulator, and whole it would double the registers the tile holds (ptxas spills)
+        n0 = pid_n * BLOCK_N
+        half: tl.constexpr = BLOCK_N // 2
+        if BLOCK_N <= 64:
+            _scale_store(acc, vec, has, n0, rm, out_ptr, M, N, stride_om, stride_on, BLOCK_N)
+        elif BLOCK_N <= 128:
+            left, right = _halves(acc, BLOCK_M, BLOCK_N)
+            _scale_store(left, vec, has, n0, rm, out_ptr, M, N, stride_om, stride_on, half)
+            _scale_store(right, vec, has, n0 + half, rm, out_ptr, M, N, stride_om, stride_on, half)
+        else:
+            quarter: tl.constexpr = BLOCK_N // 4
+            left, right = _halves(acc, BLOCK_M, BLOCK_N)
+            q0, q1 = _halves(left, BLOCK_M, half)
+            _scale_store(q0, vec, has, n0, rm, out_ptr, M, N, stride_om, stride_on, quarter)
+            _scale_store(q1, vec, has, n0 + quarter, rm, out_ptr, M, N, stride_om, stride_on, quarter)
+            q2, q3 = _halves(right, BLOCK_M, half)
+            _scale_store(q2, vec, has, n0 + half, rm, out_ptr, M, N, stride_om, stride_on, quarter)
+            _scale_store(q3, vec, has, n0 + half + quarter, rm, out_ptr, M, N, stride_om, stride_on, quarter)
+
+
+@triton.jit
+def _halves(t, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """(left, right) column halves of a (ROWS, COLS) tile."""
+    return tl.split(tl.permute(tl.reshape(t, (ROWS, 2, COLS // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _scale_store(acc, vec, has, n0, rm, out_ptr, M, N, stride_om, stride_on, COLS: tl.constexpr):
+    """out[rm, n0:n0+COLS] = acc ⊙ v_row (rows without a vector: acc)."""
+    rn = n0 + tl.arange(0, COLS)
+    v = tl.load(vec[:, None] + (rn % N)[None, :], mask=has[:, None], other=1.0)
+    out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
+    ok = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(out_ptrs, (acc * v.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit(do_not_specialize=["n_slots"])

@@ -4,7 +4,8 @@ One batch, a different adapter per token. Adapters are read through a pointer ta
 row 0 the data_ptr of A_s (r_s, K), row 1 of B_s (N, r_s), row 2 of the per-rank scale s_s (r_s,) float32 (all
 contiguous, one adapter dtype; 0 for an empty slot), with ranks (S,) int32. Adapters of any rank live in their own
 tensors: nothing is padded to the largest rank or copied when adapters come and go, and no kernel is specialised on
-the number of adapters or their ranks (the decode kernel's rank block is a power-of-two bucket of the largest).
+the number of adapters or their ranks (the decode kernel's rank block and the expand's unrolled rank chunks follow the
+power-of-two bucket of the largest).
 Tokens come grouped by slot in segments (fastpeft/ops/routing.py); the base product x Wᵀ + b is cuBLAS's, the
 kernels add the low-rank term into its output.
 
@@ -50,10 +51,11 @@ def shrink_configs():
 def expand_configs():
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_R": 16}, num_warps=4)]
-    shapes = [(16, 128, 16, 4, 3), (16, 256, 16, 4, 3), (64, 128, 16, 4, 3), (64, 128, 64, 4, 3),
-              (128, 128, 64, 8, 3)]  # (BLOCK_M, BLOCK_N, BLOCK_R, warps, stages)
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": br}, num_warps=w, num_stages=s)
-            for bm, bn, br, w, s in shapes]
+    shapes = [(16, 128, 16, 4), (16, 256, 16, 4), (64, 128, 16, 4), (64, 128, 32, 8), (64, 64, 32, 4),
+              (64, 64, 64, 4), (128, 128, 64, 8)]  # (BLOCK_M, BLOCK_N, BLOCK_R, warps)
+    # nothing is pipelined (the rank chunks are unrolled, no loop): one stage
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": br}, num_warps=w, num_stages=1)
+            for bm, bn, br, w in shapes]
 
 
 def reduce_configs():
@@ -79,12 +81,18 @@ def _prune_shrink(configs, named_args, **kwargs):
 
 
 def _prune_expand(configs, named_args, **kwargs):
+    """Rank blocks no wider than the widest rank needs; the kernel unrolls the rank chunks: at most eight of them,
+    and beyond one chunk of 64 only tiles whose adapter chunk is at most 16 elements a thread (its addresses stay
+    live across the chunks: larger ones spill); row tiles no taller than the segments need. Nothing is
+    pipelined: one chunk's tiles, a few KiB of shared memory."""
     args = {**named_args, **kwargs}
-    el, e_el = args["out_ptr"].element_size(), _element_size(args["E_DTYPE"])
-    short = [c for c in _small_rank(configs, args["R_MAX"]) if c.kwargs["BLOCK_M"] <= max(16, 2 * args["M_BUCKET"])]
-    short = short or _small_rank(configs, args["R_MAX"])[:1]
-    return fit_shared(short, lambda c: c.kwargs["BLOCK_R"] * (c.kwargs["BLOCK_M"] * 4 + c.kwargs["BLOCK_N"] * e_el)
-                      + c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * el)
+    need = max(16, bucket(args["R_MAX"]))
+    fits = [c for c in configs if c.kwargs["BLOCK_R"] <= need]
+    if need > 64:
+        fits = [c for c in fits if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_R"] <= 16 * 32 * c.num_warps] or fits
+    widest = max(c.kwargs["BLOCK_R"] for c in fits)
+    ranked = [c for c in fits if need <= 8 * c.kwargs["BLOCK_R"]] or [c for c in fits if c.kwargs["BLOCK_R"] == widest]
+    return [c for c in ranked if c.kwargs["BLOCK_M"] <= max(16, 2 * args["M_BUCKET"])] or ranked[:1]
 
 
 def _prune_reduce(configs, named_args, **kwargs):
@@ -150,21 +158,28 @@ def multi_lora_shrink_kernel(
         rk = tl.arange(0, BLOCK_K)
         u_base = _adapter(table_ptr, U_ROW, n_slots, safe, U_DTYPE)
         x_ptrs = x_ptr + tok[:, None] * stride_xm + rk[None, :] * stride_xk
-        if U_RANK_MAJOR:  # U[k, j] = A[j, k]
-            u_ptrs = u_base + rr[None, :] * K + rk[:, None]
+        if U_RANK_MAJOR:  # Uᵀ[j, k] = A[j, k]
+            u_ptrs = u_base + rr[:, None] * K + rk[None, :]
             u_step = BLOCK_K
-        else:             # U[k, j] = B[k, j]
-            u_ptrs = u_base + rk[:, None] * rank + rr[None, :]
+        else:             # Uᵀ[j, k] = B[k, j]
+            u_ptrs = u_base + rk[None, :] * rank + rr[:, None]
             u_step = BLOCK_K * rank
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
+        # Sᵀ = Uᵀ Xᵀ. The adapter's tile comes through an untyped table pointer (no alignment known: no async copy),
+        # so it is the dot's register operand, loaded one step ahead; the x tile, pipelined into shared memory, is
+        # the other, and a tensor-core group stays in flight across iterations. (`+ 0.0`: an elementwise op between
+        # the load and the dot is what hands the operand to wgmma in registers; the loop runs at least once, so no
+        # path reaches the result without a tensor-core group, which would make ptxas serialise them.)
+        acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+        u = tl.load(u_ptrs, mask=r_ok[:, None] & (rk[None, :] < K), other=0.0)
+        for k in range(0, tl.maximum(tl.cdiv(K, BLOCK_K), 1)):
             k_left = K - k * BLOCK_K
             a = tl.load(x_ptrs, mask=row_ok[:, None] & (rk[None, :] < k_left), other=0.0)
-            u = tl.load(u_ptrs, mask=(rk[:, None] < k_left) & r_ok[None, :], other=0.0)
-            acc = tl.dot(a, u.to(a.dtype), acc, input_precision=DOT_PRECISION)
-            x_ptrs += BLOCK_K * stride_xk
             u_ptrs += u_step
-        tl.store(s_ptr + tok[:, None] * stride_sm + rr[None, :], acc, mask=row_ok[:, None] & r_ok[None, :])
+            u_next = tl.load(u_ptrs, mask=r_ok[:, None] & (rk[None, :] < k_left - BLOCK_K), other=0.0)
+            acc = tl.dot(u.to(a.dtype) + 0.0, tl.trans(a), acc, input_precision=DOT_PRECISION)
+            u = u_next
+            x_ptrs += BLOCK_K * stride_xk
+        tl.store(s_ptr + tok[None, :] * stride_sm + rr[:, None], acc, mask=row_ok[None, :] & r_ok[:, None])
 
 
 @triton.autotune(configs=expand_configs(), key=["N", "M_BUCKET", "R_BUCKET", "E_RANK_MAJOR"],
@@ -172,9 +187,9 @@ def multi_lora_shrink_kernel(
 @triton.jit(do_not_specialize=["n_slots", "R_MAX"])
 def multi_lora_expand_kernel(
     s_ptr, table_ptr, ranks_ptr, order_ptr, seg_start_ptr, seg_slot_ptr, out_ptr,
-    n_slots, N, R_MAX, stride_sm, stride_om, stride_on, M_BUCKET, R_BUCKET,
-    E_ROW: tl.constexpr, E_RANK_MAJOR: tl.constexpr, E_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    n_slots, N, R_MAX, stride_sm, stride_om, stride_on, M_BUCKET,
+    R_BUCKET: tl.constexpr, E_ROW: tl.constexpr, E_RANK_MAJOR: tl.constexpr, E_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     n_tiles = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
@@ -187,18 +202,22 @@ def multi_lora_expand_kernel(
         e_base = _adapter(table_ptr, E_ROW, n_slots, safe, E_DTYPE)
         sc_base = _adapter(table_ptr, 2, n_slots, safe, tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, rank, BLOCK_R):
-            rr = r0 + tl.arange(0, BLOCK_R)
-            r_ok = rr < rank
-            s = tl.load(s_ptr + tok[:, None] * stride_sm + rr[None, :], mask=row_ok[:, None] & r_ok[None, :],
-                        other=0.0)
-            sc = tl.load(sc_base + rr, mask=r_ok, other=0.0)
-            if E_RANK_MAJOR:  # E[j, n] = A[j, n]
-                e_ptrs = e_base + rr[:, None] * N + rn[None, :]
-            else:             # E[j, n] = B[n, j]
-                e_ptrs = e_base + rn[None, :] * rank + rr[:, None]
-            e = tl.load(e_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot((s * sc[None, :]).to(dtype), e.to(dtype), acc, input_precision=DOT_PRECISION)
+        # The rank chunks unrolled (R_BUCKET: the largest rank's power-of-two bucket; one chunk up to rank 64 with
+        # the widest rank block), not looped: the adapter operand (an untyped table pointer, no alignment known)
+        # cannot be loaded asynchronously, so a loop would wait for every tensor-core group.
+        for r0 in tl.static_range(0, R_BUCKET, BLOCK_R):
+            if r0 < rank:
+                rr = r0 + tl.arange(0, BLOCK_R)
+                r_ok = rr < rank
+                s = tl.load(s_ptr + tok[:, None] * stride_sm + rr[None, :], mask=row_ok[:, None] & r_ok[None, :],
+                            other=0.0)
+                sc = tl.load(sc_base + rr, mask=r_ok, other=0.0)
+                if E_RANK_MAJOR:  # E[j, n] = A[j, n]
+                    e_ptrs = e_base + rr[:, None] * N + rn[None, :]
+                else:             # E[j, n] = B[n, j]
+                    e_ptrs = e_base + rn[None, :] * rank + rr[:, None]
+                e = tl.load(e_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot((s * sc[None, :]).to(dtype), e.to(dtype), acc, input_precision=DOT_PRECISION)
         out_ptrs = out_ptr + tok[:, None] * stride_om + rn[None, :] * stride_on
         ok = row_ok[:, None] & n_ok[None, :]
         out = tl.load(out_ptrs, mask=ok, other=0.0)
@@ -261,18 +280,21 @@ def multi_lora_reduce_kernel(
         r_ok = rr < rank
         d_ok = rd < D
         sc = tl.load(_adapter(table_ptr, 2, n_slots, safe, tl.float32) + rr, mask=r_ok, other=0.0)
-        acc = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
-        for m0 in range(begin, end, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
+        # C_sᵀ = (S ⊙ s)ᵀ X: the scaled S tile, formed in registers, is the dot's register operand and the x tile,
+        # pipelined into shared memory, the other, so a tensor-core group stays in flight across iterations (a
+        # chunk is never empty: the loop runs at least once, no path skips the tensor cores)
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for i in range(0, tl.maximum(tl.cdiv(end - begin, BLOCK_M), 1)):
+            rows = begin + i * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = rows < end
             tok = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
             x = tl.load(x_ptr + tok[:, None] * stride_xm + rd[None, :] * stride_xd,
                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            s = tl.load(s_ptr + tok[:, None] * stride_sm + rr[None, :], mask=row_ok[:, None] & r_ok[None, :],
+            s = tl.load(s_ptr + tok[None, :] * stride_sm + rr[:, None], mask=row_ok[None, :] & r_ok[:, None],
                         other=0.0)
-            acc = tl.dot(tl.trans(x), (s * sc[None, :]).to(x.dtype), acc, input_precision=DOT_PRECISION)
-        p_ptrs = partial_ptr + c.to(tl.int64) * R_MAX * D + rr[None, :] * D + rd[:, None]
-        tl.store(p_ptrs, acc, mask=d_ok[:, None] & r_ok[None, :])
+            acc = tl.dot((s * sc[:, None]).to(x.dtype), x, acc, input_precision=DOT_PRECISION)
+        p_ptrs = partial_ptr + c.to(tl.int64) * R_MAX * D + rr[:, None] * D + rd[None, :]
+        tl.store(p_ptrs, acc, mask=r_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["n_slots", "R_MAX"])
@@ -338,8 +360,7 @@ def expand(s, table, ranks, order, seg_start, seg_slot, out, *, num_segments, ma
     launch(multi_lora_expand_kernel)[grid](
         s, table, ranks, order, seg_start, seg_slot, out,
         table.shape[1], N, max_rank, s.stride(0), out.stride(0), out.stride(1), bucket(max_segment),
-        bucket(max_rank),
-        E_ROW=e_row, E_RANK_MAJOR=bool(rank_major), E_DTYPE=TL_DTYPES[adapter_dtype],
+        R_BUCKET=bucket(max_rank), E_ROW=e_row, E_RANK_MAJOR=bool(rank_major), E_DTYPE=TL_DTYPES[adapter_dtype],
         DOT_PRECISION=dot_precision(out.dtype),
     )
     return out
