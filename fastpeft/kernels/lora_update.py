@@ -26,7 +26,7 @@ def update_configs():
     """What autotune may pick (tests compile every one ahead of time); one small config under the interpreter."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
-    shapes = [(16, 128, 128, 4, 3), (32, 128, 128, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3)]
+    shapes = [(16, 128, 64, 4, 4), (32, 128, 128, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in shapes]
 
