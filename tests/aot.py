@@ -11,9 +11,13 @@ Adding a kernel family to the check is one entry in CATALOG.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
+import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,7 +26,6 @@ from pathlib import Path
 import torch
 
 ARCHS = {"sm80": 80, "sm90": 90}
-SHARED_LIMIT = {"sm80": 166912, "sm90": 232448}  # bytes of shared memory one block may use (A100, H100)
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
               torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1", torch.float64: "fp64"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,11 +59,10 @@ class Launch:
         return configs
 
 
-def capture(module: str, launcher: str, *args, label: str = "", every_config: bool = True,
-            **kwargs) -> list[Launch]:
-    """Call `fastpeft.kernels.<module>.<launcher>(*args, **kwargs)`, recording its launches instead of running
-    (those of the launchers it delegates to in other kernel modules too)."""
-    mod = importlib.import_module(f"fastpeft.kernels.{module}")
+@contextlib.contextmanager
+def recording(label: str = "", every_config: bool = True):
+    """Inside the block, every kernel launch of fastpeft.kernels.* is recorded (into the list it yields) instead
+    of run."""
     launches: list[Launch] = []
 
     def fake_launch(kernel):
@@ -76,10 +78,19 @@ def capture(module: str, launcher: str, *args, label: str = "", every_config: bo
     for m in launching:
         m.launch = fake_launch
     try:
-        getattr(mod, launcher)(*args, **kwargs)
+        yield launches
     finally:
         for m, original in zip(launching, originals):
             m.launch = original
+
+
+def capture(module: str, launcher: str, *args, label: str = "", every_config: bool = True,
+            **kwargs) -> list[Launch]:
+    """Call `fastpeft.kernels.<module>.<launcher>(*args, **kwargs)`, recording its launches instead of running
+    (those of the launchers it delegates to in other kernel modules too)."""
+    mod = importlib.import_module(f"fastpeft.kernels.{module}")
+    with recording(label, every_config) as launches:
+        getattr(mod, launcher)(*args, **kwargs)
     return launches
 
 
@@ -105,6 +116,14 @@ def lora_launches(dtype: torch.dtype) -> list[Launch]:
                  out_scale=torch.empty(N), z=torch.empty(M, N, dtype=dtype), label="DoRA fwd fused"),
         *capture("lora", "gemm", dy, w, None, a, scale, dx, s=s, u_kr=b, write_s=True, in_scale=torch.empty(N),
                  in_dot=(torch.empty(M, N, dtype=dtype), torch.empty(N)), label="DoRA dX fused, dm"),
+        # dropout with the fused shrink (small M: ops/lora.py fuses the dX GEMM's shrink whatever the dropout)
+        *capture("lora", "gemm", dy, w, None, a, scale, dx, s=s, u_kr=b, write_s=True, **drop,
+                 label="dX fused shrink, masked"),
+        # the separate-shrink paths of DoRA (larger M): forward with the column scale, dX with mask, scale and dm
+        *capture("lora", "gemm", x, w.t(), bias, b.t(), scale, out, s=s, out_scale=torch.empty(N),
+                 z=torch.empty(M, N, dtype=dtype), label="DoRA fwd"),
+        *capture("lora", "gemm", dy, w, None, a, scale, dx, s=s, in_scale=torch.empty(N), **drop,
+                 in_dot=(torch.empty(M, N, dtype=dtype), torch.empty(N)), label="DoRA dX masked, dm"),
     ]
 
 
@@ -142,7 +161,9 @@ def fused_bottleneck_launches(dtype: torch.dtype) -> list[Launch]:
     (m = 256: the largest tiles in registers and shared memory), every config; the variants (layer norm before,
     per-channel and learned scaling, no residual; a narrow m = 64, where tall row blocks survive the register
     prune) add a few registers and no shared memory: their first config. The backward with the layer norm after
-    fused (its own register prune, and the residual's chunk in shared memory) is compiled for every config."""
+    fused (its own register prune, and the residual's chunk in shared memory) is compiled for every config. The
+    plain backward takes 64-row blocks at m = 256 only with an activation whose slope is cheap (relu here); with
+    gelu_new (no 64-row blocks) its first config."""
     M, d = 256, 512
     x, r, y = (torch.empty(M, d, dtype=dtype) for _ in range(3))
     ln_w, b_up, channel = torch.empty(d, dtype=dtype), torch.empty(d, dtype=dtype), torch.empty(d)
@@ -158,6 +179,8 @@ def fused_bottleneck_launches(dtype: torch.dtype) -> list[Launch]:
                      label=f"bwd m{m}", every_config=m == 256),
         ]
     launches += [
+        *capture("bottleneck", "backward", y, s, w_down, b_down, w_up, act=3, f=f, ds=ds, dx=x,
+                 label=f"bwd m{m} gelu_new", every_config=False),
         *capture("bottleneck", "forward", x, None, w_down, b_down, w_up, b_up, y, act=3, scale=channel, ln=ln, s=s,
                  stats=stats, label=f"fwd m{m} ln_before, channel scale", every_config=False),
         *capture("bottleneck", "backward", y, s, w_down, b_down, w_up, act=3, scale=channel, f=f, ds=ds, dx=x, x=r,
@@ -279,32 +302,48 @@ def _attention_variant_wanted(label: str, dtype: torch.dtype) -> bool:
 
 def multi_lora_launches(dtype: torch.dtype) -> list[Launch]:
     """The multi-adapter LoRA kernels (fastpeft/kernels/multi_lora.py): 8 adapter slots (the pointer table), 3
-    segments, ranks up to 64 (the widest rank blocks the configs take). Every config of the forward shrink and
-    expand in float32 (the most bytes in shared memory; bf16's first config checks the instructions); the backward
-    layouts (B as the shrink operand, A as the expand operand) and the weight-gradient reduction's layouts their
-    first config; the decode kernel at its narrowest and widest rank block (16 and 256; no autotuning), and with
-    float32 adapters on a bf16 input; the reduction's combine kernel (compile time is the suite's budget)."""
+    segments, ranks up to 64 (the widest rank blocks the configs take). Every config of the segment kernels (their
+    tiles differ; each compiles in about a second): the forward shrink and expand (A as the shrink operand, B as the
+    expand operand), the backward layouts (B as the shrink operand, A as the expand operand), the weight-gradient
+    reduction's layouts; the expand at ranks up to 128 and 256 too (its rank chunks are unrolled); on half
+    inputs, float32 adapters (the adapter operand converted in registers). In float32 (no tensor cores, not gated)
+    every config of the forward shrink and of the reduction (their pipelined tiles: the most bytes in shared
+    memory), the rest their first. The decode kernel at its narrowest and widest rank block (16 and 256; no
+    autotuning), and with float32 adapters on a bf16 input; the reduction's combine kernel."""
     M, K, N, S = 256, 512, 384, 8
     x, dy, y = torch.empty(M, K, dtype=dtype), torch.empty(M, N, dtype=dtype), torch.empty(M, N, dtype=dtype)
     table, ranks = torch.empty(3, S, dtype=torch.int64), torch.empty(S, dtype=torch.int32)
     order, seg_start, seg_slot = (torch.empty(n, dtype=torch.int32) for n in (M, 4, 3))
     s_buf, token_slot = torch.empty(M, 64), torch.empty(M, dtype=torch.int32)
-    seg = dict(num_segments=3, max_segment=128, max_rank=64, adapter_dtype=dtype)
-    wide = dtype == torch.float32
-    launches = [
-        *capture("multi_lora", "shrink", x, table, ranks, order, seg_start, seg_slot, s_buf, u_row=0, rank_major=True,
-                 label="fwd shrink (A)", every_config=wide, **seg),
-        *capture("multi_lora", "expand", s_buf, table, ranks, order, seg_start, seg_slot, y, e_row=1,
-                 rank_major=False, label="fwd expand (B)", every_config=wide, **seg),
-        *capture("multi_lora", "shrink", dy, table, ranks, order, seg_start, seg_slot, s_buf, u_row=1,
-                 rank_major=False, label="bwd shrink (B)", every_config=False, **seg),
-        *capture("multi_lora", "expand", s_buf, table, ranks, order, seg_start, seg_slot, x, e_row=0,
-                 rank_major=True, label="bwd expand (A)", every_config=False, **seg),
-    ]
+    segs = (table, ranks, order, seg_start, seg_slot)
+    half = dtype != torch.float32
+    launches = []
+    for adapters in dict.fromkeys((dtype, torch.float32)):
+        seg = dict(num_segments=3, max_segment=128, max_rank=64, adapter_dtype=adapters)
+        what = "" if adapters == dtype else ", float32 adapters"
+        launches += [
+            *capture("multi_lora", "shrink", x, *segs, s_buf, u_row=0, rank_major=True, label=f"fwd shrink (A){what}",
+                     **seg),
+            *capture("multi_lora", "expand", s_buf, *segs, y, e_row=1, rank_major=False, label=f"fwd expand (B){what}",
+                     every_config=half, **seg),
+            *capture("multi_lora", "shrink", dy, *segs, s_buf, u_row=1, rank_major=False, label=f"bwd shrink (B){what}",
+                     every_config=half, **seg),
+            *capture("multi_lora", "expand", s_buf, *segs, x, e_row=0, rank_major=True, label=f"bwd expand (A){what}",
+                     every_config=half, **seg),
+        ]
+    for wide in (128, 256):  # several rank chunks: the prune keeps the tiles whose adapter chunk is lighter
+        rank = dict(num_segments=3, max_segment=128, max_rank=wide, adapter_dtype=dtype)
+        s_wide = torch.empty(M, wide)
+        launches += [
+            *capture("multi_lora", "expand", s_wide, *segs, y, e_row=1, rank_major=False,
+                     label=f"fwd expand (B) r<={wide}", every_config=half, **rank),
+            *capture("multi_lora", "expand", s_wide, *segs, x, e_row=0, rank_major=True,
+                     label=f"bwd expand (A) r<={wide}", every_config=half, **rank),
+        ]
     for rank_major, source in ((True, x), (False, dy)):
         launches += capture("multi_lora", "reduce", source, s_buf, table, ranks, order, (0, 100, 200, 256), seg_slot,
                             torch.empty(1, S, dtype=torch.int64), max_rank=64, rank_major=rank_major,
-                            out_dtype=dtype, label=f"reduce {'dA' if rank_major else 'dB'}", every_config=False)
+                            out_dtype=dtype, label=f"reduce {'dA' if rank_major else 'dB'}")
     for max_rank, adapters in ((16, dtype), (256, dtype), *(((16, torch.float32),) if dtype == torch.bfloat16 else ())):
         launches += capture("multi_lora", "decode", x[:64], table, ranks, token_slot[:64], y[:64], max_rank=max_rank,
                             adapter_dtype=adapters, target_programs=264,
@@ -313,19 +352,28 @@ def multi_lora_launches(dtype: torch.dtype) -> list[Launch]:
 
 
 def multi_ia3_launches(dtype: torch.dtype) -> list[Launch]:
-    """The multi-adapter IA3 kernels (fastpeft/kernels/multi_ia3.py): the GEMM with per-row input scales (the
-    gathered scale tiles add shared memory: every config) and output scales (first config), float32 vectors; the
-    row-scale kernel in place and into a new tensor. Every config of the input-scaled GEMM in float32 (the most
-    shared memory) and bfloat16 (the instructions); the rest their first config."""
+    """The multi-adapter IA3 kernels (fastpeft/kernels/multi_ia3.py): the GEMM with per-row input scales (x ⊙ u
+    formed in registers, the gathered scale tiles pipelined in shared memory when they are 4-byte) and with output
+    scales (the gathered tile in the epilogue), with float32 vectors and vectors in the input's dtype (an adapter's
+    own dtype: the loads differ). Every config of the input-scaled GEMM with either vectors; of the output-scaled
+    GEMM with float32 vectors on half inputs (the widest epilogue tile; vectors in the input's dtype and float32
+    inputs, no tensor cores, their first config). The row-scale kernel in place and into a new tensor."""
     M, K, N, S = 256, 512, 384, 8
     x, y = torch.empty(M, K, dtype=dtype), torch.empty(M, N, dtype=dtype)
     w, bias = torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype)
     table, token_slot = torch.empty(1, S, dtype=torch.int64), torch.empty(M, dtype=torch.int32)
+    launches = []
+    for vectors in dict.fromkeys((torch.float32, dtype)):
+        name = str(vectors)[6:]
+        launches += [
+            *capture("multi_ia3", "gemm", x, w.t(), bias, y, table, token_slot, in_scale=True, vector_dtype=vectors,
+                     label=f"gemm, input scales, {name} vectors"),
+            *capture("multi_ia3", "gemm", x, w.t(), bias, y, table, token_slot, in_scale=False, vector_dtype=vectors,
+                     label=f"gemm, output scales, {name} vectors",
+                     every_config=vectors == torch.float32 and dtype != torch.float32),
+        ]
     return [
-        *capture("multi_ia3", "gemm", x, w.t(), bias, y, table, token_slot, in_scale=True, vector_dtype=torch.float32,
-                 label="gemm, input scales"),
-        *capture("multi_ia3", "gemm", x, w.t(), bias, y, table, token_slot, in_scale=False,
-                 vector_dtype=torch.float32, label="gemm, output scales", every_config=False),
+        *launches,
         *capture("multi_ia3", "row_scale", y, y, table, token_slot, vector_dtype=torch.float32,
                  label="row scale, in place", every_config=False),
         *capture("multi_ia3", "row_scale", y, torch.empty_like(y), table, token_slot, vector_dtype=dtype,
@@ -333,19 +381,39 @@ def multi_ia3_launches(dtype: torch.dtype) -> list[Launch]:
     ]
 
 
+def lora_update_launches(dtype: torch.dtype) -> list[Launch]:
+    """The cuBLAS-base strategy's adapter kernel (fastpeft/kernels/lora_update.py): every config at rank 16 and
+    at its widest rank block (64, the most registers), forward with the dropout mask on x and S written, DoRA's
+    forward (column scale, bias, Z), and the dX update with the mask on the low-rank term."""
+    M, K, N = 256, 512, 384
+    x, dy, y = torch.empty(M, K, dtype=dtype), torch.empty(M, N, dtype=dtype), torch.empty(M, N, dtype=dtype)
+    drop = dict(seed=torch.zeros((), dtype=torch.int64), threshold=-1717986918, inv_keep=1.1111)
+    launches = []
+    for R in (16, 64):
+        a, b, scale, s = torch.empty(R, K), torch.empty(N, R), torch.empty(R), torch.empty(M, R)
+        launches += [
+            *capture("lora_update", "update", x, a.t(), b.t(), scale, y, s=s, **drop, target_programs=264,
+                     label=f"fwd r{R} masked, S"),
+            *capture("lora_update", "update", x, a.t(), b.t(), scale, y, out_scale=torch.empty(N),
+                     bias=torch.empty(N, dtype=dtype), z=torch.empty(M, N, dtype=dtype), target_programs=264,
+                     label=f"DoRA fwd r{R}"),
+            *capture("lora_update", "update", dy, b, a, scale, x, s=s, **drop, mask_out=True, target_programs=264,
+                     label=f"dX r{R} masked, G"),
+        ]
+    return launches
+
+
 ELEMENTWISE_KERNELS = {"prefix_attention_combine_kernel", "multi_lora_decode_kernel",  # no matrix product: no
                        "multi_lora_reduce_combine_kernel", "multi_ia3_row_scale_kernel"}  # tensor-core instructions
-CATALOG = {"lora": lora_launches, "ia3": ia3_launches, "bottleneck": bottleneck_launches,
-           "fused_bottleneck": fused_bottleneck_launches, "prefix_attention": prefix_attention_launches,
-           "multi_lora": multi_lora_launches, "multi_ia3": multi_ia3_launches}
+CATALOG = {"lora": lora_launches, "lora_update": lora_update_launches, "ia3": ia3_launches,
+           "bottleneck": bottleneck_launches, "fused_bottleneck": fused_bottleneck_launches,
+           "prefix_attention": prefix_attention_launches, "multi_lora": multi_lora_launches,
+           "multi_ia3": multi_ia3_launches}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def compile_launch(launch: Launch, config, arch: str) -> dict:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def specialise(launch: Launch, config) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of a launch with a config, as the JIT specialises it."""
     jit = launch.jit
     values = dict(zip(jit.arg_names, launch.args))
     values.update(launch.kwargs)
@@ -370,29 +438,198 @@ def compile_launch(launch: Launch, config, arch: str) -> dict:
             signature[name] = "fp32"
         else:
             raise TypeError(f"{jit.fn.__name__}: cannot type argument {name}={value!r}")
+    return signature, constexprs, attrs
+
+
+def variant_keys(launch: Launch, config) -> tuple[str, str]:
+    """(variant, tiles) of a compiled launch. The variant: the kernel, half precision (bf16 and fp16 compile to the
+    same instructions) or float32, and every constexpr it was launched with but the config's (absent operands,
+    flags, codes, block sizes derived from the shapes such as the rank block). The tiles: the kernel, precision,
+    the non-boolean constexprs (rank block, codes) and the config."""
+    jit = launch.jit
+    signature, constexprs, _ = specialise(launch, config)
+    declared = {p.name for p in jit.params if p.is_constexpr}
+    flags = {name: value if isinstance(value, (bool, int, float, str)) or value is None else repr(value)
+             for name, value in constexprs.items() if (name in declared or value is None) and name not in config.kwargs}
+    first = signature[jit.arg_names[0]]
+    precision = "half" if first in ("*bf16", "*fp16") else first
+    sizes = {name: value for name, value in flags.items() if isinstance(value, int) and not isinstance(value, bool)}
+    conf = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    name = jit.fn.__name__
+    return (json.dumps([name, precision, flags], sort_keys=True), json.dumps([name, precision, sizes, conf],
+                                                                           sort_keys=True))
+
+
+def compile_launch(launch: Launch, config, arch: str) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    jit = launch.jit
+    signature, constexprs, attrs = specialise(launch, config)
     source = ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    compiled = triton.compile(source, target=GPUTarget("cuda", ARCHS[arch], 32), options=options)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # triton prints ptxas' report when it runs ptxas (not on a cache hit)
+        compiled = triton.compile(source, target=GPUTarget("cuda", ARCHS[arch], 32), options=options)
     ptx = compiled.asm["ptx"]
+    variant, tiles = variant_keys(launch, config)
     return {"kernel": jit.fn.__name__, "variant": launch.label, "arch": arch,
+            "variant_key": variant, "tiles_key": tiles,
             "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
-            "shared_bytes": compiled.metadata.shared, "mma_sync": "mma.sync" in ptx,
-            "wgmma": "wgmma.mma_async" in ptx}
+            "shared_bytes": compiled.metadata.shared, **ptxas_report(compiled, log.getvalue(), arch),
+            **ptx_report(ptx)}
 
 
-def compile_all(arch: str) -> list[dict]:
+_PTXAS_CACHE = ROOT / "build" / "aot-ptxas"
+
+
+def ptxas_report(compiled, log: str, arch: str) -> dict:
+    """Registers, stack, spill stores/loads and serialised wgmma from ptxas' verbose report: the one triton just
+    printed, else the one kept for this kernel hash, else ptxas run again on the PTX (a triton cache hit)."""
+    kept = _PTXAS_CACHE / f"{compiled.hash}.txt"
+    if "Used " not in log:
+        if kept.exists():
+            log = kept.read_text()
+        else:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                src = Path(tmp) / "k.ptx"
+                src.write_text(compiled.asm["ptx"])
+                gpu = f"sm_{ARCHS[arch]}a" if ARCHS[arch] >= 90 else f"sm_{ARCHS[arch]}"
+                from triton.backends.nvidia.compiler import get_ptxas  # the ptxas triton bundles and uses
+
+                log = subprocess.run([get_ptxas(ARCHS[arch]).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}",
+                                      str(src), "-o", str(Path(tmp) / "k.o")],
+                                     capture_output=True, text=True, check=True).stderr
+    _PTXAS_CACHE.mkdir(parents=True, exist_ok=True)
+    kept.write_text(log)
+    number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else 0  # noqa: E731
+    return {"registers": number(r"Used (\d+) registers"), "stack_bytes": number(r"(\d+) bytes stack frame"),
+            "spill_stores": number(r"(\d+) bytes spill stores"), "spill_loads": number(r"(\d+) bytes spill loads"),
+            "wgmma_serialized": "wgmma.mma_async instructions are serialized" in log}
+
+
+_LABEL = re.compile(r"^(\$L__\w+):", re.M)
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+_WAIT = re.compile(r"wgmma\.wait_group\.sync\.aligned\s+(\d+);")
+
+
+def ptx_report(ptx: str) -> dict:
+    """What the PTX uses: mma.sync / wgmma tensor-core instructions, cp.async copies, TMA bulk tensor copies;
+    and, for every loop (a label with a branch back to it) that issues wgmma, in PTX order, the smallest
+    `wgmma.wait_group N` inside it: 0 waits for every group in flight each iteration (the tensor cores idle while
+    the next tiles are waited for), N >= 1 keeps N groups in flight. Empty: no wgmma inside a loop."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := _LABEL.match(line.strip()))}
+    loops = []  # (first line, last line) of every backward branch's range
+    for i, line in enumerate(lines):
+        for target in _BRANCH.findall(line):
+            if target in labels and labels[target] < i:
+                loops.append((labels[target], i))
+    waits = []  # per loop issuing wgmma, in PTX order: the smallest wait_group depth inside it
+    for start, end in loops:
+        body = lines[start:end + 1]
+        if any("wgmma.mma_async" in line for line in body):
+            depths = [int(d) for line in body for d in _WAIT.findall(line)]
+            if depths:
+                waits.append(min(depths))
+    return {"mma_sync": "mma.sync" in ptx, "wgmma": "wgmma.mma_async" in ptx, "cp_async": "cp.async.ca" in ptx
+            or "cp.async.cg" in ptx, "tma": "cp.async.bulk.tensor" in ptx, "loop_wgmma_waits": waits}
+
+
+def representative_launches() -> list[Launch]:
+    """The launches the linear ops make at model shapes, on meta tensors (nothing runs, nothing is allocated):
+    LoRA and DoRA forward and backward under both strategies at M in {16, 256, 8192} rows, (K, N) in
+    {(4096, 4096), (4096, 14336)}, r in {16, 64}, dropout 0 and 0.1, float32 adapters on bf16/fp16 inputs; IA3's
+    fused GEMMs (feed-forward and attention scaling). The gate compiles every config autotune may pick of them."""
+    import fastpeft as fp
+    from fastpeft.ops import ia3 as ia3_op
+    from fastpeft.ops import lora as lora_op
+
+    meta = dict(device="meta")
+    launches: list[Launch] = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for M in (16, 256, 8192):
+            for K, N in ((4096, 4096), (4096, 14336)):
+                x, dy = torch.empty(M, K, dtype=dtype, **meta), torch.empty(M, N, dtype=dtype, **meta)
+                w, bias = torch.empty(N, K, dtype=dtype, **meta), torch.empty(N, dtype=dtype, **meta)
+                for R in (16, 64):
+                    a, b, scale = torch.empty(R, K, **meta), torch.empty(N, R, **meta), torch.empty(R, **meta)
+                    t = torch.empty(M, R, **meta)
+                    for p, strategy, c in itertools.product((0.0, 0.1), ("fused", "cublas"),
+                                                            (None, torch.empty(N, **meta))):
+                        seed = torch.zeros((), dtype=torch.int64, **meta) if p else None
+                        label = f"{strategy} M{M} K{K} N{N} r{R} p{p}{' DoRA' if c is not None else ''}"
+                        with fp.ops.use_kernel_options(linear_strategy=strategy), recording(label) as got:
+                            z = torch.empty(M, N, dtype=dtype, **meta) if c is not None else None
+                            lora_op._triton_forward(x, w, bias, a, b, scale, seed, p, False, True, c, c is not None)
+                            lora_op._triton_backward(dy, x, w, a, b, scale, t, seed, p, False, (True,) * 5
+                                                     + (c is not None,), c, z)
+                        launches += got
+                u, v = torch.empty(K, **meta), torch.empty(N, **meta)
+                for in_scale, out_scale in ((u, None), (None, v)):
+                    z = torch.empty(M, N, dtype=dtype, **meta) if out_scale is not None else None
+                    with fp.ops.use_kernel_options(linear_strategy="fused"), recording(f"ia3 M{M}") as got:
+                        ia3_op._triton_forward(x, w, bias, in_scale, out_scale, False, out_scale is not None)
+                        ia3_op._triton_backward(dy, x, w, in_scale, out_scale, z, False,
+                                                (True, in_scale is not None, out_scale is not None, True))
+                    launches += got
+    return launches
+
+
+# Families whose shared memory is the GEMM's pipelined operand tiles, the same in every variant: in float32 (not
+# gated for spills) one variant compiles every config to check those tiles fit, the others their first config.
+GEMM_FAMILIES = {"lora", "ia3", "bottleneck", "lora_update"}
+
+
+def compile_all(arch: str, families=None, dtypes=None, variant: str = "") -> list[dict]:
     """Every catalogued launch: every config autotune may pick for bf16 and float32 (float32 has the largest
-    tiles in bytes), the first one for float16 (same instructions as bf16)."""
+    tiles in bytes), the first one for float16 (same instructions as bf16). The kernels' own pruning runs for
+    this architecture (its shared-memory budget). families / dtypes / variant (a substring of the label) narrow
+    it while working on one kernel."""
+    from fastpeft.kernels._tiles import compiling_for
+
     rows = []
-    for family, make in CATALOG.items():
-        for dtype in DTYPES:
-            for launch in make(dtype):
-                every = launch.every_config and dtype != torch.float16
-                configs = launch.configs if every else launch.configs[:1]
-                for config in configs:
-                    row = compile_launch(launch, config, arch)
-                    rows.append({"family": family, "dtype": str(dtype)[6:], **row})
+    with compiling_for(ARCHS[arch]):
+        for family, make in CATALOG.items():
+            if families and family not in families:
+                continue
+            for dtype in DTYPES:
+                if dtypes and str(dtype)[6:] not in dtypes:
+                    continue
+                fp32_tiles_done = False
+                for launch in make(dtype):
+                    if variant not in launch.label:
+                        continue
+                    every = launch.every_config and dtype != torch.float16
+                    if every and dtype == torch.float32 and family in GEMM_FAMILIES:
+                        every, fp32_tiles_done = not fp32_tiles_done, True  # one variant shows the fp32 tiles
+                    configs = launch.configs if every else launch.configs[:1]
+                    for config in configs:
+                        row = compile_launch(launch, config, arch)
+                        rows.append({"family": family, "dtype": str(dtype)[6:], **row})
+        if not families or "model_shapes" in families:
+            rows += _model_shape_rows(arch, rows)
     return rows
+
+
+def _model_shape_rows(arch: str, rows: list[dict]) -> list[dict]:
+    """What autotune may pick at model shapes (representative_launches, after each kernel's pruning for this
+    architecture) that the catalogue above did not compile: the first config of each new variant, and each new
+    (rank block, config) of a kernel once. The gate's rules then hold for everything autotune can pick."""
+    seen = {key for r in rows for key in (r["variant_key"], r["tiles_key"])}
+    extra = []
+    for launch in representative_launches():
+        dtype = str(launch.args[0].dtype)[6:]
+        for config in launch.configs:
+            variant, tiles = variant_keys(launch, config)
+            if variant in seen and tiles in seen:
+                continue
+            seen |= {variant, tiles}
+            extra.append({"family": "model_shapes", "dtype": dtype, **compile_launch(launch, config, arch)})
+    return extra
 
 
 def run_in_subprocesses(archs=tuple(ARCHS)) -> list[dict]:
@@ -409,6 +646,37 @@ def run_in_subprocesses(archs=tuple(ARCHS)) -> list[dict]:
     return rows
 
 
+STATIC_GATE = ROOT / "benchmarks" / "results" / "static-gate.json"
+_TABLE_FIELDS = ("arch", "family", "dtype", "kernel", "variant", "config", "registers", "spill_stores", "spill_loads",
+                 "stack_bytes", "shared_bytes", "mma_sync", "wgmma", "wgmma_serialized", "loop_wgmma_waits",
+                 "cp_async", "tma")
+
+
+def gate_table(rows: list[dict]) -> dict:
+    """The committed form of the compile report: the compiler versions and one row per (variant, config, arch)."""
+    import triton
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = subprocess.run([get_ptxas(90).path, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    table = sorted(({f: r[f] for f in _TABLE_FIELDS} for r in rows),
+                   key=lambda r: (r["arch"], r["family"], r["kernel"], r["variant"], r["dtype"],
+                                  json.dumps(r["config"], sort_keys=True)))
+    return {"versions": {"triton": triton.__version__, "ptxas": ptxas[-1] if ptxas else "?"}, "rows": table}
+
+
+def write_gate_table(path: Path = STATIC_GATE) -> None:
+    """`make static-gate`: compile everything (both archs) and write the committed table, one row per line."""
+    table = gate_table(run_in_subprocesses())
+    lines = ",\n".join(json.dumps(r, sort_keys=True) for r in table["rows"])
+    path.write_text(f'{{"versions": {json.dumps(table["versions"], sort_keys=True)},\n"rows": [\n{lines}\n]}}\n')
+    half = [r for r in table["rows"] if r["dtype"] != "float32"]
+    print(f"{path.relative_to(ROOT)}: {len(table['rows'])} rows; half precision: "
+          f"{sum(1 for r in half if r['spill_stores'] or r['spill_loads'])} spilling, "
+          f"{sum(1 for r in half if r['arch'] == 'sm90' and r['loop_wgmma_waits'] and max(r['loop_wgmma_waits']) < 1)}"
+          " sm_90 rows whose loops all wait for every wgmma group")
+
+
 def kernels_defined() -> set[str]:
     """Names of every @triton.jit kernel (functions named *_kernel) in fastpeft/kernels, by reading the source."""
     import re
@@ -419,6 +687,34 @@ def kernels_defined() -> set[str]:
     return names
 
 
+def main(argv: list[str]) -> None:
+    """`python -m tests.aot sm80 sm90 [--family lora] [--dtype bfloat16] [--variant "dX masked"] [--table]`: the
+    rows as JSON on stdout, or (--table) one line per row for reading."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tests.aot")
+    parser.add_argument("archs", nargs="+", choices=sorted(ARCHS))
+    parser.add_argument("--family", action="append", choices=sorted([*CATALOG, "model_shapes"]))
+    parser.add_argument("--dtype", action="append", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--variant", default="", help="a substring of the launch labels to compile")
+    parser.add_argument("--table", action="store_true", help="print readable lines instead of JSON")
+    args = parser.parse_args(argv)
+    import triton
+
+    triton.knobs.nvidia.dump_ptxas_log = True
+    rows = [row for arch in args.archs for row in compile_all(arch, args.family, args.dtype, args.variant)]
+    if not args.table:
+        json.dump(rows, sys.stdout)
+        return
+    for r in rows:
+        print(f"{r['arch']} {r['dtype']:8} {r['kernel']:34} {r['variant'][:40]:40} {r['config']} "
+              f"regs={r['registers']} spill={r['spill_stores']}/{r['spill_loads']} smem={r['shared_bytes']} "
+              f"wgmma={r['wgmma']} serialized={r['wgmma_serialized']} loop_waits={r['loop_wgmma_waits']}")
+
+
 if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)
-    json.dump([row for arch in sys.argv[1:] for row in compile_all(arch)], sys.stdout)
+    if sys.argv[1:] == ["--write-gate"]:
+        write_gate_table()
+    else:
+        main(sys.argv[1:])

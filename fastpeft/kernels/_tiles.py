@@ -2,9 +2,49 @@
 shared-memory fit of a pipelined config, and the grouped launch order of a GEMM's tiles."""
 from __future__ import annotations
 
+import contextvars
+from contextlib import contextmanager
+from functools import lru_cache
+
+import torch
+
 from ._compat import interpreting, tl, triton
 
-SHARED_BUDGET = 144 * 1024  # bytes of pipelined operand tiles per block; leaves epilogue room under sm_80's 163 KiB
+# Bytes of shared memory one block may use (the opt-in limit), by compute capability: the architectures the
+# ahead-of-time gate compiles for. A GPU at run time reports its own (shared_memory_per_block_optin).
+SHARED_PER_BLOCK = {80: 166912, 90: 232448}
+EPILOGUE_ROOM = 19 * 1024  # left free of pipelined operand tiles for the epilogue's layout conversions
+_TARGET = contextvars.ContextVar("fastpeft_compile_target", default=None)
+
+
+@contextmanager
+def compiling_for(capability: int):
+    """Prune configs for compute capability `capability` (e.g. 90) instead of the current GPU's: the
+    ahead-of-time compile runs the kernels' own pruning for each target it compiles."""
+    token = _TARGET.set(capability)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+@lru_cache(maxsize=None)
+def _device_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0)) or SHARED_PER_BLOCK[80]
+
+
+def shared_budget() -> int:
+    """Bytes of pipelined operand tiles one block may hold on the target: its per-block limit less the
+    epilogue's room (sm_80: 144 KiB of 163; sm_90: 208 KiB of 227; sm_86/89: 80 KiB of 99)."""
+    target = _TARGET.get()
+    if target is not None:
+        limit = SHARED_PER_BLOCK[target]
+    elif torch.cuda.is_available():
+        limit = _device_limit(torch.cuda.current_device())
+    else:
+        limit = SHARED_PER_BLOCK[80]
+    return limit - EPILOGUE_ROOM
 
 
 def bucket(n: int) -> int:
@@ -35,11 +75,11 @@ MIN_BLOCK_M = 16  # the smallest BLOCK_M of gemm_configs(): bounds the number of
 
 
 def fit_shared(configs, stage_bytes):
-    """Each config with its pipeline depth cut so that stages × stage_bytes(config) fits SHARED_BUDGET;
+    """Each config with its pipeline depth cut so that stages × stage_bytes(config) fits shared_budget();
     configs that cannot hold two stages are dropped (float32 operands need half the depth of bf16)."""
-    fitted = {}
+    fitted, budget = {}, shared_budget()
     for c in configs:
-        stages = min(c.num_stages, SHARED_BUDGET // stage_bytes(c))
+        stages = min(c.num_stages, budget // stage_bytes(c))
         if stages >= 2:
             key = (tuple(sorted(c.kwargs.items())), c.num_warps, stages)
             fitted.setdefault(key, triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages))

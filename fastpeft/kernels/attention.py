@@ -42,18 +42,45 @@ from __future__ import annotations
 import torch
 
 from ._compat import dot_precision, interpreting, launch, tl, triton
-from ._tiles import SHARED_BUDGET, bucket, fit_shared
+from ._tiles import EPILOGUE_ROOM, SHARED_PER_BLOCK, bucket, fit_shared, shared_budget
 from .limits import ATTENTION_DECODE_MAX_ROWS, ATTENTION_HEAD_DIMS
 
 LOG2E = 1.4426950408889634
 
 # ----------------------------------------------------------------------------------------------------------
-# Autotune configurations: (BLOCK_M, BLOCK_N, warps, stages); pruned per launch by the query length and by the
-# shared memory that the pipelined K and V tiles take.
+# Autotune configurations: (BLOCK_M, BLOCK_N, warps, stages), by the target's register use; pruned per launch by the
+# query length and by the shared memory that the pipelined K and V tiles take.
 # ----------------------------------------------------------------------------------------------------------
 
-_SHAPES = [(bm, bn, 4 if bm == 64 else 8, 3) for bm in (64, 128) for bn in (32, 64, 128)]
+# The forward's tiles by (tensor-core operands in shared memory, BLOCK_D <= 64): those that compile without spilling
+# (ptxas, bf16/fp16) in every variant (causal, padding mask, per-row prefixes, bool or float attn_mask); the second
+# table adds tiles that fit only without an attn_mask (whose tile, staged per key block, takes registers too). The
+# float32 accumulator (BLOCK_M x BLOCK_D), the scores and probabilities (BLOCK_M x BLOCK_N) are what the registers
+# hold. sm_90 (wgmma reads Q, K, V from shared memory): 128x128 w8 spills 56-184 B at head dim 128 and 96-168 B with
+# an attn_mask at 64; 64x128 w4 160-592 B with one; 64x64 w4 24 B with a bias at 128. sm_80 (mma.sync: each warp
+# loads its operand fragments into registers): at head dim 128 the 4-warp 64-row blocks sit at 255 registers (64x32
+# capped by ptxas at 168 registers for occupancy, 16 B spilled) and 128x64 / 128x128 w8 spill 44-72 B, while 64-row
+# blocks on 8 warps take 160-176; at 64, 128x32 w8 is capped at 128 registers (8-16 B spilled).
+_FWD_SHAPES = {
+    (True, True): [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
+    (True, False): [(64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
+    (False, True): [(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+    (False, False): [(64, 32, 8, 3), (64, 64, 8, 3), (64, 128, 8, 2), (128, 32, 8, 3)],
+}
+_FWD_SHAPES_UNMASKED = {
+    (True, True): [(64, 128, 4, 3), (128, 128, 8, 3)],
+    (True, False): [(64, 64, 4, 3)],
+    (False, True): [(128, 128, 8, 3)],
+    (False, False): [],
+}
 _DECODE_SHAPES = [(16, 64, 4, 3), (16, 128, 4, 3)]  # L_q <= 16 (a decode step): 16 rows, the least tl.dot takes
+
+
+def _union(*tables):
+    return list(dict.fromkeys(shape for table in tables for shapes in table.values() for shape in shapes))
+
+
+_SHAPES = _union(_FWD_SHAPES, _FWD_SHAPES_UNMASKED)
 
 
 def configs():
@@ -63,12 +90,32 @@ def configs():
             for bm, bn, w, s in _SHAPES + _DECODE_SHAPES]
 
 
+def operands_in_shared() -> bool:
+    """Whether the target's tensor cores read their operands from shared memory (wgmma on sm_90, and sm_100): the
+    GPUs with more shared memory per block than sm_80, told apart by shared_budget() (the architecture the pruning
+    runs for, also ahead of time). mma.sync (sm_80, sm_86, sm_89) loads every operand into registers."""
+    return shared_budget() > SHARED_PER_BLOCK[80] - EPILOGUE_ROOM
+
+
+def _listed(configs, args, table, unmasked=None, extra=()):
+    """The configs whose (BLOCK_M, BLOCK_N, warps, stages) the tables list for this target and head dimension
+    (`unmasked` only without an attn_mask; `extra` always), or all of them when none is (the interpreter's)."""
+    key = (operands_in_shared(), args["BLOCK_D"] <= 64)
+    allowed = set(table[key]) | set(extra)
+    if unmasked is not None and not args.get("MASK_KIND", 0):
+        allowed |= set(unmasked[key])
+    kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+    return kept or configs
+
+
 def _prune(configs, named_args, **kwargs):
-    """Row blocks for the query length: 16 rows when L_q <= 16 (a decode step), else 64 or 128 rows but none much
-    taller than L_q; then fit the K and V tiles of each pipeline stage in shared memory. With an attn_mask the
-    pipeliner stages its (BLOCK_M x BLOCK_N) tile too: counted per stage, after the resident Q tile."""
+    """The tiles of _FWD_SHAPES for the target; row blocks for the query length: 16 rows when L_q <= 16 (a decode
+    step), else 64 or 128 rows but none much taller than L_q; then fit the K and V tiles of each pipeline stage in
+    shared memory. With an attn_mask the pipeliner stages its (BLOCK_M x BLOCK_N) tile too: counted per stage, after
+    the resident Q tile."""
     args = {**named_args, **kwargs}
     el, block_d, lq = args["q_ptr"].element_size(), args["BLOCK_D"], args["LQ_BUCKET"]
+    configs = _listed(configs, args, _FWD_SHAPES, _FWD_SHAPES_UNMASKED, _DECODE_SHAPES)
     short = [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == (lq <= 16)
              and c.kwargs["BLOCK_M"] <= max(64, 2 * lq)] or configs[:1]
     if args.get("MASK_KIND", 0):
@@ -82,21 +129,31 @@ def _prune(configs, named_args, **kwargs):
 
 
 def _fit_with_mask(configs, stage_bytes, resident_bytes, mask_el):
-    """Configs whose pipeline (stage_bytes plus the attn_mask tile per stage) fits SHARED_BUDGET after their
-    resident tiles, with the depth cut to fit; the first config at depth 2 when none does."""
-    fitted = []
+    """Configs whose pipeline (stage_bytes plus the attn_mask tile per stage) fits shared_budget() after their
+    resident tiles, with the depth cut to fit (once each); the first config at depth 2 when none does."""
+    fitted, budget = {}, shared_budget()
     for c in configs:
         per_stage = stage_bytes(c) + c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * mask_el
-        stages = min(c.num_stages, max(SHARED_BUDGET - resident_bytes(c), 0) // per_stage)
+        stages = min(c.num_stages, max(budget - resident_bytes(c), 0) // per_stage)
         if stages >= 2:
-            fitted.append(triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages))
-    return fitted or [triton.Config(dict(configs[0].kwargs), num_warps=configs[0].num_warps, num_stages=2)]
+            key = (tuple(sorted(c.kwargs.items())), c.num_warps, stages)
+            fitted.setdefault(key, triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages))
+    return (list(fitted.values())
+            or [triton.Config(dict(configs[0].kwargs), num_warps=configs[0].num_warps, num_stages=2)])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------------------------
 
+# On sm_90 every key loop of these kernels waits for all wgmma groups once an iteration (`wgmma.wait_group 0`, the
+# PTX of each loop: forward `S wait0 PV`, dQ `S wait0 dP wait0 dQ`, dK/dV `Sᵀ wait0 dPᵀ wait0 dV dK`): triton's wgmma
+# pipeliner gives a dot whose result other operations read in the same iteration (S by the softmax, dP by dS) a wait
+# for every group right after it. The accumulating dots (P V, dS K, Pᵀ dO, dSᵀ Q) are issued last and stay in flight
+# across the loop's back edge, over the next tiles' copy wait and the issue of the next S; the online softmax's
+# rescale of the accumulator (forward) reads it only after that wait. Keeping S of block j + 1 in flight beside the
+# softmax of block j needs warp specialization or a ping-pong of warpgroups (FlashAttention-3), which this pipeliner
+# does not do.
 @triton.jit
 def _online_tile(q, kt_ptrs, v_ptrs, kt_ok, v_ok, visible, bias, m_i, l_i, acc, qk_scale,
                  HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -325,8 +382,35 @@ def forward(q, k, v, prefix_k, prefix_v, o, lse, *, scale, causal=False, key_pad
 # is reloaded and the bias added exactly as in the forward, so P is recomputed identically.
 # ----------------------------------------------------------------------------------------------------------
 
-_DKDV_SHAPES = [(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2)]  # (BLOCK_M, BLOCK_N, warps, stages)
-_DQ_SHAPES = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)]
+# dK/dV (BLOCK_M, BLOCK_N, warps, stages) by (tensor-core operands in shared memory, BLOCK_D <= 64): the tiles that
+# compile without spilling in every variant (ptxas, bf16/fp16, causal, padding mask, bool/bias attn_mask, prefixes).
+# The float32 dK and dV accumulators (2 · BLOCK_N · BLOCK_D) are what the register file holds all along; on sm_80
+# mma.sync also loads every warp's copy of the Q and dO operand tiles into registers, so only 16-row blocks fit at
+# head dim 64 and 8 warps at 128 (e.g. sm_80, D 64, bias mask: 32x64 w4 spills 16-28 B at 255 registers, 16x64 w8
+# uses 176); on sm_90 wgmma reads them from shared memory, and at head dim 128 only 8 warps (two warpgroups sharing
+# the accumulators) fit: 32x64 w4 spills 32 B, 64x64 w8 64-104 B, 64x128 w8 112-244 B (255 registers).
+_DKDV_SHAPES = {
+    (True, True): [(32, 64, 4, 3), (32, 128, 8, 3), (64, 64, 8, 3), (64, 128, 8, 2)],
+    (True, False): [(32, 64, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3)],
+    (False, True): [(16, 64, 8, 3), (16, 128, 8, 2)],
+    (False, False): [(32, 64, 8, 3), (32, 64, 8, 2)],
+}
+# dQ (BLOCK_M, BLOCK_N, warps, stages) as _FWD_SHAPES (the dQ accumulator, S, dP and dS tiles; Q and dO resident).
+# sm_90: 64x64 w4 spills 24-48 B with a bias at head dim 128. sm_80: at head dim 128 64x64 w4 and 128-row blocks on
+# 8 warps spill 12-40 B (255 registers) while 64-row blocks on 8 warps take 158-188; at 64, 64x64 w4 and 128x64 w8
+# spill 36-56 B with a bias.
+_DQ_SHAPES = {
+    (True, True): [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
+    (True, False): [(64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
+    (False, True): [(64, 32, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3)],
+    (False, False): [(64, 32, 4, 3), (64, 32, 8, 3), (64, 64, 8, 3)],
+}
+_DQ_SHAPES_UNMASKED = {
+    (True, True): [],
+    (True, False): [(64, 64, 4, 3)],
+    (False, True): [(64, 64, 4, 3), (128, 64, 8, 3)],
+    (False, False): [],
+}
 
 
 def bwd_configs(shapes):
@@ -336,14 +420,15 @@ def bwd_configs(shapes):
 
 
 def _prune_dkdv(configs, named_args, **kwargs):
-    """Fit the pipelined Q and dO tiles plus the resident K and V tiles (counted in every stage: conservative)."""
+    """The tiles of _DKDV_SHAPES for this target and head dimension (all of `configs` when none of them is listed:
+    the interpreter's), with the depth cut so that the resident K and V tiles plus, per stage, the Q and dO tiles
+    (and the attn_mask tile) fit shared_budget()."""
     args = {**named_args, **kwargs}
     el, block_d = args["q_ptr"].element_size(), args["BLOCK_D"]
-
-    def stage_bytes(c):
-        return 2 * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * block_d * el
-
-    return fit_shared(configs, stage_bytes) or fit_shared(configs[:1], stage_bytes) or configs[:1]
+    listed = _listed(configs, args, _DKDV_SHAPES)
+    mask_el = args["am_ptr"].element_size() if args.get("MASK_KIND", 0) else 0
+    return _fit_with_mask(listed, lambda c: 2 * c.kwargs["BLOCK_M"] * block_d * el,
+                          lambda c: 2 * c.kwargs["BLOCK_N"] * block_d * el, mask_el)
 
 
 def _prune_dq(configs, named_args, **kwargs):
@@ -351,20 +436,21 @@ def _prune_dq(configs, named_args, **kwargs):
     budget before the pipelined K and V tiles are fitted (float32 tiles are staged through shared memory)."""
     args = {**named_args, **kwargs}
     el, block_d = args["q_ptr"].element_size(), args["BLOCK_D"]
+    configs = _listed(configs, args, _DQ_SHAPES, _DQ_SHAPES_UNMASKED)
     short = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, 2 * args["LQ_BUCKET"])] or configs[:1]
     if args.get("MASK_KIND", 0):
         return _fit_with_mask(short, lambda c: 2 * c.kwargs["BLOCK_N"] * block_d * el,
                               lambda c: 2 * c.kwargs["BLOCK_M"] * block_d * el, args["am_ptr"].element_size())
-    fitted = []
+    fitted, budget = [], shared_budget()
     for c in short:
-        free = SHARED_BUDGET - 2 * c.kwargs["BLOCK_M"] * block_d * el
+        free = budget - 2 * c.kwargs["BLOCK_M"] * block_d * el
         stages = min(c.num_stages, max(free, 0) // (2 * c.kwargs["BLOCK_N"] * block_d * el))
         if stages >= 2:
             fitted.append(triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages))
     return fitted or [triton.Config(dict(configs[0].kwargs), num_warps=configs[0].num_warps, num_stages=2)]
 
 
-@triton.autotune(configs=bwd_configs(_DKDV_SHAPES),
+@triton.autotune(configs=bwd_configs(_union(_DKDV_SHAPES)),
                  key=["BLOCK_D", "LQ_BUCKET", "N_BUCKET", "NB", "GROUP", "CAUSAL", "HAS_MASK", "MASK_KIND",
                       "PREFIX_ROWS"],
                  prune_configs_by={"early_config_prune": _prune_dkdv})
@@ -428,16 +514,16 @@ def prefix_attention_bwd_dkdv_kernel(
             for m0 in range(lo, m_hi, BLOCK_M):
                 rows = m0 + rm
                 row_ok = rows < Lq
-                qt = tl.load(q_base + rows[None, :] * stride_qm + rd[:, None] * stride_qd,
-                             mask=d_ok[:, None] & row_ok[None, :], other=0.0)            # (BLOCK_D, BLOCK_M)
+                q = tl.load(q_base + rows[:, None] * stride_qm + rd[None, :] * stride_qd,
+                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)             # (BLOCK_M, BLOCK_D)
                 do = tl.load(do_base + rows[:, None] * stride_dom + rd[None, :] * stride_dod,
                              mask=row_ok[:, None] & d_ok[None, :], other=0.0)            # (BLOCK_M, BLOCK_D)
                 lse2 = tl.load(lse_ptr + row_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
                 delta = tl.load(delta_ptr + row_base + rows, mask=row_ok, other=0.0)
-                visible = key_ok[:, None] & row_ok[None, :]
+                visible = key_ok[:, None]  # rows past Lq: LSE +inf (`other`) makes their P 0
                 if CAUSAL:
                     visible = visible & (cols[:, None] <= query_offset + rows[None, :])
-                st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale           # Sᵀ (BLOCK_N, BLOCK_M)
+                st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # Sᵀ (BLOCK_N, BLOCK_M)
                 if MASK_KIND == 1:
                     shown = tl.load(am_base + rows[None, :] * stride_am, mask=col_ok[:, None] & row_ok[None, :],
                                     other=0)
@@ -448,10 +534,12 @@ def prefix_attention_bwd_dkdv_kernel(
                     visible = visible & (bias >= -1e38)
                     st = st + tl.maximum(bias, -1e38) * 1.4426950408889634
                 pt = tl.where(visible, tl.exp2(st - lse2[None, :]), 0.0)
-                dv = tl.dot(pt.to(k.dtype), do, dv, input_precision=DOT_PRECISION)
                 dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
                 dst = pt * (dpt - delta[None, :])
-                dk = tl.dot(dst.to(k.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
+                # the two accumulations last: on sm_90 both stay in flight into the next row block, up to the wait
+                # for its Sᵀ (Sᵀ and dPᵀ, read by this iteration's softmax terms, are waited for at once)
+                dv = tl.dot(pt.to(k.dtype), do, dv, input_precision=DOT_PRECISION)
+                dk = tl.dot(dst.to(k.dtype), q, dk, input_precision=DOT_PRECISION)
     dk = dk * scale
     tl.store(dk_ptr + bk * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkn
              + rd[None, :] * stride_dkd, dk.to(dk_ptr.dtype.element_ty), mask=kv_ok)
@@ -475,7 +563,7 @@ def _dq_tile(q, do, dq, lse2, delta, k_ptrs, v_ptrs, kv_ok, visible, bias, qk_sc
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
 
-@triton.autotune(configs=bwd_configs(_DQ_SHAPES),
+@triton.autotune(configs=bwd_configs(_union(_DQ_SHAPES, _DQ_SHAPES_UNMASKED)),
                  key=["BLOCK_D", "LQ_BUCKET", "LK_BUCKET", "P_BUCKET", "CAUSAL", "HAS_MASK", "MASK_KIND",
                       "PREFIX_ROWS"],
                  prune_configs_by={"early_config_prune": _prune_dq})

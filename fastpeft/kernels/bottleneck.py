@@ -70,6 +70,16 @@ def configs():
 # over this budget spill (STACK > 0), those within it do not. The backward with the layer norm after holds two
 # more float32 (BLOCK_M x BLOCK_D) tiles in its first pass (ẑ and dz beside dY).
 REGISTER_BUDGET = 112
+# The plain backward (no layer norm, no learned scale: only G and S live after pass 1) with an activation whose
+# slope needs no transcendental recomputed from S + b_d (linear, relu, tanh, sigmoid, leaky relu: f' from f or a
+# comparison) also fits a 64-row block on 8 warps (two warpgroups splitting the bottleneck's columns) at m = 256:
+# model 176 (64x64) and 168 (64x32), ptxas 196-253 registers on sm_90 and 219-255 on sm_80, no spill (wgmma on
+# sm_90, one group in flight in pass 1). gelu, gelu_new and swish recompute erf / sigmoid from z beside f and spill
+# there (16-168 B); so do the learned scale (124-152 B), ln_before (192-532 B) and ln_after (20-596 B). Where the
+# 64-row blocks apply, the 32x32 block on 8 warps is dropped: ptxas caps it at 128 registers (two blocks an SM) and
+# spills 20 B on sm_90.
+PLAIN_BWD_BUDGET = 176
+_CHEAP_SLOPES = (0, 1, 5, 6, 7)
 
 
 def _live_registers(which: str, c, m_pad: int, el: int, ln_after: bool = False) -> float:
@@ -89,7 +99,17 @@ def _pruner(which: str):
         w_el = max(args["wd_ptr"].element_size(), args["wu_ptr"].element_size())
         short = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * rows)] or configs[-1:]
         ln_after = bool(args.get("LN_AFTER"))
-        light = [c for c in short if _live_registers(which, c, m_pad, a_el, ln_after) <= REGISTER_BUDGET] or short[-1:]
+        plain = (which == "bwd" and not (ln_after or args.get("LN_BEFORE") or args.get("ROW_DOT"))
+                 and args.get("ACT", 0) in _CHEAP_SLOPES)
+
+        def budget(c):
+            wide = plain and c.kwargs["BLOCK_M"] == 64 and c.num_warps == 8
+            return PLAIN_BWD_BUDGET if wide else REGISTER_BUDGET
+
+        live = {id(c): _live_registers(which, c, m_pad, a_el, ln_after) for c in short}
+        light = [c for c in short if live[id(c)] <= budget(c)] or short[-1:]
+        if any(live[id(c)] > REGISTER_BUDGET for c in light):  # 64x32 w8 replaces 32x32 w8 (capped at 128 regs)
+            light = [c for c in light if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], c.num_warps) != (32, 32, 8)]
         extra = 1 if which == "bwd" and ln_after and args.get("HAS_RES") else 0  # the residual's chunk beside dY's
 
         def stage_bytes(c):
@@ -230,7 +250,8 @@ def _up_chunk(f, wu, bu_ptr, scale_ptr, res_ptr, rm_in, dc, d_ok, stride_rm, str
     return tl.where(d_ok[None, :], up, 0.0)
 
 
-@triton.autotune(configs=configs(), key=["M_BUCKET", "D", "M_PAD", "LN_BEFORE", "LN_AFTER", "NEED_DX"],
+@triton.autotune(configs=configs(),
+                 key=["M_BUCKET", "D", "M_PAD", "LN_BEFORE", "LN_AFTER", "NEED_DX", "ACT", "ROW_DOT"],
                  prune_configs_by={"early_config_prune": _pruner("bwd")})
 @triton.jit
 def bottleneck_bwd_kernel(

@@ -70,10 +70,10 @@ def _fit_registers(configs, args):
     a full-tile dropout mask, row reductions or a second output (Z) beside the accumulator; each warp group then
     holds at most 64 rows and 128 accumulator floats per thread, K steps at most 128 wide. Very heavy (the fused
     shrink's second product, in-loop row reductions): at most 64 accumulator floats per thread and 64-wide K steps
-    (the mma.sync tiles keep their operands in registers). A 64-wide rank block counts as heavy."""
+    (the mma.sync tiles keep their operands in registers). A 64-wide rank block counts as very heavy."""
     very = any(args.get(flag) for flag in ("FUSED_SHRINK", "IN_DOT", "OUT_DOT"))
+    very = very or args.get("BLOCK_R", 16) >= 64  # a 64-wide rank block of S beside the accumulator
     heavy = very or any(args.get(flag) for flag in ("MASK_LORA", "IN_SUM", "WRITE_Z", "OUT_SCALE"))
-    heavy = heavy or args.get("BLOCK_R", 16) >= 64  # a 64-wide rank block of S beside the accumulator
     if not heavy:
         return configs
     kept = {}
@@ -99,8 +99,8 @@ def _prune_shrink(configs, named_args, **kwargs):
 def _prune_reduce(configs, named_args, **kwargs):
     named_args = {**named_args, **kwargs}
     el = named_args["x_ptr"].element_size()
-    if _block_r(named_args) >= 64:  # 128-row blocks of a 64-wide rank block spill (sm_80) and serialise wgmma
-        configs = [c for c in configs if c.kwargs["BLOCK_M"] <= 64] or configs[-1:]
+    if _block_r(named_args) >= 64:  # taller row blocks of a 64-wide rank block spill (sm_80) and serialise wgmma
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] <= 32] or configs[-1:]
     return fit_shared(configs, lambda c: c.kwargs["BLOCK_M"] * (named_args["BLOCK_D"] * el + _block_r(named_args) * 4))
 
 
