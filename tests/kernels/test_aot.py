@@ -42,7 +42,8 @@ SERIALIZED_EXCEPTIONS = {
     "registers each K step, so the A operand is formed in registers; IA3 runs the cuBLAS-base strategy unless a "
     "measured strategy table picks fused",
     ("lora_shrink_kernel", "DROPOUT"): "T = drop(x) Aᵀ: the mask is applied to the x tile in registers",
-    ("lora_reduce_kernel", "DROPOUT"): "dA = (S ⊙ s)ᵀ drop(X): the mask is applied to the X tile in registers",
+    ("lora_reduce_kernel", None): "dA, dB = (S ⊙ s)ᵀ X: the scaled float32 S is rounded to the input dtype in "
+    "registers each step as the left operand (and with dropout the mask is applied to the X tile in registers)",
 }
 # The config key that is the dot's row count, where it is not BLOCK_M: transposed products (Sᵀ = Uᵀ Xᵀ), whose
 # rows are the rank block.
