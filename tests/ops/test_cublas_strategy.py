@@ -78,9 +78,11 @@ def test_dora_matches_float64(case_id, dtype, launches):
     M, K, N, R, kw = DORA_CASES[case_id]
     check_op(fp.ops.dora_linear, dora_inputs(M, K, N, R, **kw), dtype)
     updates = [kw for name, kw in launches if name == "update"]
+    if R > UPDATE_MAX_RANK:  # ranks the update kernel cannot hold in registers run the fused strategy
+        assert not updates and any(name == "gemm" for name, _ in launches)
+        return
     assert "gemm" not in [name for name, _ in launches]
-    if R <= UPDATE_MAX_RANK:
-        assert updates and updates[0].get("out_scale") is not None and updates[0].get("z") is not None
+    assert updates and updates[0].get("out_scale") is not None and updates[0].get("z") is not None
 
 
 @needs_triton
