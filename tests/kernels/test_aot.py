@@ -138,6 +138,7 @@ def test_committed_table_is_current(rows):
     fresh = gate_table(rows)
     if committed["versions"] != fresh["versions"]:
         pytest.skip(f"the committed table was made with {committed['versions']}, this is {fresh['versions']}")
-    stale = sorted(set(map(json.dumps, fresh["rows"])) ^ set(map(json.dumps, committed["rows"])))
+    canonical = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
+    stale = sorted(set(map(canonical, fresh["rows"])) ^ set(map(canonical, committed["rows"])))
     assert not stale, (f"benchmarks/results/static-gate.json is stale ({len(stale)} rows differ): run "
                        f"`make static-gate` and commit it. First: {stale[:3]}")
