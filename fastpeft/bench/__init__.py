@@ -13,6 +13,7 @@ from types import ModuleType
 FAMILIES = {  # the name `fastpeft bench` takes -> the module under fastpeft.bench
     "adalora": "adalora",
     "bottleneck": "bottleneck",
+    "cpu": "cpu",
     "dora": "dora",
     "ia3": "ia3",
     "lora": "lora",

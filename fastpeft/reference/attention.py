@@ -28,6 +28,14 @@ A query row that sees no key at all gives 0. `dropout_p` > 0 drops attention pro
 scaling the kept ones by 1/(1 − p), as torch's scaled_dot_product_attention does (torch's global generator).
 The prefix is concatenated here for clarity; the kernel reads it from its own tensors and never copies K or V.
 
+`prefix_attention` is also the op's eager PyTorch path (CPU, and CUDA where no kernel applies). Wherever every
+query row sees at least one key (a prefix, P > 0, visible to all rows) and neither dropout, a prefix bias, per-row
+prefix ranges nor a learned attn_mask is asked for, `sdpa_prefix_attention` computes the same function through
+torch's fused scaled_dot_product_attention on the concatenated keys, the mask widened by the prefix columns
+(float32 and half precision; on the CPU its flash kernel, forward and backward, instead of the (B, H, L_q, P + L_k)
+scores and probabilities that autograd keeps for the formula: PEFT's prefix tuning runs that kernel too). float64
+(the oracle) and the other cases run the formula as written, `prefix_attention_formula`.
+
 `prefix_attention_fwd` and `prefix_attention_bwd` are the registered op's CPU path (fastpeft/ops/attention.py):
 (O, LSE) with LSE the natural log-sum-exp of each row's visible scaled scores (+inf for a row that sees no key),
 and the gradients from O and LSE by the formulas of `prefix_attention_bwd`, as the kernels compute them.
@@ -44,14 +52,70 @@ from ._common import acc_dtype
 HIDE_BELOW = -1e38  # a floating attn_mask value below this hides its key (as False would)
 
 
+SDPA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # sdpa_prefix_attention's; float64 keeps the formula
+
+
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None = None,
                      prefix_v: torch.Tensor | None = None, *, scale: float | None = None, causal: bool = False,
                      key_padding_mask: torch.Tensor | None = None, query_offset: int | None = None,
                      attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                      prefix_bias: torch.Tensor | None = None, prefix_offsets: torch.Tensor | None = None,
                      prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """The formula above, differentiable by autograd (a floating attn_mask included); softmax in float32
-    (float64 for float64 inputs)."""
+    """The formula above, differentiable by autograd (a floating attn_mask included): through torch's fused
+    attention where `sdpa_applies`, else as written (`prefix_attention_formula`)."""
+    if dropout_p == 0 and prefix_bias is None and prefix_offsets is None and prefix_lengths is None and \
+            sdpa_applies(q, prefix_k, attn_mask):
+        return sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, scale=scale, causal=causal,
+                                     key_padding_mask=key_padding_mask, query_offset=query_offset, attn_mask=attn_mask)
+    return prefix_attention_formula(q, k, v, prefix_k, prefix_v, scale=scale, causal=causal,
+                                    key_padding_mask=key_padding_mask, query_offset=query_offset, attn_mask=attn_mask,
+                                    dropout_p=dropout_p, prefix_bias=prefix_bias, prefix_offsets=prefix_offsets,
+                                    prefix_lengths=prefix_lengths)
+
+
+def sdpa_applies(q: torch.Tensor, prefix_k: torch.Tensor | None, attn_mask: torch.Tensor | None) -> bool:
+    """Whether `sdpa_prefix_attention` computes the formula for these inputs: float32 or half precision, a prefix
+    (P > 0: every query row sees a key, so no row is left empty, where SDPA would give NaN rather than 0), queries,
+    and an attn_mask that needs no gradient (the fused kernels give it none). Dropout, a prefix bias and per-row
+    prefix ranges are the caller's to rule out."""
+    return (q.dtype in SDPA_DTYPES and prefix_k is not None and prefix_k.shape[2] > 0 and q.shape[2] > 0
+            and not (attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()))
+
+
+def sdpa_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+                          prefix_v: torch.Tensor, *, scale: float | None = None, causal: bool = False,
+                          key_padding_mask: torch.Tensor | None = None, query_offset: int | None = None,
+                          attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The formula through F.scaled_dot_product_attention on [P_K; K], [P_V; V] (the inputs `sdpa_applies` to): the
+    mask over the concatenated keys is `visible_keys` (one copy for the batch when only the causal rule applies;
+    none at all when every query sees every key), a floating attn_mask widened by zero columns for the prefix."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    P = prefix_k.shape[2]
+    offset = Lk - Lq if query_offset is None else query_offset
+    keys = torch.cat([prefix_k.expand(B, -1, -1, -1), k], dim=2)  # k, v in the graph even when empty (L_k = 0)
+    values = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=2)
+    mask = None
+    if key_padding_mask is not None or attn_mask is not None:
+        mask = visible_keys(B, Lq, Lk, P, causal=causal, query_offset=offset, key_padding_mask=key_padding_mask,
+                            device=q.device, attn_mask=attn_mask)
+        if attn_mask is not None and attn_mask.dtype != torch.bool:  # additive: the bias, -inf where hidden
+            mask = add_bias(torch.zeros(mask.shape, dtype=q.dtype, device=q.device), attn_mask.detach(), P
+                            ).masked_fill_(~mask, float("-inf"))
+    elif causal and offset < Lk - 1:  # some real keys are hidden from some rows: one mask for the whole batch
+        mask = visible_keys(1, Lq, Lk, P, causal=True, query_offset=offset, key_padding_mask=None, device=q.device)
+    gqa = {"enable_gqa": True} if H != Hkv else {}
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, **gqa)
+
+
+def prefix_attention_formula(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None = None,
+                             prefix_v: torch.Tensor | None = None, *, scale: float | None = None, causal: bool = False,
+                             key_padding_mask: torch.Tensor | None = None, query_offset: int | None = None,
+                             attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                             prefix_bias: torch.Tensor | None = None, prefix_offsets: torch.Tensor | None = None,
+                             prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The formula above as written, differentiable by autograd (a floating attn_mask included); softmax in
+    float32 (float64 for float64 inputs)."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     group = H // Hkv
@@ -124,8 +188,9 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, scale: f
     """(O, LSE): O as `prefix_attention` (no dropout, no prefix bias), LSE (B, H, L_q) float32 from the same
     masked scores (+inf where a row sees no key)."""
     rows = {"prefix_offsets": prefix_offsets, "prefix_lengths": prefix_lengths}
-    o = prefix_attention(q, k, v, prefix_k, prefix_v, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
-                         query_offset=query_offset, attn_mask=attn_mask, **rows)
+    o = prefix_attention_formula(q, k, v, prefix_k, prefix_v, scale=scale, causal=causal,
+                                 key_padding_mask=key_padding_mask, query_offset=query_offset, attn_mask=attn_mask,
+                                 **rows)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     P = prefix_k.shape[2] if prefix_k is not None else 0

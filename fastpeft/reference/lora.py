@@ -4,7 +4,8 @@
 
 x: (M, K); W: (N, K), or (K, N) when `fan_in_fan_out` (GPT-2 Conv1D); A: (R, K); B: (N, R);
 s: (R,) per-rank scale (alpha/r, or alpha/sqrt(r) for rsLoRA, repeated over each adapter's ranks);
-drop: dropout with probability p, mask regenerated from `seed` (reference/dropout.py).
+drop: dropout with probability p, mask regenerated from `seed` (reference/dropout.py; once in the forward,
+once in the backward for both dX and dA).
 Several adapters on one layer are their A, B and s concatenated along R.
 
 An optional output column scale c (N,) multiplies everything but the bias (DoRA: c = m / ‖W + s B A‖):
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ._common import acc_dtype, as_dtype, base_weight_t, scale_cols
-from .dropout import dropout, keep_mask
+from .dropout import apply_keep, dropout, keep_scale
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p: float, fan_in_fan_out: bool,
@@ -75,16 +76,18 @@ def lora_linear_bwd(dy, x2, weight, lora_a, lora_b, scale, t, seed, dropout_p: f
     if need_dx or need_da or need_ds:
         g = as_dtype(dy @ as_dtype(lora_b, dt), acc)  # (M, R)
         gs = as_dtype(g * s, dt)
+    drop = None  # keep / (1 - p), made once for dX and dA
+    if dropout_p > 0.0 and seed is not None and (need_dx or need_da):
+        drop = keep_scale(seed, x2.shape[0], x2.shape[1], dropout_p, acc, device=dy.device)
     if need_dx:
         w = weight.t() if fan_in_fan_out else weight  # (N, K)
         lora_dx = gs @ as_dtype(lora_a, dt)
-        if dropout_p > 0.0 and seed is not None:
-            keep = keep_mask(seed, dy.shape[0], lora_dx.shape[1], dropout_p, device=dy.device)
-            lora_dx = lora_dx * keep.to(dt) * (1.0 / (1.0 - dropout_p))
+        if drop is not None:
+            lora_dx = lora_dx.mul_(drop) if lora_dx.dtype == drop.dtype else apply_keep(lora_dx, drop)
         dx = torch.addmm(lora_dx, dy, w)
     if need_da:  # accumulated in the parameter's dtype when it is wider (fp32 adapters on a half model)
         pa = lora_a.dtype
-        h = dropout(x2, seed, dropout_p) if dropout_p > 0.0 else x2
+        h = apply_keep(x2, drop, last_use=True) if drop is not None else x2
         da = as_dtype(gs, pa).t() @ as_dtype(h, pa)
     if need_db:
         pb = lora_b.dtype
