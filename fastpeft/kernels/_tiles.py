@@ -28,6 +28,18 @@ def compiling_for(capability: int):
         _TARGET.reset(token)
 
 
+def target_capability(t: torch.Tensor) -> int | None:
+    """The compute capability kernels are chosen for (e.g. 90): the one being compiled for ahead of time, else
+    that of the CUDA device `t` lies on; None for a CPU tensor (the interpreter)."""
+    target = _TARGET.get()
+    if target is not None:
+        return target
+    if t.device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
+
+
 @lru_cache(maxsize=None)
 def _device_limit(index: int) -> int:
     props = torch.cuda.get_device_properties(index)
@@ -95,9 +107,12 @@ def strides2(t):
 def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(row tile, column tile) of this program in grouped launch order: GROUP_M row tiles share each column strip
     of W while it sits in L2."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    return tile_of(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+
+
+@triton.jit
+def tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of output tile number `pid` of a num_m x num_n grid, in grouped order."""
     group_size = GROUP_M * num_n
     first_m = (pid // group_size) * GROUP_M
     rows_in_group = min(num_m - first_m, GROUP_M)

@@ -20,11 +20,13 @@ from functools import lru_cache
 
 import torch
 
-from ._activation import activation
+from . import lora_tma
 from ._compat import dot_precision, interpreting, launch, tl, triton
-from ._tiles import MIN_BLOCK_M, bucket, fit_shared, gemm_configs, grouped_tile, pow2_at_least_16, strides2
+from ._tiles import (MIN_BLOCK_M, bucket, fit_shared, gemm_configs, grouped_tile, pow2_at_least_16, strides2,
+                     target_capability)
 from .dropout import keep_tile, row_keys
 from .limits import FUSED_SHRINK_MAX_RANK
+from .lora_terms import bias_activation, fit_registers, lowrank_chunk
 
 # ----------------------------------------------------------------------------------------------------------
 # Autotune configurations (the GEMM's: kernels/_tiles.py). `*_configs()` are what autotune may pick; tests
@@ -55,7 +57,7 @@ def _prune_gemm(configs, named_args, **kwargs):
     named_args = {**named_args, **kwargs}  # positional arguments and the constexpr keywords of the launch
     m, el = named_args["M_BUCKET"], named_args["x_ptr"].element_size()
     u_el = el if named_args.get("FUSED_SHRINK") else 0  # the launcher casts U to X's dtype
-    configs = _fit_registers(configs, named_args)
+    configs = fit_registers(configs, named_args)
     short = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * m)] or configs[-1:]
     u_bytes = _block_r(named_args) * u_el
 
@@ -63,30 +65,6 @@ def _prune_gemm(configs, named_args, **kwargs):
         return c.kwargs["BLOCK_K"] * ((c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * el + u_bytes)
 
     return fit_shared(short, stage_bytes) or fit_shared(configs, stage_bytes)
-
-
-def _fit_registers(configs, args):
-    """The tiles a register-heavy variant keeps (measured with ptxas for sm_80 and sm_90, tests/aot.py). Heavy:
-    a full-tile dropout mask, row reductions or a second output (Z) beside the accumulator; each warp group then
-    holds at most 64 rows and 128 accumulator floats per thread, K steps at most 128 wide. Very heavy (the fused
-    shrink's second product, in-loop row reductions): at most 64 accumulator floats per thread and 64-wide K steps
-    (the mma.sync tiles keep their operands in registers). A 64-wide rank block counts as very heavy."""
-    very = any(args.get(flag) for flag in ("FUSED_SHRINK", "IN_DOT", "OUT_DOT"))
-    very = very or args.get("BLOCK_R", 16) >= 64  # a 64-wide rank block of S beside the accumulator
-    heavy = very or any(args.get(flag) for flag in ("MASK_LORA", "IN_SUM", "WRITE_Z", "OUT_SCALE"))
-    if not heavy:
-        return configs
-    kept = {}
-    for c in configs:
-        bm, bn, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
-        per_thread = bm * bn // (32 * w)
-        if bm > 16 * w or per_thread > (64 if very else 128):
-            continue
-        kwargs = dict(c.kwargs)
-        kwargs["BLOCK_K"] = min(kwargs["BLOCK_K"], 64 if very else 128)
-        key = (tuple(sorted(kwargs.items())), w, c.num_stages)
-        kept.setdefault(key, triton.Config(kwargs, num_warps=w, num_stages=c.num_stages))
-    return list(kept.values()) or configs[-1:]
 
 
 def _prune_shrink(configs, named_args, **kwargs):
@@ -142,11 +120,11 @@ def lora_gemm_kernel(
         # base product to the same accumulator (one full tile of float32 registers, never two).
         if R_CHUNKS <= 4:
             for c in tl.static_range(R_CHUNKS):
-                acc = _lowrank_chunk(acc, s_ptr, scale_ptr, e_ptr, s_bias_ptr, rm_in, rn_in, c * BLOCK_R + rr, R,
+                acc = lowrank_chunk(acc, s_ptr, scale_ptr, e_ptr, s_bias_ptr, rm_in, rn_in, c * BLOCK_R + rr, R,
                                      stride_sm, stride_sr, stride_er, stride_en, dtype, S_ACT, S_BIAS, DOT_PRECISION)
         else:
             for r0 in range(0, R, BLOCK_R):
-                acc = _lowrank_chunk(acc, s_ptr, scale_ptr, e_ptr, s_bias_ptr, rm_in, rn_in, r0 + rr, R,
+                acc = lowrank_chunk(acc, s_ptr, scale_ptr, e_ptr, s_bias_ptr, rm_in, rn_in, r0 + rr, R,
                                      stride_sm, stride_sr, stride_er, stride_en, dtype, S_ACT, S_BIAS, DOT_PRECISION)
         if MASK_LORA:
             keep = keep_tile(row_keys(seed_ptr, rm), rn, threshold)
@@ -191,7 +169,7 @@ def lora_gemm_kernel(
                 tl.store(s_ptrs, acc_s, mask=(rm[:, None] < M) & (rr[None, :] < R))
         sc = tl.load(scale_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)
         e = tl.load(e_ptr + rr[:, None] * stride_er + rn_in[None, :] * stride_en, mask=rr[:, None] < R, other=0.0)
-        act_s = (_bias_activation(acc_s, s_bias_ptr, rr, R, S_ACT, S_BIAS) * sc[None, :]).to(dtype)
+        act_s = (bias_activation(acc_s, s_bias_ptr, rr, R, S_ACT, S_BIAS) * sc[None, :]).to(dtype)
         if MASK_LORA:  # a second full tile for the masked term: the prune keeps tiles whose two fit in registers
             lora = tl.dot(act_s, e.to(dtype), input_precision=DOT_PRECISION)
             keep = keep_tile(row_keys(seed_ptr, rm), rn, threshold)
@@ -215,26 +193,6 @@ def lora_gemm_kernel(
         acc += tl.load(res_ptr + rm_in[:, None] * stride_rm + rn_in[None, :] * stride_rn).to(tl.float32)
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _lowrank_chunk(acc, s_ptr, scale_ptr, e_ptr, s_bias_ptr, rm_in, rn_in, r, R, stride_sm, stride_sr, stride_er,
-                   stride_en, dtype: tl.constexpr, S_ACT: tl.constexpr, S_BIAS: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
-    """acc + (f(S + b) ⊙ s)[:, r] E[r, :] for one chunk r of ranks, S float32 read from memory."""
-    s = tl.load(s_ptr + rm_in[:, None] * stride_sm + r[None, :] * stride_sr, mask=r[None, :] < R, other=0.0)
-    s = _bias_activation(s, s_bias_ptr, r, R, S_ACT, S_BIAS)
-    sc = tl.load(scale_ptr + r, mask=r < R, other=0.0).to(tl.float32)
-    e = tl.load(e_ptr + r[:, None] * stride_er + rn_in[None, :] * stride_en, mask=r[:, None] < R, other=0.0)
-    return tl.dot((s * sc[None, :]).to(dtype), e.to(dtype), acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _bias_activation(s, s_bias_ptr, r, R, S_ACT: tl.constexpr, S_BIAS: tl.constexpr):
-    """f(S + b) on a float32 (rows, ranks) tile: the bottleneck adapter's non-linearity (identity when S_ACT = 0)."""
-    if S_BIAS:
-        s = s + tl.load(s_bias_ptr + r, mask=r < R, other=0.0).to(tl.float32)[None, :]
-    return activation(s, S_ACT)
 
 
 @triton.autotune(configs=shrink_configs(), key=["M_BUCKET", "K", "R", "K_PER_SPLIT", "DROPOUT"],
@@ -345,6 +303,10 @@ def gemm(x, w_kn, bias, e_rn, scale, out, *, s=None, u_kr=None, write_s=False, s
     N = w_kn.shape[1]
     R = e_rn.shape[0]
     fused = u_kr is not None
+    extras = any(v is not None for v in (in_scale, in_dot, in_sum, out_dot, s_bias, residual)) or bool(s_act)
+    if lora_tma.applies(x, w_kn, target_capability(x), fused=fused, extras=extras):  # Hopper: TMA, persistent
+        return lora_tma.gemm(x, w_kn, bias, e_rn, scale, out, s=s, num_sms=_persistent_programs(x), seed=seed,
+                             threshold=threshold, inv_keep=inv_keep, out_scale=out_scale, scale_bias=scale_bias, z=z)
     block_r = pow2_at_least_16(R, FUSED_SHRINK_MAX_RANK if fused else 64)
     if fused and u_kr.dtype != x.dtype:  # the kernel rounds U to X's dtype anyway: once here (K x R), so that its
         u_kr = u_kr.to(x.dtype)          # tiles feed the tensor cores from the pipelined buffers
@@ -388,6 +350,17 @@ def gemm(x, w_kn, bias, e_rn, scale, out, *, s=None, u_kr=None, write_s=False, s
 @lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+HOPPER_SMS = 132  # an H100/H200 SXM: the persistent grid of the ahead-of-time compile
+
+
+def _persistent_programs(x) -> int:
+    """Programs of a persistent grid: one per SM on CUDA; an H100's count when compiling ahead of time (meta
+    tensors); 3 under the interpreter, so that each program walks several tiles."""
+    if x.device.type == "cuda":
+        return _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return 3 if interpreting() else HOPPER_SMS
 
 
 def _default_target(x) -> int:

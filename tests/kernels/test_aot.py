@@ -120,6 +120,22 @@ def test_main_loops_keep_a_wgmma_group_in_flight(rows):
     assert not waiting, "\n".join(waiting)
 
 
+def test_hopper_gemm_moves_tiles_with_tma(rows):
+    """The linear ops' GEMM has a Hopper path (kernels/lora_tma.py) that autotune reaches on sm_90 for the forward,
+    dX with the dropout mask and the column-scaled forward (DoRA, IA3): its operand tiles arrive by TMA bulk
+    tensor copies and feed unserialised wgmma; sm_80 keeps the pointer GEMM (cp.async, mma.sync)."""
+    hopper = [r for r in rows if r["kernel"] == "lora_gemm_tma_kernel"]
+    assert hopper and all(r["arch"] == "sm90" for r in hopper)
+    bad = [_where(r) for r in hopper if _half(r) and not (r["tma"] and r["wgmma"] and not r["wgmma_serialized"])]
+    assert not bad, "\n".join(bad)
+    flags = [json.loads(r["variant_key"])[2] for r in hopper if r["family"] == "model_shapes"]
+    assert any(f["MASK_LORA"] for f in flags) and any(f["OUT_SCALE"] and f["WRITE_Z"] for f in flags)
+    assert any(f["W_NK"] for f in flags) and any(not f["W_NK"] for f in flags)  # nn.Linear's W and dX's
+    ampere = {r["kernel"] for r in rows if r["arch"] == "sm80" and r["family"] == "lora" and _half(r)}
+    assert "lora_gemm_kernel" in ampere and all(r["cp_async"] for r in rows if r["arch"] == "sm80"
+                                                 and r["kernel"] == "lora_gemm_kernel" and _half(r))
+
+
 def test_model_shapes_reach_every_linear_path(rows):
     """The launches at model shapes (both strategies, LoRA/DoRA/IA3, dropout, rank blocks 16 and 64) include the
     paths a fixed catalogue missed before, so the rules above hold for what autotune really picks."""

@@ -272,11 +272,13 @@ def test_every_kernel_activation_is_a_reference_activation():
 @needs_triton
 def test_kernel_activation_codes_match_the_kernels():
     """One table of codes and limits (kernels/limits.py) for the op and the kernels, and one activation helper
-    (kernels/_activation.py) for the fused kernels and the LoRA epilogue; tests/kernels/test_activation.py checks
-    that each code computes its reference activation."""
-    kern, lora = op._kernels()
+    (kernels/_activation.py) for the fused kernels and the LoRA epilogue (kernels/lora_terms.py);
+    tests/kernels/test_activation.py checks that each code computes its reference activation."""
+    from fastpeft.kernels import lora_terms
+
+    kern, _ = op._kernels()
     assert op.ACTIVATIONS is limits.ACTIVATIONS and op.BOTTLENECK_MAX_WIDTH == kern.BOTTLENECK_MAX_WIDTH
-    assert kern.activation is lora.activation
+    assert kern.activation is lora_terms.activation
 
 
 @pytest.mark.parametrize("change, match", [
