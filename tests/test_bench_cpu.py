@@ -46,8 +46,12 @@ def test_cpu_bench_writes_every_method(tmp_path, monkeypatch, capsys):
         assert row["threads"] == 1 and row["tokens"] == 16, key
     assert result["summary"] == {m: {mode: rows[(m, mode, "fastpeft")]["vs_peer"] for mode in ("train", "infer")}
                                  for m in bench.METHODS}
+    for row in rows.values():
+        assert row["paired_lo"] <= row["paired_ratio"] <= row["paired_hi"]
+    verdict = result["verdict"]
+    assert sorted(sum(verdict.values(), [])) == sorted(f"{m} {mode}" for m in bench.METHODS for mode in ("train", "infer"))
     out = capsys.readouterr().out
-    assert "PEFT / fastpeft, median time" in out and "worst: " in out
+    assert "PEFT / fastpeft, median time" in out and "worst: " in out and "beyond noise" in out
 
 
 def test_cpu_bench_subset_and_cpu_clock(tmp_path, monkeypatch):
@@ -63,6 +67,14 @@ def test_cpu_bench_defaults_to_the_cpu_and_the_full_preset():
     assert args.device == "cpu" and args.quick is False and args.threads == 2 and args.clock == "wall"
     with pytest.raises(SystemExit):
         bench.driver.parse_args(bench.FAMILY, ["--methods", "loha"])
+
+
+def test_median_interval_is_the_binomial_order_statistics():
+    assert bench.median_interval([]) == (None, None)
+    assert bench.median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)  # too few for 95 %: the range
+    values = [float(v) for v in range(1, 12)]  # n = 11: P(B <= 1) = 0.6 % <= 2.5 % < P(B <= 2) = 3.3 %
+    assert bench.median_interval(values) == (2.0, 10.0)
+    assert bench.median_interval([float(v) for v in range(1, 21)]) == (6.0, 15.0)  # n = 20: k = 6
 
 
 def test_cpu_is_a_bench_family():

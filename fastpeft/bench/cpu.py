@@ -28,7 +28,10 @@ P-tuning (whose checkpoints hold the encoder's output), fastpeft's own config ge
 Checked once per method before timing: the inference logits (rel_err, fastpeft against PEFT) and, for methods
 without dropout, the training loss (loss_err). Not checked: the dropout masks (each library draws its own).
 Columns: ms (median), min, "peft/fp" = ms(peft) / ms(fastpeft) (> 1: fastpeft faster), "paired" = the median of
-the repetitions' own ratios (PEFT's run over the fastpeft run next to it: slow drifts of a shared machine cancel).
+the repetitions' own ratios (PEFT's run over the fastpeft run next to it: slow drifts of a shared machine cancel),
+"lo".."hi" = a distribution-free ~95 % confidence interval of that median (binomial order statistics of the paired
+ratios). Where both libraries run the same PyTorch for the frozen model, the ratio is 1 within the machine's noise;
+the verdict after the table names the entries slower beyond noise (hi < 1) and faster beyond noise (lo > 1).
 Timing (--clock): wall time by default; "cpu" sums the process's CPU time instead, which other jobs on a shared
 machine disturb far less (with several threads it also counts the OpenMP workers' spinning). The JSON
 (benchmarks/results/cpu-<cpu>-cpu-<date>.json) holds the rows (every repetition's time in "times_ms"), the model
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import tempfile
 import time
@@ -234,8 +238,25 @@ def run_method(run: Run, method: str, base, dims: dict, ids: torch.Tensor) -> li
         row.extra["ratio"] = row.vs_peer
         ours, theirs = (next(r.extra["times_ms"] for r in rows if r.mode == row.mode and r.impl == impl)
                         for impl in ("fastpeft", "peft"))
-        row.extra["paired_ratio"] = statistics.median(p / f for p, f in zip(theirs, ours)) if ours and theirs else None
+        paired = [p / f for p, f in zip(theirs, ours)]
+        row.extra["paired_ratio"] = statistics.median(paired) if paired else None
+        row.extra["paired_lo"], row.extra["paired_hi"] = median_interval(paired)
     return rows
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float | None, float | None]:
+    """A distribution-free confidence interval of the median: (x_(k), x_(n+1-k)) of the sorted values, k the largest
+    rank with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2 (k = 1 when n is too small for the confidence: the
+    range). (None, None) for no values."""
+    n = len(values)
+    if not n:
+        return None, None
+    xs, tail, k = sorted(values), (1 - confidence) / 2, 1
+    below = math.comb(n, 0) / 2**n  # P(B < k + 1) for k = 1
+    while k < (n + 1) // 2 and below + math.comb(n, k) / 2**n <= tail:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    return xs[k - 1], xs[n - k]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -283,7 +304,8 @@ def prepare(run: Run) -> tuple[str, dict]:
 def columns() -> list[Column]:
     return [Column("method", "method", 13), Column("mode", "mode", 5), Column("impl", "impl", 8),
             Column("ms", "ms", 10, ".1f"), Column("min_ms", "min", 10, ".1f"), Column("vs_peer", "peft/fp", 7, ".3f"),
-            Column("paired_ratio", "paired", 6, ".3f"),
+            Column("paired_ratio", "paired", 6, ".3f"), Column("paired_lo", "lo", 6, ".3f"),
+            Column("paired_hi", "hi", 6, ".3f"),
             Column("rel_err", "rel_err", 8, ".1e"), Column("loss_err", "loss_err", 8, ".1e"), Column("note", "note", 4)]
 
 
@@ -301,6 +323,7 @@ def run_all(run: Run) -> None:
         for method in run.ctx["methods"]:
             run.record("rows", run_method(run, method, base, dims, ids), table)
         run.payload["summary"] = summary(run.payload["rows"])
+        run.payload["verdict"] = verdicts([r for r in run.payload["rows"] if r["impl"] == "fastpeft"])
         run.write()
     finally:
         torch.set_num_threads(run.ctx["previous_threads"])
@@ -328,6 +351,19 @@ def report(run: Run) -> None:
         worst = min(ratios)
         print(f"worst: {worst[1]} {worst[2]} {worst[0]:.3f}; {sum(v >= 1.0 for v, _, _ in ratios)}/{len(ratios)} "
               "entries >= 1.0")
+    verdict = run.payload["verdict"]
+    print("beyond noise (the paired ratio's ~95 % interval): slower: " + (", ".join(verdict["slower"]) or "none")
+          + "; faster: " + (", ".join(verdict["faster"]) or "none") + f"; {len(verdict['parity'])} at parity")
+
+
+def verdicts(flat: list[dict]) -> dict:
+    """"method mode" entries whose paired-ratio interval lies below 1 (slower), above 1 (faster), or contains it."""
+    out: dict = {"slower": [], "faster": [], "parity": []}
+    for r in flat:
+        lo, hi = r.get("paired_lo"), r.get("paired_hi")
+        if lo is not None:
+            out["slower" if hi < 1.0 else "faster" if lo > 1.0 else "parity"].append(f"{r['method']} {r['mode']}")
+    return out
 
 
 SECTION = Section(modes=("train", "infer"), run=run_all, report=report)
