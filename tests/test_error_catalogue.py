@@ -155,6 +155,19 @@ class Linear4bit(nn.Module):
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
+class QuantizedWeight(torch.Tensor):
+    """Stands for torchao's quantized weights (NF4Tensor, int8 tensors): a tensor subclass with a floating dtype
+    held by a plain nn.Linear, whose storage is not W's values."""
+
+    def __deepcopy__(self, memo):  # the catalogue snapshots the model
+        return nn.Parameter(self.as_subclass(torch.Tensor).clone().as_subclass(QuantizedWeight), requires_grad=False)
+
+
+def _quantized_weight(base: nn.Linear) -> nn.Module:
+    base.weight = nn.Parameter(base.weight.detach().as_subclass(QuantizedWeight), requires_grad=False)
+    return base
+
+
 class ScaledLinear(nn.Linear):
     """An nn.Linear subclass with a forward of its own: fastpeft has no rule for it (its base product may differ)."""
 
@@ -193,6 +206,7 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     **{kind: (lambda kind=kind: model(kind)) for kind in ("llama", "gpt2", "t5", "bert", "opt")},
     "llama with Linear4bit q_proj": _with_q_proj(Linear4bit),
     "llama with ScaledLinear q_proj": _with_q_proj(_scaled),
+    "llama with a quantized-tensor q_proj weight": _with_q_proj(_quantized_weight),
     "gpt_neox": _gpt_neox,
     "wide llama": _wide_llama,
 }
@@ -585,17 +599,25 @@ TARGET_CASES = [
     Case("a named quantized Linear4bit target",
          lambda m: fp.add_adapter(m, "a", fp.LoRAConfig(target_modules=["q_proj"])), fp.TargetError,
          model="llama with Linear4bit q_proj",
-         what=L("(Linear4bit): linear layers of a kind fastpeft has no rule for yet"),
+         what=L("(Linear4bit, weight Parameter uint8): linear layers fastpeft cannot compute with yet"),
          where=L("model.layers.0.self_attn.q_proj"),
-         how=L("Load the base model without quantization (or dequantize these layers), or leave them out")),
+         how=L("Load the base model without quantization (e.g. torch_dtype=torch.bfloat16), or leave these layers "
+               "out")),
+    Case("a LoRA target whose nn.Linear holds a quantized tensor subclass (torchao), never computed wrongly",
+         lambda m: fp.add_adapter(m, "a", fp.LoRAConfig(target_modules=["q_proj", "v_proj"])), fp.TargetError,
+         model="llama with a quantized-tensor q_proj weight",
+         what=L("(Linear, weight QuantizedWeight float32): linear layers fastpeft cannot compute with yet"),
+         where=L("model.layers.0.self_attn.q_proj"), how=L("exclude_modules=[...]")),
     Case("a named nn.Linear subclass with its own forward",
          lambda m: fp.add_adapter(m, "a", fp.IA3Config(target_modules=["q_proj"])), fp.TargetError,
-         model="llama with ScaledLinear q_proj", what=L("(ScaledLinear): linear layers of a kind fastpeft has no rule"),
+         model="llama with ScaledLinear q_proj",
+         what=L("(ScaledLinear, weight Parameter float32): linear layers fastpeft cannot compute with yet"),
          where=L("IA3Config: target_modules matched model.layers.0.self_attn.q_proj"),
-         how=L("leave them out with exclude_modules=[...]")),
+         how=L("leave these layers out with exclude_modules=[...]")),
     Case("all-linear over quantized layers, which are refused rather than skipped",
          lambda m: fp.add_adapter(m, "a", fp.LoRAConfig(target_modules="all-linear")), fp.TargetError,
-         model="llama with Linear4bit q_proj", what=L("(Linear4bit)"), where=L("model.layers.1.self_attn.q_proj"),
+         model="llama with Linear4bit q_proj", what=L("(Linear4bit, weight Parameter uint8)"),
+         where=L("model.layers.1.self_attn.q_proj"),
          how=L("exclude_modules=[...]")),
     Case("layers_to_transform naming a layer the model lacks",
          lambda m: fp.add_adapter(m, "a", fp.LoRAConfig(target_modules=["q_proj"], layers_to_transform=[0, 5])),

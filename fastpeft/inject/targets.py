@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import TargetError, closest
 from ..modules import AdapterContainer, AdapterLayer, ModulesToSave
-from ..modules.base_layers import is_plain_linear, looks_linear
+from ..modules.base_layers import describe_linear, is_plain_linear, looks_linear
 from .families import default_lora_targets, family_of
 
 WRAPPERS = (AdapterLayer, ModulesToSave, AdapterContainer)
@@ -145,12 +145,14 @@ def _refusal(modules: dict, names: list[str], method: str) -> str | None:
                 "target_modules (exclude_modules=[...]), or delete those adapters first.")
     kinds = [n for n in bad if looks_linear(modules[n])]
     if kinds:
-        kind = sorted({type(modules[n]).__name__ for n in kinds})
-        return (f"{method}: target_modules matched {listed}: linear layers of a kind fastpeft has no rule for yet "
-                f"({', '.join(kind)}; a quantized layer such as bitsandbytes' Linear4bit, or a subclass of nn.Linear "
-                f"with its own forward). {method} adapts nn.Linear (and subclasses that keep its forward) and "
-                "transformers' Conv1D with floating-point weights. Load the base model without quantization (or "
-                "dequantize these layers), or leave them out with exclude_modules=[...].")
+        listed = ", ".join(f"{n} ({describe_linear(modules[n])})" for n in kinds[:5]) + (
+            ", ..." if len(kinds) > 5 else "")
+        return (f"{method}: target_modules matched {listed}: linear layers fastpeft cannot compute with yet: "
+                "quantized weights (bitsandbytes' Linear4bit / Linear8bitLt, torchao's quantized tensors such as "
+                f"NF4Tensor) or a subclass of nn.Linear with its own forward. {method} adapts nn.Linear (and "
+                "subclasses that keep its forward) and transformers' Conv1D with dense floating-point weights. Load "
+                "the base model without quantization (e.g. torch_dtype=torch.bfloat16), or leave these layers out "
+                "with exclude_modules=[...]. Nothing was changed.")
     blocks = [n for n in bad if any(_is_linear(m) for _, m in modules[n].named_modules())]
     if blocks:
         inner = sorted({c.rsplit(".", 1)[-1] for n in blocks for c, m in modules.items()

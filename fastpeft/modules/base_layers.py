@@ -14,19 +14,35 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
+def is_dense_weight(weight) -> bool:
+    """A dense floating-point tensor (torch.Tensor or nn.Parameter itself). Tensor subclasses are not: quantized
+    weights such as torchao's NF4Tensor or int8 tensors report a floating dtype, but their storage is not W's values,
+    so computing with their data (or their .t()) would be wrong."""
+    return type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype.is_floating_point
+
+
 def is_plain_linear(module: nn.Module) -> bool:
-    """An nn.Linear (or subclass that keeps nn.Linear's forward) or a Conv1D with a floating-point weight."""
+    """An nn.Linear (or subclass that keeps nn.Linear's forward) or a Conv1D, with a dense floating-point weight."""
     if is_conv1d(module):
-        return module.weight.dtype.is_floating_point
+        return is_dense_weight(module.weight)
     return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-            and module.weight.dtype.is_floating_point)
+            and is_dense_weight(module.weight))
+
+
+def describe_linear(module: nn.Module) -> str:
+    """The layer's class and its weight's kind, for error messages: 'Linear4bit, weight Params4bit uint8'."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return type(module).__name__
+    return f"{type(module).__name__}, weight {type(weight).__name__} {str(weight.dtype).replace('torch.', '')}"
 
 
 def looks_linear(module: nn.Module) -> bool:
     """A linear layer of some kind, with or without a rule here: nn.Linear and its subclasses, Conv1D, and the
     quantized or custom linears that keep nn.Linear's in_features/out_features (bitsandbytes' Linear4bit and
-    Linear8bitLt, ...) or are called ...Linear... and hold a weight. add_adapter refuses the ones for which
-    is_plain_linear is False, saying that fastpeft has no rule for their kind yet."""
+    Linear8bitLt, ...) or are called ...Linear... and hold a weight (torchao's quantized nn.Linear included: a
+    tensor subclass as weight). add_adapter refuses the ones for which is_plain_linear is False, saying that
+    fastpeft has no rule for their kind yet."""
     if isinstance(module, nn.Linear) or is_conv1d(module):
         return True
     has_weight = isinstance(getattr(module, "weight", None), torch.Tensor)
