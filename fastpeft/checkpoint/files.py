@@ -16,7 +16,7 @@ from ..errors import CheckpointError, TargetError
 from ..inject import add_adapter, delete_adapter
 from ..inject.swap import wrappers
 from ..modules import AdapterLayer, ModulesToSave
-from ..modules.base_layers import is_conv1d
+from ..modules.base_layers import linear_features
 from .gather import host_copies, write_once
 
 # What to do about weights that do not match their config (the formats' tensor checks say this after the keys)
@@ -151,8 +151,7 @@ def in_out(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear layer, a Conv1D or a fastpeft wrapper of one."""
     if isinstance(module, AdapterLayer):
         return module.in_features, module.out_features
-    w = module.weight
-    return (w.shape[0], w.shape[1]) if is_conv1d(module) else (w.shape[1], w.shape[0])
+    return linear_features(module)
 
 
 def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], fields: dict,

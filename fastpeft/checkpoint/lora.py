@@ -62,9 +62,10 @@ def export(model: nn.Module, name: str, config: LoRAConfig, targets: list[str], 
             tensors[f"{path}.{key}"] = value
             if config.bias == "all" and _is_bias(key):  # PEFT's bias="all" also keeps the copy's biases like this
                 tensors[f"{path}.modules_to_save.{_peft_copy_key(key, name)}"] = value
-    base = base_state(model)
-    for key, clean in _bias_keys(base, config.bias, set(targets), saved).items():
-        tensors[key] = base[clean]
+    if config.bias != "none":  # only then: the state_dict() of a bitsandbytes 4-bit model on the CPU (0.50)
+        base = base_state(model)  # corrupts its weights after a forward, so it is not called without need
+        for key, clean in _bias_keys(base, config.bias, set(targets), saved).items():
+            tensors[key] = base[clean]
     return tensors, _peft_config(model, config, targets, saved)
 
 

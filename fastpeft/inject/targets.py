@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import TargetError, closest
 from ..modules import AdapterContainer, AdapterLayer, ModulesToSave
-from ..modules.base_layers import describe_linear, is_plain_linear, looks_linear
+from ..modules.base_layers import describe_linear, is_plain_linear, looks_linear, quantized_kind
 from .families import default_lora_targets, family_of
 
 WRAPPERS = (AdapterLayer, ModulesToSave, AdapterContainer)
@@ -71,9 +71,10 @@ def _head_names(model: nn.Module) -> set[str]:
     return {name for name, _ in model.named_modules() if any(name == h or name.startswith(h + ".") for h in names)}
 
 
-def resolve_linear_targets(model: nn.Module, config, *, method: str,
-                           default: Callable = default_lora_targets) -> list[str]:
-    """Module paths of the linear layers `config` targets. Raises TargetError before anything changes."""
+def resolve_linear_targets(model: nn.Module, config, *, method: str, default: Callable = default_lora_targets,
+                           quantized: bool = False) -> list[str]:
+    """Module paths of the linear layers `config` targets (`quantized`: the quantized kinds of
+    base_layers.quantized_kind too). Raises TargetError before anything changes."""
     targets = config.target_modules
     modules = dict(model_modules(model))
     if targets is None:
@@ -96,7 +97,7 @@ def resolve_linear_targets(model: nn.Module, config, *, method: str,
         names = [n for n in names if not name_matches(n, config.exclude_modules)]
     if config.layers_to_transform is not None:
         names = _filter_layers(names, config, modules, method)
-    refused = _refusal(modules, names, method)
+    refused = _refusal(modules, names, method, quantized)
     if refused:
         raise TargetError(refused)
     if not names:
@@ -130,10 +131,10 @@ def _linear_names(modules: dict) -> str:
     return ", ".join(leaves[:12]) + (", ..." if len(leaves) > 12 else "")
 
 
-def _refusal(modules: dict, names: list[str], method: str) -> str | None:
+def _refusal(modules: dict, names: list[str], method: str, quantized: bool = False) -> str | None:
     """Why targets that are not linear layers fastpeft wraps are refused, with the fix that fits what they are: a
     module another adapter copies whole, a linear layer of a kind without a rule, a block, or another kind of leaf."""
-    bad = [n for n in names if not _is_linear(modules[n])]
+    bad = [n for n in names if not (_is_linear(modules[n]) or (quantized and quantized_kind(modules[n])))]
     if not bad:
         return None
     listed = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in bad[:5]) + (", ..." if len(bad) > 5 else "")
@@ -152,7 +153,10 @@ def _refusal(modules: dict, names: list[str], method: str) -> str | None:
                 f"NF4Tensor) or a subclass of nn.Linear with its own forward. {method} adapts nn.Linear (and "
                 "subclasses that keep its forward) and transformers' Conv1D with dense floating-point weights. Load "
                 "the base model without quantization (e.g. torch_dtype=torch.bfloat16), or leave these layers out "
-                "with exclude_modules=[...]. Nothing was changed.")
+                "with exclude_modules=[...]." + (
+                    " LoRA and rsLoRA adapters (LoRAConfig without use_dora) run on bitsandbytes 4-bit/8-bit and "
+                    "torchao quantized linears; the other methods do not yet."
+                    if any(quantized_kind(modules[n]) for n in kinds) else "") + " Nothing was changed.")
     blocks = [n for n in bad if any(_is_linear(m) for _, m in modules[n].named_modules())]
     if blocks:
         inner = sorted({c.rsplit(".", 1)[-1] for n in blocks for c, m in modules.items()

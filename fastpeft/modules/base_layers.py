@@ -29,6 +29,30 @@ def is_plain_linear(module: nn.Module) -> bool:
             and is_dense_weight(module.weight))
 
 
+def quantized_kind(module: nn.Module) -> str | None:
+    """The quantized linear layers LoRA adapts through the layer's own forward (y = base(x) + the low-rank term, the
+    base product computed by the quantization library): "bnb_4bit" (bitsandbytes' Linear4bit and its NF4/FP4
+    subclasses), "bnb_8bit" (Linear8bitLt), "torchao" (an nn.Linear holding a torchao quantized tensor, NF4 or
+    int8/int4 weight-only, whose F.linear the library implements); None for any other layer."""
+    for cls in type(module).__mro__:
+        if cls.__module__.split(".")[0] == "bitsandbytes" and cls.__name__ in ("Linear4bit", "Linear8bitLt"):
+            return "bnb_4bit" if cls.__name__ == "Linear4bit" else "bnb_8bit"
+    weight = getattr(module, "weight", None)
+    if (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and isinstance(weight, torch.Tensor)
+            and type(weight).__module__.split(".")[0] == "torchao" and weight.dtype.is_floating_point):
+        return "torchao"
+    return None
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear layer: its weight's shape ((in, out) for a Conv1D), or, for a
+    quantized kind (a packed weight), its in_features / out_features."""
+    if quantized_kind(module):
+        return module.in_features, module.out_features
+    w = module.weight
+    return (w.shape[0], w.shape[1]) if is_conv1d(module) else (w.shape[1], w.shape[0])
+
+
 def describe_linear(module: nn.Module) -> str:
     """The layer's class and its weight's kind, for error messages: 'Linear4bit, weight Params4bit uint8'."""
     weight = getattr(module, "weight", None)

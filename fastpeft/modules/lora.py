@@ -8,6 +8,10 @@ Every active LoRA adapter whose dropout is off runs in one call of `fp.ops.lora_
 concatenated along the rank), fused with the base GEMM; a DoRA adapter runs `fp.ops.dora_linear` and must be the
 only running adapter of its layer. Merging folds the update into the base weight; the original weight is stashed
 (on the CPU for CUDA models) so that unmerging restores it bit for bit.
+
+On a quantized base (base_layers.quantized_kind: bitsandbytes 4-bit/8-bit, torchao) the base product is the
+layer's own forward and each adapter's term is added in the adapters' float32, as PEFT computes it:
+y = base(x) + (B (A drop(x))) · s. DoRA, AdaLoRA, merging and multi-adapter batches are refused there.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from torch import nn
 from .. import ops
 from ..errors import AdapterError
 from .base import AdapterLayer
-from .base_layers import adapter_dtype, is_conv1d
+from .base_layers import adapter_dtype, is_conv1d, linear_features, quantized_kind
 from .batch import RowBatch, SlotTables, context_of, current_batch
 
 
@@ -47,9 +51,8 @@ class LoRALinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
-        w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1],
-                                                                                                     w.shape[0])
+        self.quantized = quantized_kind(base_layer)  # None, or the kind whose forward computes the base product
+        self.in_features, self.out_features = linear_features(base_layer)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_scale = _Buffers()
@@ -71,7 +74,11 @@ class LoRALinear(AdapterLayer):
         """A LoRA adapter of rank r; `use_dora` adds DoRA's magnitude; `svd` makes it AdaLoRA's SVD form
         (E = 0 and A, B ~ N(0, 0.02²) at init, as PEFT; the per-rank scale is `scaling` · E)."""
         w = self.base_layer.weight
-        dtype = adapter_dtype(w)
+        if self.quantized and (use_dora or svd):
+            raise AdapterError(f"{'DoRA' if use_dora else 'AdaLoRA'} adapters need the base weight's values, and "
+                               f"this layer's is quantized ({self.quantized}); use plain LoRA (or rsLoRA) here, or "
+                               "load the base model without quantization.")
+        dtype = torch.float32 if self.quantized else adapter_dtype(w)  # PEFT's float32 adapters on quantized bases
         a = torch.empty(r, self.in_features, device=w.device, dtype=dtype)
         b = torch.zeros(self.out_features, r, device=w.device, dtype=dtype)
         if svd:
@@ -150,6 +157,8 @@ class LoRALinear(AdapterLayer):
 
     def _forward_names(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """The forward with these adapters running (not merged)."""
+        if self.quantized:
+            return self._quantized_forward(x, names)
         if any(self.is_dora(n) for n in names):
             return self._dora_forward(x, names)
         fused, extra = self._group_by_dropout(names)
@@ -162,6 +171,18 @@ class LoRALinear(AdapterLayer):
             y = y + (((h @ self.lora_A[name].t()) * self.rank_scale(name)) @ self.lora_B[name].t()).to(y.dtype)
         return y
 
+    def _quantized_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """y = base(x), the quantization library's own product, + Σ (B_i (A_i drop_i(x))) · s_i in the adapters'
+        float32, rounded once to y's dtype (PEFT's order, so zero-initialised adapters leave y unchanged)."""
+        y = self.base_layer(x)
+        for n in names:
+            a, b = self.lora_A[n], self.lora_B[n]
+            h = x.to(a.dtype)
+            if self.training and self.dropout[n] > 0.0:
+                h = nn.functional.dropout(h, self.dropout[n], training=True)
+            y = y + (nn.functional.linear(nn.functional.linear(h, a), b) * self.scaling[n]).to(y.dtype)
+        return y
+
     # ---------------------------------------------------------------------------------------- batched forward
     @torch.compiler.disable  # multi-adapter batches run eagerly (host-side routing)
     def _batch_forward(self, x: torch.Tensor, batch: RowBatch) -> torch.Tensor:
@@ -170,6 +191,10 @@ class LoRALinear(AdapterLayer):
         if self.merged_adapters:
             raise AdapterError(f"adapters {self.merged_adapters} are merged into this layer's weight; a multi-adapter "
                                "batch needs unmerged adapters: call fp.unmerge_adapter(model) first.")
+        if self.quantized:
+            raise AdapterError(f"multi-adapter batches on a quantized base ({self.quantized}) are not supported yet: "
+                               "run one adapter at a time there (fp.set_active_adapters), or load the base model "
+                               "without quantization.")
         routing = batch.routing(x, where="LoRA layer")
         bank, mine, used = self._tables.get(self, batch, self._slot_source, self._bank)
         if not used:
@@ -283,6 +308,11 @@ class LoRALinear(AdapterLayer):
     def merge(self, name: str) -> None:
         """Fold adapter `name` into the base weight, in order after those merged before, in float32 from the
         original weight W0 with one rounding: LoRA W += s·B·A; DoRA W = m / ‖W0 + s·B·A‖ ⊙ (W + s·B·A) (PEFT)."""
+        if self.quantized:
+            raise AdapterError(f"adapter {name!r}: merging into a quantized base ({self.quantized}) is not supported: "
+                               "adding s·B·A to the dequantized weight and quantizing again would round it, and "
+                               "unmerging could not restore the weights exactly. Keep the adapter unmerged, or load "
+                               "the base model without quantization to merge. Nothing was changed.")
         weight = self.base_layer.weight
         if self._original_weight is None:
             stash_device = "cpu" if weight.device.type != "cpu" else weight.device

@@ -1,7 +1,12 @@
-"""Quantized base layers from the real libraries (bitsandbytes through transformers' BitsAndBytesConfig, torchao's
-NF4 and int8 weights): until fastpeft has a rule for a kind, add_adapter refuses it, naming the layer and its
-weight's type, and leaves the model exactly as it was (never the silent wrong output a tensor subclass used as a
-dense weight gives)."""
+"""Quantized base layers from the real libraries: bitsandbytes 4-bit (NF4/FP4, with and without double
+quantization) and 8-bit through transformers' BitsAndBytesConfig, torchao's NF4 and int8 weight-only weights.
+
+LoRA and rsLoRA run on them through the layer's own forward: zero-initialised adapters leave the logits bit for
+bit unchanged; a PEFT checkpoint trained on the same quantized base loads with PEFT's logits, and a fastpeft one
+loads into PEFT the same way; training steps give PEFT's losses. What fastpeft cannot do there (DoRA, IA3, merging,
+multi-adapter batches, a tensor subclass it has no rule for) is refused with the layer and its weight's type named,
+the model left exactly as it was: never the silent wrong output of a quantized weight used as a dense one.
+"""
 from __future__ import annotations
 
 import warnings
@@ -11,71 +16,163 @@ import torch
 from torch import nn
 
 import fastpeft as fp
+from tests.harness import rel_err
 
 transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore")
+
+IDS = torch.tensor([[1, 5, 9, 2, 7], [3, 3, 8, 1, 4]])
+TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def _tiny_llama(dtype=torch.float32):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return transformers.LlamaForCausalLM(config).to(dtype).eval()
 
 
-def _refused_unchanged(model, config, *, names: str, logits: bool = True):
-    """add_adapter raises TargetError naming the layers and their weights' type; modules, every state tensor and
-    (where the library's forward runs on these shapes) the logits unchanged."""
-    ids = torch.tensor([[1, 5, 9, 2]])
-    with torch.no_grad():
-        before = model(input_ids=ids).logits if logits else None
-    modules = [(name, type(m)) for name, m in model.named_modules()]
-    dense = (torch.Tensor, nn.Parameter)  # quantized subclasses are compared as the same objects (cloning an
-    state = {k: v.detach().clone() if type(v) in dense else v  # NF4Tensor requantizes it)
-             for k, v in model.state_dict(keep_vars=True).items()}
-    with pytest.raises(fp.TargetError, match=names) as err:
-        fp.add_adapter(model, "a", config)
-    assert "cannot compute with yet" in str(err.value) and "Nothing was changed" in str(err.value)
-    assert [(name, type(m)) for name, m in model.named_modules()] == modules
-    after = model.state_dict(keep_vars=True)
-    assert after.keys() == state.keys()
-    assert all(torch.equal(after[k], v) if type(after[k]) in dense else after[k] is v for k, v in state.items())
-    if logits:
-        with torch.no_grad():
-            assert torch.equal(model(input_ids=ids).logits, before)
+def _bnb(kind: str):
+    def build(folder):
+        pytest.importorskip("bitsandbytes")
+        if not (folder / "config.json").exists():
+            _tiny_llama().save_pretrained(folder)
+        if kind == "8bit":
+            quantization = transformers.BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            quant_type, double = kind.split("-")
+            quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                                           bnb_4bit_use_double_quant=double == "double",
+                                                           bnb_4bit_compute_dtype=torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return transformers.LlamaForCausalLM.from_pretrained(folder, quantization_config=quantization).eval()
+    return build
 
 
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_bitsandbytes_4bit_is_refused(tmp_path, quant_type):
-    pytest.importorskip("bitsandbytes")
-    _tiny_llama().save_pretrained(tmp_path)
-    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                                                   bnb_4bit_compute_dtype=torch.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization).eval()
-    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
-    _refused_unchanged(model, fp.LoRAConfig(target_modules=["q_proj", "v_proj"]),
-                       names=r"model\.layers\.0\.self_attn\.q_proj \(Linear4bit, weight Params4bit uint8\)",
-                       logits=False)  # bitsandbytes 0.50's CPU 4-bit matmul fails on some tiny shapes
-
-
-def test_torchao_nf4_weight_is_refused():
-    """The case that changed the output silently before: an nn.Linear holding torchao's NF4Tensor."""
+def _torchao_nf4(folder):
     nf4 = pytest.importorskip("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")
     model = _tiny_llama(torch.bfloat16)
     for layer in model.model.layers:
-        for proj in (layer.self_attn.q_proj, layer.mlp.up_proj):
+        for proj in (layer.self_attn.q_proj, layer.self_attn.v_proj, layer.mlp.down_proj):
             proj.weight = nn.Parameter(nf4.to_nf4(proj.weight.detach(), 64, 32), requires_grad=False)
-    for config in (fp.LoRAConfig(target_modules=["q_proj", "up_proj"]), fp.IA3Config(
-            target_modules=["q_proj", "up_proj"], feedforward_modules=["up_proj"]),
-            fp.LoRAConfig(target_modules="all-linear", use_dora=True)):
-        _refused_unchanged(model, config, names=r"self_attn\.q_proj \(Linear, weight NF4Tensor bfloat16\)")
+    return model
 
 
-def test_torchao_int8_weight_only_is_refused():
+def _torchao_int8(folder):
     torchao = pytest.importorskip("torchao.quantization")
     model = _tiny_llama()
-    torchao.quantize_(model.model.layers[0].self_attn, torchao.Int8WeightOnlyConfig())
-    _refused_unchanged(model, fp.LoRAConfig(target_modules=["q_proj", "v_proj"]),
-                       names=r"layers\.0\.self_attn\.q_proj \(Linear, weight Int8Tensor float32\)")
+    torchao.quantize_(model.model.layers, torchao.Int8WeightOnlyConfig())
+    return model
+
+
+BASES = {"bnb nf4": _bnb("nf4-single"), "bnb nf4 double-quant": _bnb("nf4-double"), "bnb fp4": _bnb("fp4-single"),
+         "bnb 8-bit": _bnb("8bit"), "torchao nf4": _torchao_nf4, "torchao int8": _torchao_int8}
+KINDS = {"bnb nf4": "bnb_4bit", "bnb nf4 double-quant": "bnb_4bit", "bnb fp4": "bnb_4bit", "bnb 8-bit": "bnb_8bit",
+         "torchao nf4": "torchao", "torchao int8": "torchao"}
+TOL = {"torchao nf4": 1e-2}  # a bf16 model: PEFT and fastpeft round the same float32 term to bf16
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.float()
+
+
+@pytest.mark.parametrize("base", list(BASES))
+def test_zero_initialised_lora_is_the_identity(base, tmp_path):
+    model = BASES[base](tmp_path)
+    before = _logits(model)
+    fp.add_adapter(model, "a", fp.LoRAConfig(r=8, alpha=16, target_modules=TARGETS, use_rslora=True))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.quantized == KINDS[base] and layer.lora_A["a"].dtype == torch.float32
+    assert torch.equal(_logits(model), before)
+
+
+@pytest.mark.parametrize("base", list(BASES))
+def test_checkpoints_move_both_ways_with_peft_and_train_alike(base, tmp_path):
+    """PEFT's adapter (random B) on its copy of the base -> fastpeft: PEFT's logits; fastpeft's saved adapter back
+    into a fresh PEFT model: the same; then three SGD steps on each give the same losses."""
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False)
+    theirs = peft.get_peft_model(BASES[base](tmp_path), config)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = fp.load_adapter(BASES[base](tmp_path), tmp_path / "peft", name="a")
+    tol = TOL.get(base, 1e-5)
+    assert rel_err(_logits(ours), _logits(theirs)) < tol
+    fp.save_adapter(ours, tmp_path / "ours", name="a")
+    back = peft.PeftModel.from_pretrained(BASES[base](tmp_path), tmp_path / "ours")
+    assert rel_err(_logits(back), _logits(ours)) < tol
+
+    losses = {}
+    for label, model in (("peft", theirs), ("fastpeft", ours)):
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert trainable and all(p.dtype == torch.float32 for p in trainable)
+        opt = torch.optim.SGD(trainable, lr=0.05)
+        losses[label] = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = model(input_ids=IDS, labels=IDS).loss
+            loss.backward()
+            opt.step()
+            losses[label].append(loss.item())
+    assert losses["fastpeft"] == pytest.approx(losses["peft"], rel=max(tol, 1e-5))
+
+
+def _tensors(model) -> dict:
+    """Every parameter and buffer by name: the object, and a copy of a dense one's values."""
+    dense = (torch.Tensor, nn.Parameter)  # quantized tensors: the same objects (cloning an NF4Tensor requantizes it)
+    return {name: (t, t.detach().clone() if type(t) in dense else None)
+            for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def _refused_unchanged(model, call, error, *, match: str, logits: bool = True):
+    """`call(model)` raises `error` matching `match`; the logits, the modules and every parameter and buffer (the
+    same objects, dense ones with the same values) unchanged."""
+    tensors = _tensors(model)
+    modules = [(name, type(m)) for name, m in model.named_modules()]
+    before = _logits(model) if logits else None
+    with pytest.raises(error, match=match):
+        call(model)
+    if logits:
+        assert torch.equal(_logits(model), before)
+    assert [(name, type(m)) for name, m in model.named_modules()] == modules
+    after = _tensors(model)
+    assert after.keys() == tensors.keys()
+    assert all(after[k][0] is t and (copy is None or torch.equal(t, copy)) for k, (t, copy) in tensors.items())
+
+
+@pytest.mark.parametrize("base", ["bnb nf4", "torchao nf4"])
+def test_methods_that_need_the_weights_values_are_refused(base, tmp_path):
+    model = BASES[base](tmp_path)
+    for config in (fp.LoRAConfig(target_modules=["q_proj", "v_proj"], use_dora=True),
+                   fp.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])):
+        _refused_unchanged(model, lambda m, c=config: fp.add_adapter(m, "a", c), fp.TargetError,
+                           match=r"self_attn\.q_proj \((Linear4bit, weight Params4bit uint8|Linear, weight NF4Tensor "
+                                 r"bfloat16)\).*: linear layers fastpeft cannot compute with yet.*LoRA and rsLoRA "
+                                 r"adapters .* run on bitsandbytes")
+
+
+@pytest.mark.parametrize("base", ["bnb nf4", "torchao int8"])
+def test_merging_and_batches_are_refused(base, tmp_path):
+    model = BASES[base](tmp_path)
+    fp.add_adapter(model, "a", fp.LoRAConfig(target_modules=TARGETS, init_weights=False))
+    fp.add_adapter(model, "b", fp.LoRAConfig(target_modules=TARGETS, init_weights=False))
+    _refused_unchanged(model, lambda m: fp.merge_adapter(m, "a"), fp.AdapterError,
+                       match=r"merging into a quantized base \((bnb_4bit|torchao)\) is not supported")
+    with pytest.raises(fp.AdapterError, match="multi-adapter batches on a quantized base"):
+        model(input_ids=IDS, adapter_names=["a", "b"])
+
+
+def test_a_tensor_subclass_without_a_rule_is_refused():
+    """A weight subclass from no library fastpeft knows: not taken for a dense weight, whatever its dtype says."""
+
+    class Packed(torch.Tensor):
+        pass
+
+    model = _tiny_llama()
+    proj = model.model.layers[0].self_attn.q_proj
+    proj.weight = nn.Parameter(proj.weight.detach().as_subclass(Packed), requires_grad=False)
+    _refused_unchanged(model, lambda m: fp.add_adapter(m, "a", fp.LoRAConfig(target_modules=["q_proj"])),
+                       fp.TargetError, match=r"layers\.0\.self_attn\.q_proj \(Linear, weight Packed float32\)",
+                       logits=False)
