@@ -13,8 +13,8 @@ from .config import (AdaLoRAConfig, AdapterConfig, BnConfig, CompacterConfig, Co
 from .errors import (AdapterError, BackendError, CheckpointError, ConfigError, FastPEFTError, InputError,
                      TargetError)
 from .inject import (Stack, adapter_batch, adapter_ids, adapters, add_adapter, delete_adapter, disable_adapters,
-                     eject_prefix_tuning, merge_adapter, set_active_adapters, trainable_parameters, unload,
-                     unmerge_adapter)
+                     eject_prefix_tuning, merge_adapter, prepare_for_kbit_training, set_active_adapters,
+                     trainable_parameters, unload, unmerge_adapter)
 from .inject.adalora import RankAllocator
 from .version import __version__  # noqa: F401  (fp.__version__)
 
@@ -25,7 +25,7 @@ __all__ = [
     "Stack",
     "add_adapter", "set_active_adapters", "disable_adapters", "merge_adapter", "unmerge_adapter",
     "delete_adapter", "unload", "trainable_parameters", "adapters", "save_adapter", "load_adapter",
-    "eject_prefix_tuning", "adapter_batch", "adapter_ids",
+    "eject_prefix_tuning", "adapter_batch", "adapter_ids", "prepare_for_kbit_training",
     "FastPEFTError", "ConfigError", "TargetError", "AdapterError", "CheckpointError", "BackendError",
     "InputError",
 ]
