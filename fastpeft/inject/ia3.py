@@ -22,7 +22,7 @@ class IA3Plan:
 
 def plan(model: nn.Module, name: str, config: IA3Config) -> IA3Plan:
     paths = resolve_linear_targets(model, config, method="IA3Config",
-                                   default=lambda family: default_ia3_targets(family)[0])
+                                   default=lambda family: default_ia3_targets(family)[0], quantized=True)
     feedforward = config.feedforward_modules
     if config.target_modules is None:
         feedforward = default_ia3_targets(family_of(model)[1])[1]

@@ -7,6 +7,8 @@ One call of `fp.ops.ia3_linear`: the scaling is folded into the base GEMM. Mergi
 the weight (and, for output scaling, the bias); the originals are stashed so unmerging restores them bit for bit.
 Around a LoRA layer (a layer holding adapters of both methods) the vector scales that layer's output (or input).
 In a multi-adapter batch each row scales by its own adapter's vector (fp.ops.multi_ia3_linear).
+On a quantized base (base_layers.quantized_kind) the layer's own forward computes the product and the vector scales
+its float32 input or output, as PEFT's quantized IA3 layers do; merging and multi-adapter batches are refused there.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from torch import nn
 from .. import ops
 from ..errors import AdapterError
 from .base import AdapterLayer
-from .base_layers import adapter_dtype, is_conv1d
+from .base_layers import adapter_dtype, is_conv1d, linear_features, quantized_kind
 from .batch import RowBatch, SlotTables, context_of, current_batch
 
 
@@ -28,9 +30,11 @@ class IA3Linear(AdapterLayer):
         self.fan_in_fan_out = base_layer.fan_in_fan_out if isinstance(base_layer, AdapterLayer) else is_conv1d(
             base_layer)
         self.is_feedforward = bool(is_feedforward)
-        w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1],
-                                                                                                     w.shape[0])
+        self.quantized = quantized_kind(base_layer)  # None, or the kind whose forward computes the base product
+        if isinstance(base_layer, AdapterLayer):
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        else:
+            self.in_features, self.out_features = linear_features(base_layer)
         self.ia3_l = nn.ParameterDict()
         self._originals: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._tables = SlotTables()  # the vectors by slot, for multi-adapter batches
@@ -38,7 +42,8 @@ class IA3Linear(AdapterLayer):
     def add_adapter(self, name: str, *, init_weights: bool = True) -> None:
         w = self.base_layer.weight
         size = self.in_features if self.is_feedforward else self.out_features
-        vector = torch.ones(size, device=w.device, dtype=adapter_dtype(w))
+        dtype = torch.float32 if self.quantized else adapter_dtype(w)  # PEFT's float32 vectors on quantized bases
+        vector = torch.ones(size, device=w.device, dtype=dtype)
         if not init_weights:  # random scales around one (tests: the adapter then changes the output)
             vector.add_(torch.randn_like(vector), alpha=0.2)
         self.ia3_l[name] = nn.Parameter(vector)
@@ -79,7 +84,12 @@ class IA3Linear(AdapterLayer):
         if not names:
             return self.base_layer(x, *args, **kwargs)
         scale = self.scale(names)
-        if self.wraps_adapters and self.base_layer.running_adapters():  # scale around the LoRA layer
+        if self.quantized in ("bnb_4bit", "bnb_8bit"):  # PEFT's bitsandbytes layers: all in float32
+            h = x if x.dtype == torch.float32 else x.float()
+            y = self.base_layer(h * scale) if self.is_feedforward else self.base_layer(h)
+            return (y if self.is_feedforward else y * scale).to(y.dtype)
+        if self.quantized or (self.wraps_adapters and self.base_layer.running_adapters()):  # around another forward
+            # (torchao's quantized product, or the LoRA layer this wraps): the scale in its dtype, rounded once
             if self.is_feedforward:
                 return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype))
             y = self.base_layer(x)
@@ -94,6 +104,10 @@ class IA3Linear(AdapterLayer):
         if self.merged_adapters:
             raise AdapterError(f"adapters {self.merged_adapters} are merged into this layer's weight; a multi-adapter "
                                "batch needs unmerged adapters: call fp.unmerge_adapter(model) first.")
+        if self.quantized:
+            raise AdapterError(f"multi-adapter batches on a quantized base ({self.quantized}) are not supported yet: "
+                               "run one adapter at a time there (fp.set_active_adapters), or load the base model "
+                               "without quantization.")
         bank, _, used = self._tables.get(self, batch, self._slot_source, self._bank)
         if not used:
             return self.base_layer(x)
@@ -117,6 +131,11 @@ class IA3Linear(AdapterLayer):
     @torch.no_grad()
     def merge(self, name: str) -> None:
         """W (and b, for output scaling) = round(original ⊙ Π_merged l), one rounding from the original."""
+        if self.quantized:
+            raise AdapterError(f"adapter {name!r}: merging into a quantized base ({self.quantized}) is not supported: "
+                               "scaling the dequantized weight and quantizing again would round it, and unmerging "
+                               "could not restore the weights exactly. Keep the adapter unmerged, or load the base "
+                               "model without quantization to merge. Nothing was changed.")
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if self._originals is None:
             stash = "cpu" if weight.device.type != "cpu" else weight.device

@@ -1,9 +1,9 @@
 """Quantized base layers from the real libraries: bitsandbytes 4-bit (NF4/FP4, with and without double
 quantization) and 8-bit through transformers' BitsAndBytesConfig, torchao's NF4 and int8 weight-only weights.
 
-LoRA and rsLoRA run on them through the layer's own forward: zero-initialised adapters leave the logits bit for
-bit unchanged; a PEFT checkpoint trained on the same quantized base loads with PEFT's logits, and a fastpeft one
-loads into PEFT the same way; training steps give PEFT's losses. What fastpeft cannot do there (DoRA, IA3, merging,
+LoRA, rsLoRA and IA3 run on them through the layer's own forward: freshly initialised adapters leave the logits
+bit for bit unchanged; a PEFT checkpoint trained on the same quantized base loads with PEFT's logits, and a fastpeft
+one loads into PEFT the same way; training steps give PEFT's losses. What fastpeft cannot do there (DoRA, merging,
 multi-adapter batches, a tensor subclass it has no rule for) is refused with the layer and its weight's type named,
 the model left exactly as it was: never the silent wrong output of a quantized weight used as a dense one.
 """
@@ -79,22 +79,32 @@ def _logits(model):
         return model(input_ids=IDS).logits.float()
 
 
-@pytest.mark.parametrize("base", list(BASES))
-def test_zero_initialised_lora_is_the_identity(base, tmp_path):
+FEEDFORWARD = ["down_proj"]
+METHODS = {  # method -> (fastpeft's config, PEFT's config with random initial weights)
+    "lora": (lambda: fp.LoRAConfig(r=8, alpha=16, target_modules=TARGETS, use_rslora=True),
+             lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False)),
+    "ia3": (lambda: fp.IA3Config(target_modules=TARGETS, feedforward_modules=FEEDFORWARD),
+            lambda: peft.IA3Config(target_modules=TARGETS, feedforward_modules=FEEDFORWARD, init_ia3_weights=False)),
+}
+GRID = [pytest.param(base, method, id=f"{base}-{method}") for base in BASES for method in METHODS]
+
+
+@pytest.mark.parametrize("base,method", GRID)
+def test_fresh_adapters_are_the_identity(base, method, tmp_path):
     model = BASES[base](tmp_path)
     before = _logits(model)
-    fp.add_adapter(model, "a", fp.LoRAConfig(r=8, alpha=16, target_modules=TARGETS, use_rslora=True))
+    fp.add_adapter(model, "a", METHODS[method][0]())
     layer = model.model.layers[0].self_attn.q_proj
-    assert layer.quantized == KINDS[base] and layer.lora_A["a"].dtype == torch.float32
+    assert layer.quantized == KINDS[base]
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
     assert torch.equal(_logits(model), before)
 
 
-@pytest.mark.parametrize("base", list(BASES))
-def test_checkpoints_move_both_ways_with_peft_and_train_alike(base, tmp_path):
-    """PEFT's adapter (random B) on its copy of the base -> fastpeft: PEFT's logits; fastpeft's saved adapter back
-    into a fresh PEFT model: the same; then three SGD steps on each give the same losses."""
-    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False)
-    theirs = peft.get_peft_model(BASES[base](tmp_path), config)
+@pytest.mark.parametrize("base,method", GRID)
+def test_checkpoints_move_both_ways_with_peft_and_train_alike(base, method, tmp_path):
+    """PEFT's adapter (random weights) on its copy of the base -> fastpeft: PEFT's logits; fastpeft's saved adapter
+    back into a fresh PEFT model: the same; then three SGD steps on each give the same losses."""
+    theirs = peft.get_peft_model(BASES[base](tmp_path), METHODS[method][1]())
     theirs.save_pretrained(tmp_path / "peft")
     ours = fp.load_adapter(BASES[base](tmp_path), tmp_path / "peft", name="a")
     tol = TOL.get(base, 1e-5)
@@ -143,23 +153,22 @@ def _refused_unchanged(model, call, error, *, match: str, logits: bool = True):
 
 
 @pytest.mark.parametrize("base", ["bnb nf4", "torchao nf4"])
-def test_methods_that_need_the_weights_values_are_refused(base, tmp_path):
+def test_dora_which_needs_the_weights_values_is_refused(base, tmp_path):
     model = BASES[base](tmp_path)
-    for config in (fp.LoRAConfig(target_modules=["q_proj", "v_proj"], use_dora=True),
-                   fp.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])):
-        _refused_unchanged(model, lambda m, c=config: fp.add_adapter(m, "a", c), fp.TargetError,
-                           match=r"self_attn\.q_proj \((Linear4bit, weight Params4bit uint8|Linear, weight NF4Tensor "
-                                 r"bfloat16)\).*: linear layers fastpeft cannot compute with yet.*LoRA and rsLoRA "
-                                 r"adapters .* run on bitsandbytes")
+    config = fp.LoRAConfig(target_modules=["q_proj", "v_proj"], use_dora=True)
+    _refused_unchanged(model, lambda m: fp.add_adapter(m, "a", config), fp.TargetError,
+                       match=r"self_attn\.q_proj \((Linear4bit, weight Params4bit uint8|Linear, weight NF4Tensor "
+                             r"bfloat16)\).*: linear layers fastpeft cannot compute with yet.*LoRA, rsLoRA .* and "
+                             r"IA3 adapters run on bitsandbytes")
 
 
-@pytest.mark.parametrize("base", ["bnb nf4", "torchao int8"])
-def test_merging_and_batches_are_refused(base, tmp_path):
+@pytest.mark.parametrize("base,method", [("bnb nf4", "lora"), ("torchao int8", "lora"), ("bnb 8-bit", "ia3")])
+def test_merging_and_batches_are_refused(base, method, tmp_path):
     model = BASES[base](tmp_path)
-    fp.add_adapter(model, "a", fp.LoRAConfig(target_modules=TARGETS, init_weights=False))
-    fp.add_adapter(model, "b", fp.LoRAConfig(target_modules=TARGETS, init_weights=False))
+    fp.add_adapter(model, "a", METHODS[method][0]())
+    fp.add_adapter(model, "b", METHODS[method][0]())
     _refused_unchanged(model, lambda m: fp.merge_adapter(m, "a"), fp.AdapterError,
-                       match=r"merging into a quantized base \((bnb_4bit|torchao)\) is not supported")
+                       match=r"merging into a quantized base \((bnb_4bit|bnb_8bit|torchao)\) is not supported")
     with pytest.raises(fp.AdapterError, match="multi-adapter batches on a quantized base"):
         model(input_ids=IDS, adapter_names=["a", "b"])
 
