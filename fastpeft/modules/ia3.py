@@ -8,7 +8,8 @@ the weight (and, for output scaling, the bias); the originals are stashed so unm
 Around a LoRA layer (a layer holding adapters of both methods) the vector scales that layer's output (or input).
 In a multi-adapter batch each row scales by its own adapter's vector (fp.ops.multi_ia3_linear).
 On a quantized base (base_layers.quantized_kind) the layer's own forward computes the product and the vector scales
-its float32 input or output, as PEFT's quantized IA3 layers do; merging and multi-adapter batches are refused there.
+its float32 input or output, as PEFT's quantized IA3 layers do (in a multi-adapter batch each row's vector around
+one call of it); merging is refused there.
 """
 from __future__ import annotations
 
@@ -104,15 +105,12 @@ class IA3Linear(AdapterLayer):
         if self.merged_adapters:
             raise AdapterError(f"adapters {self.merged_adapters} are merged into this layer's weight; a multi-adapter "
                                "batch needs unmerged adapters: call fp.unmerge_adapter(model) first.")
-        if self.quantized:
-            raise AdapterError(f"multi-adapter batches on a quantized base ({self.quantized}) are not supported yet: "
-                               "run one adapter at a time there (fp.set_active_adapters), or load the base model "
-                               "without quantization.")
         bank, _, used = self._tables.get(self, batch, self._slot_source, self._bank)
         if not used:
             return self.base_layer(x)
         routing = batch.routing(x, where="IA3 layer")
-        if self.wraps_adapters:  # the inner LoRA layer adds its rows' low-rank terms
+        if self.wraps_adapters or self.quantized:  # around another forward (the inner LoRA layer adds its rows'
+            # low-rank terms; a quantized layer's library computes the product)
             if self.is_feedforward:
                 return self.base_layer(ops.multi_ia3_scale(x, bank=bank, adapter_index=routing))
             return ops.multi_ia3_scale(self.base_layer(x), bank=bank, adapter_index=routing)

@@ -11,7 +11,8 @@ only running adapter of its layer. Merging folds the update into the base weight
 
 On a quantized base (base_layers.quantized_kind: bitsandbytes 4-bit/8-bit, torchao) the base product is the
 layer's own forward and each adapter's term is added in the adapters' float32, as PEFT computes it:
-y = base(x) + (B (A drop(x))) · s. DoRA, AdaLoRA, merging and multi-adapter batches are refused there.
+y = base(x) + (B (A drop(x))) · s, in multi-adapter batches too (the base product once, each row group's term
+added to its rows). DoRA, AdaLoRA and merging are refused there.
 """
 from __future__ import annotations
 
@@ -176,12 +177,27 @@ class LoRALinear(AdapterLayer):
         float32, rounded once to y's dtype (PEFT's order, so zero-initialised adapters leave y unchanged)."""
         y = self.base_layer(x)
         for n in names:
-            a, b = self.lora_A[n], self.lora_B[n]
-            h = x.to(a.dtype)
-            if self.training and self.dropout[n] > 0.0:
-                h = nn.functional.dropout(h, self.dropout[n], training=True)
-            y = y + (nn.functional.linear(nn.functional.linear(h, a), b) * self.scaling[n]).to(y.dtype)
+            y = y + self._lora_term(x, n, y.dtype)
         return y
+
+    def _lora_term(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """(B (A drop(x))) · s in the adapter's dtype, rounded once to `dtype` (PEFT's order)."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        h = x.to(a.dtype)
+        if self.training and self.dropout[name] > 0.0:
+            h = nn.functional.dropout(h, self.dropout[name], training=True)
+        return (nn.functional.linear(nn.functional.linear(h, a), b) * self.scaling[name]).to(dtype)
+
+    def _quantized_batch_forward(self, x: torch.Tensor, routing, mine: dict[int, str]) -> torch.Tensor:
+        """A multi-adapter batch on a quantized base: the library's product for the whole batch once, then each
+        row group's own adapter term added to its rows (PEFT's mixed-batch forward)."""
+        x2 = x.reshape(-1, x.shape[-1])
+        y = self.base_layer(x2)
+        for slot, rows in routing.segments():
+            if slot in mine:
+                rows = rows.to(x.device)
+                y = y.index_add(0, rows, self._lora_term(x2.index_select(0, rows), mine[slot], y.dtype))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     # ---------------------------------------------------------------------------------------- batched forward
     @torch.compiler.disable  # multi-adapter batches run eagerly (host-side routing)
@@ -191,14 +207,12 @@ class LoRALinear(AdapterLayer):
         if self.merged_adapters:
             raise AdapterError(f"adapters {self.merged_adapters} are merged into this layer's weight; a multi-adapter "
                                "batch needs unmerged adapters: call fp.unmerge_adapter(model) first.")
-        if self.quantized:
-            raise AdapterError(f"multi-adapter batches on a quantized base ({self.quantized}) are not supported yet: "
-                               "run one adapter at a time there (fp.set_active_adapters), or load the base model "
-                               "without quantization.")
         routing = batch.routing(x, where="LoRA layer")
         bank, mine, used = self._tables.get(self, batch, self._slot_source, self._bank)
         if not used:
             return self.base_layer(x)
+        if self.quantized:
+            return self._quantized_batch_forward(x, routing, mine)
         if any(self.is_dora(n) or (n in self.lora_E and self.lora_E[n].requires_grad and torch.is_grad_enabled())
                for n in used):
             return self._grouped_forward(x, routing, mine)

@@ -3,8 +3,8 @@ quantization) and 8-bit through transformers' BitsAndBytesConfig, torchao's NF4 
 
 LoRA, rsLoRA and IA3 run on them through the layer's own forward: freshly initialised adapters leave the logits
 bit for bit unchanged; a PEFT checkpoint trained on the same quantized base loads with PEFT's logits, and a fastpeft
-one loads into PEFT the same way; training steps give PEFT's losses. What fastpeft cannot do there (DoRA, merging,
-multi-adapter batches, a tensor subclass it has no rule for) is refused with the layer and its weight's type named,
+one loads into PEFT the same way; training steps give PEFT's losses; a multi-adapter batch gives PEFT's mixed-batch
+logits. What fastpeft cannot do there (DoRA, merging, a tensor subclass it has no rule for) is refused with the layer and its weight's type named,
 the model left exactly as it was: never the silent wrong output of a quantized weight used as a dense one.
 """
 from __future__ import annotations
@@ -163,14 +163,48 @@ def test_dora_which_needs_the_weights_values_is_refused(base, tmp_path):
 
 
 @pytest.mark.parametrize("base,method", [("bnb nf4", "lora"), ("torchao int8", "lora"), ("bnb 8-bit", "ia3")])
-def test_merging_and_batches_are_refused(base, method, tmp_path):
+def test_merging_is_refused(base, method, tmp_path):
     model = BASES[base](tmp_path)
     fp.add_adapter(model, "a", METHODS[method][0]())
-    fp.add_adapter(model, "b", METHODS[method][0]())
     _refused_unchanged(model, lambda m: fp.merge_adapter(m, "a"), fp.AdapterError,
                        match=r"merging into a quantized base \((bnb_4bit|bnb_8bit|torchao)\) is not supported")
-    with pytest.raises(fp.AdapterError, match="multi-adapter batches on a quantized base"):
-        model(input_ids=IDS, adapter_names=["a", "b"])
+
+
+ROWS = torch.tensor([[1, 5, 9, 2, 7], [3, 3, 8, 1, 4], [6, 2, 2, 9, 5], [4, 8, 1, 1, 3]])
+NAMES = ["default", "__base__", "other", "default"]
+
+
+@pytest.mark.parametrize("base", ["bnb nf4 double-quant", "bnb 8-bit", "torchao nf4"])
+def test_a_lora_multi_adapter_batch_is_peft_mixed_batch(base, tmp_path):
+    """Two PEFT adapters trained on the quantized base, loaded into fastpeft; one batch, one adapter (or none) per
+    row: PEFT's mixed-batch logits."""
+    theirs = peft.get_peft_model(BASES[base](tmp_path), METHODS["lora"][1]())
+    theirs.add_adapter("other", METHODS["lora"][1]())
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = fp.load_adapter(BASES[base](tmp_path), tmp_path / "peft", name="default")
+    fp.load_adapter(ours, tmp_path / "peft" / "other", name="other")
+    theirs.eval()
+    with torch.no_grad():
+        want = theirs(input_ids=ROWS, adapter_names=NAMES).logits.float()
+        got = ours(input_ids=ROWS, adapter_names=NAMES).logits.float()
+    assert rel_err(got, want) < TOL.get(base, 1e-5)
+
+
+@pytest.mark.parametrize("base", ["bnb nf4", "torchao int8"])
+def test_an_ia3_multi_adapter_batch_is_each_rows_own_adapter(base, tmp_path):
+    model = BASES[base](tmp_path)
+    for name in ("default", "other"):
+        fp.add_adapter(model, name, METHODS["ia3"][0]())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # vectors off one: each adapter then changes its rows
+            if "ia3_l" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+        got = model(input_ids=ROWS, adapter_names=NAMES).logits.float()
+        for row, name in enumerate(NAMES):
+            fp.set_active_adapters(model, None if name == "__base__" else name)
+            alone = model(input_ids=ROWS[row:row + 1]).logits.float()
+            assert rel_err(got[row:row + 1], alone) < 1e-5, (row, name)
 
 
 def test_a_tensor_subclass_without_a_rule_is_refused():
