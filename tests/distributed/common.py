@@ -1,6 +1,15 @@
-"""What the two-process runs (worker.py) and the single-process references (test_multiprocess.py) share: the tiny
-model, the adapters, the data and the training loop, so that both compute the same thing."""
+"""What the two-process runs (worker.py, qlora_worker.py) and the single-process references (test_multiprocess.py,
+test_ddp_quantized.py) share: the tiny model, the adapters, the data and the training loop, so that both compute the
+same thing; and starting the ranks as torchrun starts them."""
 from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
 
 import torch
 import transformers
@@ -10,6 +19,8 @@ from torch import nn
 import fastpeft as fp
 
 WORLD = 2
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TIMEOUT = 240  # seconds for both ranks together; a rank stuck in a collective gives up after 60 (worker.py)
 STEPS, ROWS, TOKENS, LR = 3, 4, 8, 0.5  # global batch of ROWS rows; each of the WORLD ranks gets ROWS // WORLD
 CONFIGS = {"lora": lambda: fp.LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
            "prefix": lambda: fp.PrefixTuningConfig(prefix_length=4, bottleneck_size=16)}
@@ -27,6 +38,15 @@ def base(weights: str) -> nn.Module:
     model = build()
     model.load_state_dict(load_file(weights))
     return model.train()
+
+
+def load_4bit(folder: str) -> nn.Module:
+    """The transformers model saved in `folder`, loaded in bitsandbytes 4-bit NF4 (float32 compute)."""
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization)
 
 
 def batches() -> torch.Tensor:
@@ -59,3 +79,51 @@ def train(run: nn.Module, rank: int | None) -> float:
 def logits(model: nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=batches()[0]).logits
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(out: str, module: str) -> list[tuple[subprocess.Popen, str]]:
+    """WORLD processes of `python -m <module> <out>` with torchrun's environment; (process, log path) each."""
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+        log = os.path.join(out, f"rank{rank}.log")
+        with open(log, "w") as f:
+            procs.append((subprocess.Popen([sys.executable, "-m", module, out], cwd=ROOT,
+                                           env=env, stdout=f, stderr=subprocess.STDOUT), log))
+    return procs
+
+
+def finish_ranks(procs, deadline: float) -> list[str]:
+    """Wait for the ranks; kill them all at the deadline or as soon as one fails. Returns the problems found."""
+    problems = []
+    try:
+        while any(proc.poll() is None for proc, _ in procs) and not any(proc.poll() for proc, _ in procs):
+            if time.monotonic() > deadline:
+                problems.append(f"the ranks did not exit within {TIMEOUT} s")
+                break
+            time.sleep(0.2)
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    problems += [f"{log}: exit code {proc.returncode}" for proc, log in procs if proc.returncode]
+    if problems:
+        for _, log in procs:
+            with open(log) as f:
+                problems.append(f"--- {log} (tail)\n" + f.read()[-3000:])
+            done = log.replace(".log", ".json")  # the checks that ran before the end
+            if os.path.exists(done):
+                with open(done) as f:
+                    problems.append(f"--- {done}\n" + "\n".join(f"{k}: {v.strip().splitlines()[-1]}"
+                                                                for k, v in json.load(f).items()))
+    return problems

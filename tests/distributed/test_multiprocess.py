@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -21,58 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fastpeft as fp
-from tests.distributed.common import CONFIGS, WORLD, base, build, logits, train
+from tests.distributed.common import CONFIGS, TIMEOUT, WORLD, base, build, finish_ranks, logits, start_ranks, train
 
 pytestmark = pytest.mark.slow  # ~15 s on 2 cores: two ranks and the single-process references, started once
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TIMEOUT = 240  # seconds for both ranks together; a rank stuck in a collective gives up after 60 (worker.py)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(out: str) -> list[tuple[subprocess.Popen, str]]:
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-        log = os.path.join(out, f"rank{rank}.log")
-        with open(log, "w") as f:
-            procs.append((subprocess.Popen([sys.executable, "-m", "tests.distributed.worker", out], cwd=ROOT,
-                                           env=env, stdout=f, stderr=subprocess.STDOUT), log))
-    return procs
-
-
-def _finish(procs, deadline: float) -> list[str]:
-    """Wait for the ranks; kill them all at the deadline or as soon as one fails. Returns the problems found."""
-    problems = []
-    try:
-        while any(proc.poll() is None for proc, _ in procs) and not any(proc.poll() for proc, _ in procs):
-            if time.monotonic() > deadline:
-                problems.append(f"the ranks did not exit within {TIMEOUT} s")
-                break
-            time.sleep(0.2)
-    finally:
-        for proc, _ in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-    problems += [f"{log}: exit code {proc.returncode}" for proc, log in procs if proc.returncode]
-    if problems:
-        for _, log in procs:
-            with open(log) as f:
-                problems.append(f"--- {log} (tail)\n" + f.read()[-3000:])
-            done = log.replace(".log", ".json")  # the checks that ran before the end
-            if os.path.exists(done):
-                with open(done) as f:
-                    problems.append(f"--- {done}\n" + "\n".join(f"{k}: {v.strip().splitlines()[-1]}"
-                                                                for k, v in json.load(f).items()))
-    return problems
 
 
 def _reference(out: str, method: str) -> torch.nn.Module:
@@ -97,7 +45,7 @@ def runs(tmp_path_factory):
                 if p.requires_grad:
                     p.add_(torch.randn_like(p), alpha=0.1)
         fp.save_adapter(model, os.path.join(out, f"init_{method}"))
-    procs = _start(out)
+    procs = start_ranks(out, "tests.distributed.worker")
     try:  # the single-process runs, while the ranks run
         reference = {method: _reference(out, method) for method in CONFIGS}
         merged = base(os.path.join(out, "base.safetensors"))
@@ -105,7 +53,7 @@ def runs(tmp_path_factory):
         fp.merge_adapter(merged, "default")
         merged_logits = logits(merged)
     finally:
-        problems = _finish(procs, time.monotonic() + TIMEOUT)
+        problems = finish_ranks(procs, time.monotonic() + TIMEOUT)
     if problems:
         pytest.fail("the two ranks did not finish:\n" + "\n".join(problems))
     results = {}

@@ -4,8 +4,9 @@ quantization) and 8-bit through transformers' BitsAndBytesConfig, torchao's NF4 
 LoRA, rsLoRA and IA3 run on them through the layer's own forward: freshly initialised adapters leave the logits
 bit for bit unchanged; a PEFT checkpoint trained on the same quantized base loads with PEFT's logits, and a fastpeft
 one loads into PEFT the same way; training steps give PEFT's losses; a multi-adapter batch gives PEFT's mixed-batch
-logits. What fastpeft cannot do there (DoRA, merging, a tensor subclass it has no rule for) is refused with the layer and its weight's type named,
-the model left exactly as it was: never the silent wrong output of a quantized weight used as a dense one.
+logits. What fastpeft cannot do there (DoRA, merging, a tensor subclass it has no rule for) is refused with the
+layer and its weight's type named, the model left exactly as it was: never the silent wrong output of a quantized
+weight used as a dense one.
 """
 from __future__ import annotations
 
