@@ -19,7 +19,7 @@ class LoRAPlan:
 
 
 def plan(model: nn.Module, name: str, config: LoRAConfig) -> LoRAPlan:
-    paths = resolve_linear_targets(model, config, method="LoRAConfig", quantized=not config.use_dora)
+    paths = resolve_linear_targets(model, config, method="LoRAConfig", quantized=True)
     check_one_method(model, paths, LoRALinear, "LoRAConfig")
     saved = resolve_modules_to_save(model, config.modules_to_save, "LoRAConfig")
     check_saved_overlap(model, paths, saved, "LoRAConfig")

@@ -154,8 +154,8 @@ def _refusal(modules: dict, names: list[str], method: str, quantized: bool = Fal
                 "subclasses that keep its forward) and transformers' Conv1D with dense floating-point weights. Load "
                 "the base model without quantization (e.g. torch_dtype=torch.bfloat16), or leave these layers out "
                 "with exclude_modules=[...]." + (
-                    " LoRA, rsLoRA (LoRAConfig without use_dora) and IA3 adapters run on bitsandbytes 4-bit/8-bit "
-                    "and torchao quantized linears; the other methods do not yet."
+                    " LoRA, rsLoRA, DoRA and IA3 adapters run on bitsandbytes 4-bit/8-bit and torchao quantized "
+                    "linears; the other methods do not yet."
                     if any(quantized_kind(modules[n]) for n in kinds) else "") + " Nothing was changed.")
     blocks = [n for n in bad if any(_is_linear(m) for _, m in modules[n].named_modules())]
     if blocks:

@@ -44,6 +44,24 @@ def quantized_kind(module: nn.Module) -> str | None:
     return None
 
 
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """W (out, in) of a quantized layer (quantized_kind), dequantized by its library's own function:
+    bitsandbytes' dequantize_4bit / int8_vectorwise_dequant, torchao's get_original_weight() (NF4) or
+    dequantize() (its other tensors)."""
+    kind, weight = quantized_kind(module), module.weight
+    if kind == "torchao":
+        original = getattr(weight, "get_original_weight", None)
+        return original() if callable(original) else weight.dequantize()
+    import bitsandbytes as bnb
+
+    if kind == "bnb_4bit":
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    if kind == "bnb_8bit":
+        scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scales.to(weight.device))
+    raise TypeError(f"dequantized_weight: {describe_linear(module)} is not a quantized layer fastpeft knows")
+
+
 def linear_features(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear layer: its weight's shape ((in, out) for a Conv1D), or, for a
     quantized kind (a packed weight), its in_features / out_features."""

@@ -12,7 +12,8 @@ only running adapter of its layer. Merging folds the update into the base weight
 On a quantized base (base_layers.quantized_kind: bitsandbytes 4-bit/8-bit, torchao) the base product is the
 layer's own forward and each adapter's term is added in the adapters' float32, as PEFT computes it:
 y = base(x) + (B (A drop(x))) · s, in multi-adapter batches too (the base product once, each row group's term
-added to its rows). DoRA, AdaLoRA and merging are refused there.
+added to its rows); DoRA as PEFT computes it there, its norm from the library's dequantized weight. AdaLoRA and
+merging are refused there.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from torch import nn
 from .. import ops
 from ..errors import AdapterError
 from .base import AdapterLayer
-from .base_layers import adapter_dtype, is_conv1d, linear_features, quantized_kind
+from .base_layers import adapter_dtype, dequantized_weight, is_conv1d, linear_features, quantized_kind
 from .batch import RowBatch, SlotTables, context_of, current_batch
 
 
@@ -75,10 +76,9 @@ class LoRALinear(AdapterLayer):
         """A LoRA adapter of rank r; `use_dora` adds DoRA's magnitude; `svd` makes it AdaLoRA's SVD form
         (E = 0 and A, B ~ N(0, 0.02²) at init, as PEFT; the per-rank scale is `scaling` · E)."""
         w = self.base_layer.weight
-        if self.quantized and (use_dora or svd):
-            raise AdapterError(f"{'DoRA' if use_dora else 'AdaLoRA'} adapters need the base weight's values, and "
-                               f"this layer's is quantized ({self.quantized}); use plain LoRA (or rsLoRA) here, or "
-                               "load the base model without quantization.")
+        if self.quantized and svd:
+            raise AdapterError(f"AdaLoRA adapters are not supported on quantized layers ({self.quantized}) yet; use "
+                               "LoRA (or rsLoRA, DoRA) here, or load the base model without quantization.")
         dtype = torch.float32 if self.quantized else adapter_dtype(w)  # PEFT's float32 adapters on quantized bases
         a = torch.empty(r, self.in_features, device=w.device, dtype=dtype)
         b = torch.zeros(self.out_features, r, device=w.device, dtype=dtype)
@@ -102,7 +102,11 @@ class LoRALinear(AdapterLayer):
             if init_weights is False:
                 nn.init.normal_(e, std=1.0)
             self.lora_E[name] = nn.Parameter(e)
-        if use_dora:  # m starts as ‖W + s B A‖ (= ‖W‖ when B = 0): the adapter starts as the identity
+        if use_dora and self.quantized:  # with the norm the forward computes: exactly the identity at B = 0
+            with torch.no_grad():
+                norm = self._quantized_norm(name, dequantized_weight(self.base_layer).to(dtype))
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(dtype))
+        elif use_dora:  # m starts as ‖W + s B A‖ (= ‖W‖ when B = 0): the adapter starts as the identity
             norm = ops.dora_weight_norm(w, a, self.lora_B[name], self.scaling[name], fan_in_fan_out=self.fan_in_fan_out)
             self.lora_magnitude_vector[name] = nn.Parameter(norm.to(dtype))
         self._tables.clear()
@@ -176,9 +180,40 @@ class LoRALinear(AdapterLayer):
         """y = base(x), the quantization library's own product, + Σ (B_i (A_i drop_i(x))) · s_i in the adapters'
         float32, rounded once to y's dtype (PEFT's order, so zero-initialised adapters leave y unchanged)."""
         y = self.base_layer(x)
+        if any(self.is_dora(n) for n in names):
+            return y + self._quantized_dora_term(x, y, names)
         for n in names:
             y = y + self._lora_term(x, n, y.dtype)
         return y
+
+    def _quantized_norm(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """‖W + s B A‖ along the input features, B A formed as PEFT's DoRA layer forms it (B (A I))ᵀ."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        eye = torch.eye(a.shape[1], device=a.device, dtype=a.dtype)
+        lora_weight = nn.functional.linear(nn.functional.linear(eye, a), b).t()
+        return torch.linalg.norm(weight + self.scaling[name] * lora_weight.detach(), dim=1)
+
+    def _quantized_dora_term(self, x: torch.Tensor, y: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """DoRA on a quantized base, PEFT's formula: with c = m / ‖W + s B A‖ (a constant for autograd), W the
+        library's dequantized weight and z = x Wᵀ the base output without bias (y − b, or x Wᵀ from the dropped x
+        when dropout is on): (c − 1) ⊙ z + c ⊙ (B (A drop(x))) · s, rounded once to y's dtype."""
+        if len(names) > 1:
+            dora = next(n for n in names if self.is_dora(n))
+            raise AdapterError(f"adapters {names} are active on one layer, and DoRA adapter {dora!r} runs alone on "
+                               "its layer: activate only it there (fp.set_active_adapters).")
+        n = names[0]
+        a, b = self.lora_A[n], self.lora_B[n]
+        h = x.to(a.dtype)
+        weight = dequantized_weight(self.base_layer).to(h.dtype)
+        scale = (self.lora_magnitude_vector[n] / self._quantized_norm(n, weight).detach()).view(1, -1)
+        bias = self.base_layer.bias
+        if self.training and self.dropout[n] > 0.0:
+            h = nn.functional.dropout(h, self.dropout[n], training=True)
+            z = nn.functional.linear(h, weight)
+        else:
+            z = y - bias if bias is not None else y
+        lora = nn.functional.linear(nn.functional.linear(h, a), b)
+        return ((scale - 1) * z + scale * lora * self.scaling[n]).to(y.dtype)
 
     def _lora_term(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
         """(B (A drop(x))) · s in the adapter's dtype, rounded once to `dtype` (PEFT's order)."""
@@ -195,8 +230,11 @@ class LoRALinear(AdapterLayer):
         y = self.base_layer(x2)
         for slot, rows in routing.segments():
             if slot in mine:
-                rows = rows.to(x.device)
-                y = y.index_add(0, rows, self._lora_term(x2.index_select(0, rows), mine[slot], y.dtype))
+                rows, n = rows.to(x.device), mine[slot]
+                h = x2.index_select(0, rows)
+                term = self._quantized_dora_term(h, y.index_select(0, rows), [n]) if self.is_dora(n) else \
+                    self._lora_term(h, n, y.dtype)
+                y = y.index_add(0, rows, term)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     # ---------------------------------------------------------------------------------------- batched forward

@@ -1,10 +1,10 @@
 """Quantized base layers from the real libraries: bitsandbytes 4-bit (NF4/FP4, with and without double
 quantization) and 8-bit through transformers' BitsAndBytesConfig, torchao's NF4 and int8 weight-only weights.
 
-LoRA, rsLoRA and IA3 run on them through the layer's own forward: freshly initialised adapters leave the logits
+LoRA, rsLoRA, DoRA and IA3 run on them through the layer's own forward: freshly initialised adapters leave the logits
 bit for bit unchanged; a PEFT checkpoint trained on the same quantized base loads with PEFT's logits, and a fastpeft
 one loads into PEFT the same way; training steps give PEFT's losses; a multi-adapter batch gives PEFT's mixed-batch
-logits. What fastpeft cannot do there (DoRA, merging, a tensor subclass it has no rule for) is refused with the
+logits. What fastpeft cannot do there (AdaLoRA, merging, a tensor subclass it has no rule for) is refused with the
 layer and its weight's type named, the model left exactly as it was: never the silent wrong output of a quantized
 weight used as a dense one.
 """
@@ -84,6 +84,9 @@ FEEDFORWARD = ["down_proj"]
 METHODS = {  # method -> (fastpeft's config, PEFT's config with random initial weights)
     "lora": (lambda: fp.LoRAConfig(r=8, alpha=16, target_modules=TARGETS, use_rslora=True),
              lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False)),
+    "dora": (lambda: fp.LoRAConfig(r=8, alpha=16, target_modules=TARGETS, use_dora=True),
+             lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, use_dora=True,
+                                     init_lora_weights=False)),
     "ia3": (lambda: fp.IA3Config(target_modules=TARGETS, feedforward_modules=FEEDFORWARD),
             lambda: peft.IA3Config(target_modules=TARGETS, feedforward_modules=FEEDFORWARD, init_ia3_weights=False)),
 }
@@ -101,7 +104,16 @@ def test_fresh_adapters_are_the_identity(base, method, tmp_path):
     assert torch.equal(_logits(model), before)
 
 
-@pytest.mark.parametrize("base,method", GRID)
+PEFT_FAILS = {  # PEFT 0.21's own DoRA fails on these bases, so there is nothing to compare with
+    ("bnb 8-bit", "dora"): "dequantizing moves the Int8Params to its device again, which drops its scales (SCB) on "
+                           "the CPU: the next bitsandbytes matmul raises",
+    ("torchao nf4", "dora"): "it calls weight.dequantize(), which NF4Tensor does not take without arguments",
+}
+PEFT_GRID = [pytest.param(base, method, id=f"{base}-{method}", marks=pytest.mark.skip(reason=PEFT_FAILS[base, method])
+                          if (base, method) in PEFT_FAILS else ()) for base in BASES for method in METHODS]
+
+
+@pytest.mark.parametrize("base,method", PEFT_GRID)
 def test_checkpoints_move_both_ways_with_peft_and_train_alike(base, method, tmp_path):
     """PEFT's adapter (random weights) on its copy of the base -> fastpeft: PEFT's logits; fastpeft's saved adapter
     back into a fresh PEFT model: the same; then three SGD steps on each give the same losses."""
@@ -154,12 +166,12 @@ def _refused_unchanged(model, call, error, *, match: str, logits: bool = True):
 
 
 @pytest.mark.parametrize("base", ["bnb nf4", "torchao nf4"])
-def test_dora_which_needs_the_weights_values_is_refused(base, tmp_path):
+def test_adalora_is_refused(base, tmp_path):
     model = BASES[base](tmp_path)
-    config = fp.LoRAConfig(target_modules=["q_proj", "v_proj"], use_dora=True)
+    config = fp.AdaLoRAConfig(target_modules=["q_proj", "v_proj"], total_step=10)
     _refused_unchanged(model, lambda m: fp.add_adapter(m, "a", config), fp.TargetError,
                        match=r"self_attn\.q_proj \((Linear4bit, weight Params4bit uint8|Linear, weight NF4Tensor "
-                             r"bfloat16)\).*: linear layers fastpeft cannot compute with yet.*LoRA, rsLoRA .* and "
+                             r"bfloat16)\).*: linear layers fastpeft cannot compute with yet.*LoRA, rsLoRA, DoRA and "
                              r"IA3 adapters run on bitsandbytes")
 
 
