@@ -203,15 +203,17 @@ def test_a_lora_multi_adapter_batch_is_peft_mixed_batch(base, tmp_path):
     assert rel_err(got, want) < TOL.get(base, 1e-5)
 
 
-@pytest.mark.parametrize("base", ["bnb nf4", "torchao int8"])
-def test_an_ia3_multi_adapter_batch_is_each_rows_own_adapter(base, tmp_path):
+@pytest.mark.parametrize("base,method", [("bnb nf4", "ia3"), ("torchao int8", "ia3"), ("bnb nf4", "dora"),
+                                         ("torchao int8", "dora")])
+def test_a_multi_adapter_batch_is_each_rows_own_adapter(base, method, tmp_path):
+    """IA3 and DoRA (PEFT's mixed batches take neither): each row as that adapter alone gives it."""
     model = BASES[base](tmp_path)
     for name in ("default", "other"):
-        fp.add_adapter(model, name, METHODS["ia3"][0]())
+        fp.add_adapter(model, name, METHODS[method][0]())
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in model.named_parameters():  # vectors off one: each adapter then changes its rows
-            if "ia3_l" in name:
+        for name, p in model.named_parameters():  # off their initial values: each adapter then changes its rows
+            if any(key in name for key in ("ia3_l", "lora_B", "lora_magnitude")):
                 p.add_(torch.randn(p.shape, generator=g) * 0.2)
         got = model(input_ids=ROWS, adapter_names=NAMES).logits.float()
         for row, name in enumerate(NAMES):
