@@ -22,6 +22,7 @@ FAMILIES = {  # the name `fastpeft bench` takes -> the module under fastpeft.ben
     "phm": "phm",
     "prefix": "prefix_attention",
     "prefix_attention": "prefix_attention",
+    "qlora": "qlora",
 }
 
 
