@@ -2,15 +2,17 @@
 labels, backward, AdamW) and one inference forward of a random Llama, timed in alternating runs in one process,
 with the memory of each: the model's parameters and buffers, and the peak of what one step allocates on top.
 
-    fastpeft bench qlora                 # hidden 1024, 4 layers, LoRA r16 on all linears, 4 x 256 and 1 x 64 tokens
-    fastpeft bench qlora --quick         # a tiny model (seconds)
+    fastpeft bench qlora --no-quick      # hidden 1024, 4 layers, LoRA r16 on all linears, 4 x 256 and 1 x 64
+                                         # tokens (the default with CUDA; about a minute on 2 CPU cores)
+    fastpeft bench qlora --quick         # a tiny model, seconds (the default without CUDA)
     fastpeft bench qlora --tokens 1x64   # one shape (batch x seq)
 
 Implementations: fastpeft-nf4 (fp.prepare_for_kbit_training + fp.add_adapter on a bitsandbytes NF4 base, double
 quantization, bf16 compute: the base product is bitsandbytes' own kernel; the fused NF4 kernel does not exist yet),
 peft-nf4 (PEFT's prepare_model_for_kbit_training + get_peft_model on the same base, loaded again), fastpeft-bf16
-(fastpeft's LoRA on the bf16 base); rel_err: fastpeft-nf4's logits against PEFT's. No gradient checkpointing anywhere, so that the three hold the same
-activations (the k-bit preparation's other changes, float32 norms, apply to the NF4 models as in the recipe). PEFT's adapter is copied into both fastpeft models, so all three compute the
+(fastpeft's LoRA on the bf16 base); rel_err: fastpeft-nf4's logits against PEFT's. No gradient checkpointing
+anywhere, so that the three hold the same activations (the k-bit preparation's other changes, float32 norms, apply
+to the NF4 models as in the recipe). PEFT's adapter is copied into both fastpeft models, so all three compute the
 same adapter (the bf16 base's logits differ by the quantization error). Memory: on CUDA, torch's peak allocated
 bytes during the step above the bytes before it; on the CPU, the peak of the allocations live during the step
 from the profiler's memory events (the process's high-water mark would count loading: a 4-bit model is first
