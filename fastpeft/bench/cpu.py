@@ -44,11 +44,11 @@ import copy
 import math
 import statistics
 import tempfile
-import time
 
 import torch
 
 from . import driver
+from .alternating import CLOCKS, alternate, steps
 from .devices import failure_note
 from .driver import Run, Section
 from .models import random_llama
@@ -165,43 +165,6 @@ def check_pair(models: dict, ids: torch.Tensor, dropout: bool) -> dict:
 # ------------------------------------------------------------------------------------------------------------
 # Timing
 # ------------------------------------------------------------------------------------------------------------
-
-def steps(models: dict, ids: torch.Tensor) -> dict:
-    """impl -> {"train": one training step, "infer": one inference forward} on the batch `ids` (labels = ids)."""
-    out = {}
-    for impl, model in models.items():
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-        def train(model=model, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-            opt.step()
-
-        def infer(model=model):
-            with torch.no_grad():
-                model(input_ids=ids, use_cache=False)
-
-        out[impl] = {"train": train, "infer": infer}
-    return out
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def alternate(fns: dict, reps: int, clock=time.perf_counter) -> dict:
-    """impl -> the times (ms) of `reps` calls of fns[impl] on `clock`, after one warm-up call each, the impls taking
-    turns (the first on even repetitions, the last on odd ones)."""
-    order = list(fns)
-    times = {impl: [] for impl in order}
-    for fn in fns.values():
-        fn()
-    for i in range(reps):
-        for impl in (order if i % 2 == 0 else order[::-1]):
-            start = clock()
-            fns[impl]()
-            times[impl].append((clock() - start) * 1e3)
-    return times
-
 
 def run_method(run: Run, method: str, base, dims: dict, ids: torch.Tensor) -> list[Row]:
     """Build, check and time one method: a row per (mode, impl)."""

@@ -28,8 +28,8 @@ import tempfile
 import torch
 
 from . import driver
+from .alternating import CLOCKS, alternate, steps
 from .checks import max_rel_err
-from .cpu import CLOCKS, alternate, steps
 from .devices import failure_note
 from .driver import Run, Section
 from .optional import importable_impls
