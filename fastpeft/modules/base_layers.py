@@ -62,6 +62,23 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     raise TypeError(f"dequantized_weight: {describe_linear(module)} is not a quantized layer fastpeft knows")
 
 
+def packed_4bit(data: torch.Tensor, state):
+    """A bitsandbytes 4-bit weight (a Linear4bit's weight.data and weight.quant_state) as fastpeft's 4-bit ops take
+    it (fastpeft/ops/lora_4bit.Packed4bit): the packed codes and statistics read in place, and the library's own
+    dequantization."""
+    import bitsandbytes as bnb
+
+    from ..ops.lora_4bit import Packed4bit
+
+    nested = {}
+    if state.nested:
+        nested = dict(absmax_code=state.state2.code, absmax_scale=state.state2.absmax,
+                      absmax_offset=float(state.offset), blocksize2=int(state.state2.blocksize))
+    return Packed4bit(packed=data.view(torch.uint8), absmax=state.absmax, code=state.code,
+                      shape=tuple(int(d) for d in state.shape), blocksize=int(state.blocksize), dtype=state.dtype,
+                      dequantize=lambda: bnb.functional.dequantize_4bit(data, state), **nested)
+
+
 def linear_features(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear layer: its weight's shape ((in, out) for a Conv1D), or, for a
     quantized kind (a packed weight), its in_features / out_features."""

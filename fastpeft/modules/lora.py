@@ -25,7 +25,7 @@ from torch import nn
 from .. import ops
 from ..errors import AdapterError
 from .base import AdapterLayer
-from .base_layers import adapter_dtype, dequantized_weight, is_conv1d, linear_features, quantized_kind
+from .base_layers import adapter_dtype, dequantized_weight, is_conv1d, linear_features, packed_4bit, quantized_kind
 from .batch import RowBatch, SlotTables, context_of, current_batch
 
 
@@ -179,12 +179,35 @@ class LoRALinear(AdapterLayer):
     def _quantized_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """y = base(x), the quantization library's own product, + Σ (B_i (A_i drop_i(x))) · s_i in the adapters'
         float32, rounded once to y's dtype (PEFT's order, so zero-initialised adapters leave y unchanged)."""
+        if self.quantized == "bnb_4bit" and not any(self.is_dora(n) for n in names):
+            y = self._lora_4bit_forward(x, names)
+            if y is not None:
+                return y
         y = self.base_layer(x)
         if any(self.is_dora(n) for n in names):
             return y + self._quantized_dora_term(x, y, names)
         for n in names:
             y = y + self._lora_term(x, n, y.dtype)
         return y
+
+    def _lora_4bit_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor | None:
+        """On CUDA (a Triton backend), the whole layer in fastpeft's 4-bit op (fastpeft/ops/lora_4bit.py): the base
+        product from the packed weight, the adapters' term in its epilogue, in the layer's compute dtype as the
+        library's forward runs it. None where the op's backend is the reference (the library's forward then runs)."""
+        layer = self.base_layer
+        if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+            return None  # bitsandbytes repacked W for its own CPU kernel (eval on an AVX512-BF16 CPU): it reads it
+        compute = layer.compute_dtype or x.dtype
+        if ops.lora_4bit.path(x.device, compute, x.numel() // max(x.shape[-1], 1)) == "torch":
+            return None
+        fused, extra = self._group_by_dropout(names)
+        a, b, s = self._stack(fused)
+        p = self.dropout[fused[0]] if self.training and len(fused) == 1 else 0.0
+        bias = layer.bias.to(compute) if layer.bias is not None else None
+        y = ops.lora_linear_4bit(x.to(compute), packed_4bit(layer.weight.data, layer.weight.quant_state), bias, a, b, s, dropout_p=p)
+        for n in extra:  # a second adapter with active dropout needs its own mask
+            y = y + self._lora_term(x, n, y.dtype)
+        return y.to(x.dtype)
 
     def _quantized_norm(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """‖W + s B A‖ along the input features, B A formed as PEFT's DoRA layer forms it (B (A I))ᵀ."""

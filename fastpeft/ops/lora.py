@@ -271,9 +271,12 @@ def _triton_forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan
     return out, t, z
 
 
-def _triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, fan_in_fan_out, needs, out_scale, z):
+def _triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, fan_in_fan_out, needs, out_scale, z,
+                     dx_gemm=None):
     """With a column scale c, dY' = dY ⊙ c is never stored: the dX GEMM scales the dY tiles it loads (and
-    reduces dc = Σ_m dY ⊙ Z from them), the shrink G = dY' B uses B ⊙ c, and dB = c ⊙ (dYᵀ (T ⊙ s))."""
+    reduces dc = Σ_m dY ⊙ Z from them), the shrink G = dY' B uses B ⊙ c, and dB = c ⊙ (dYᵀ (T ⊙ s)).
+    `dx_gemm(dy, g, dx)`, when given, writes dX = dY W + keep ⊙ ((G ⊙ s) A) for a weight that is not a dense
+    tensor (a 4-bit one, fastpeft/ops/lora_4bit.py); G is then made by the shrink kernel first."""
     kern = _kernels()
     scale = scale.contiguous()
     need_dx, need_da, need_db, need_ds, need_dbias, need_dc = needs
@@ -290,7 +293,11 @@ def _triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, f
     g = None
     if need_da or need_ds or need_dx:
         g = dispatch.new_output((M, R), like=dy, dtype=torch.float32)  # G = dY' B
-    if need_dx:
+    if need_dx and dx_gemm is not None:
+        dx = dispatch.new_output((M, K), like=dy)
+        kern.shrink(dy, lora_b, g)
+        dx_gemm(dy, g, dx)
+    elif need_dx:
         dx = dispatch.new_output((M, K), like=dy)
         w_nk = weight.t() if fan_in_fan_out else weight
         extra = {}

@@ -8,6 +8,9 @@ Two strategies compute every adapted linear layer on CUDA:
 (keyed by torch.cuda.get_device_name). A device, dtype or op with no entry runs "cublas": the base product is then
 never slower than PyTorch's, and the adapter's terms move fewer bytes than PEFT's separate kernels.
 `use_kernel_options(linear_strategy=...)` pins one.
+On a 4-bit base (op "lora_linear_4bit", fastpeft/ops/lora_4bit.py) "fused" reads the packed weight inside the GEMM and
+"cublas" dequantizes it to a 16-bit copy first; without an entry, decode-sized calls run "fused" (the copy alone
+moves 4.5 bytes per weight, the fused kernel 0.5) and larger ones "cublas".
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ STRATEGIES = ("fused", "cublas")
 DEFAULT = "cublas"
 ROW_BUCKETS = (1, 16, 256, 4096, 16384)  # the row counts gpu-check times; an entry covers M up to its bucket
 TABLE = Path(__file__).resolve().parents[1] / "data" / "strategies.json"
+DEFAULTS = {"lora_linear_4bit": {1: "fused", 16: "fused"}}  # per op and row bucket; DEFAULT elsewhere
 
 
 def row_bucket(m: int) -> int:
@@ -51,7 +55,7 @@ def device_name(device: torch.device) -> str:
 
 
 def choose_strategy(op: str, device: torch.device, dtype: torch.dtype, m: int) -> tuple[str, str]:
-    """(strategy, why) for `op` ("lora_linear", "dora_linear", "ia3_linear") on `m` rows."""
+    """(strategy, why) for `op` (one of LINEAR_OPS) on `m` rows."""
     pinned = dispatch.kernel_options().linear_strategy
     if pinned is not None:
         return pinned, "pinned by use_kernel_options(linear_strategy=...)"
@@ -59,10 +63,11 @@ def choose_strategy(op: str, device: torch.device, dtype: torch.dtype, m: int) -
     entry = load_table().get(name, {}).get(dt, {}).get(op, {}).get(str(bucket))
     if entry in STRATEGIES:
         return entry, f"strategies.json: {name}, {dt}, {op}, M <= {bucket}"
-    return DEFAULT, f"default: strategies.json has no entry for {name}, {dt}, {op}, M <= {bucket}"
+    return (DEFAULTS.get(op, {}).get(bucket, DEFAULT),
+            f"default: strategies.json has no entry for {name}, {dt}, {op}, M <= {bucket}")
 
 
-LINEAR_OPS = ("lora_linear", "dora_linear", "ia3_linear")
+LINEAR_OPS = ("lora_linear", "dora_linear", "ia3_linear", "lora_linear_4bit")
 
 
 def describe(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> list[str]:

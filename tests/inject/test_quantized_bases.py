@@ -234,3 +234,30 @@ def test_a_tensor_subclass_without_a_rule_is_refused():
     _refused_unchanged(model, lambda m: fp.add_adapter(m, "a", fp.LoRAConfig(target_modules=["q_proj"])),
                        fp.TargetError, match=r"layers\.0\.self_attn\.q_proj \(Linear, weight Packed float32\)",
                        logits=False)
+
+
+@pytest.mark.parametrize("how", ["fused", "cublas"])
+@pytest.mark.parametrize("base", ["bnb nf4 double-quant", "bnb fp4"])
+def test_the_gpu_path_on_a_4bit_base_is_the_library_path(base, how, tmp_path, monkeypatch):
+    """With Triton forced (the interpreter here, CUDA on a GPU) LoRA on a bitsandbytes 4-bit layer runs
+    fp.ops.lora_linear_4bit on either strategy; logits, loss and adapter gradients equal the library path's (the
+    CPU default: bitsandbytes' forward plus the term) within float32 tolerance."""
+    pytest.importorskip("triton")
+    theirs = peft.get_peft_model(BASES[base](tmp_path), METHODS["lora"][1]())
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = fp.load_adapter(BASES[base](tmp_path), tmp_path / "peft", name="a").train()  # train: no CPU repacking
+    layer = ours.model.layers[0].self_attn.q_proj
+    paths, real_path = [], fp.ops.lora_4bit.path
+    monkeypatch.setattr(fp.ops.lora_4bit, "path", lambda *a: paths.append(real_path(*a)) or paths[-1])
+    runs = {}
+    for label, backend in (("library", None), ("gpu path", "triton")):
+        ours.zero_grad()
+        with fp.ops.use_backend(backend), fp.ops.use_kernel_options(linear_strategy=how):
+            out = ours(input_ids=IDS, labels=IDS)
+            out.loss.backward()
+        runs[label] = (out.logits.detach(), out.loss.item(), layer.lora_A["a"].grad.clone())
+        assert set(paths) == {"torch" if backend is None else how}
+        paths.clear()
+    (logits, loss, grad), (logits_k, loss_k, grad_k) = runs["library"], runs["gpu path"]
+    assert rel_err(logits_k, logits) < 1e-5 and loss_k == pytest.approx(loss, rel=1e-5)
+    assert rel_err(grad_k, grad) < 1e-4
