@@ -261,3 +261,50 @@ def test_the_gpu_path_on_a_4bit_base_is_the_library_path(base, how, tmp_path, mo
     (logits, loss, grad), (logits_k, loss_k, grad_k) = runs["library"], runs["gpu path"]
     assert rel_err(logits_k, logits) < 1e-5 and loss_k == pytest.approx(loss, rel=1e-5)
     assert rel_err(grad_k, grad) < 1e-4
+
+
+def _dense_twin(model, folder):
+    """The float32 model whose linear layers hold the quantized ones' weights, dequantized by their library."""
+    from fastpeft.modules.base_layers import dequantized_weight, quantized_kind
+
+    if not (folder / "config.json").exists():
+        _tiny_llama().save_pretrained(folder)
+    dense = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    for name, module in model.named_modules():
+        if quantized_kind(module):
+            dense.get_submodule(name).weight.data = dequantized_weight(module).float()
+    return dense
+
+
+BOTTLENECKS = {"seq_bn": lambda: fp.SeqBnConfig(reduction_factor=4),
+               "par_bn": lambda: fp.ParBnConfig(reduction_factor=4),
+               "compacter": lambda: fp.CompacterConfig(reduction_factor=4)}
+
+
+@pytest.mark.parametrize("config", list(BOTTLENECKS))
+@pytest.mark.parametrize("base", ["bnb nf4 double-quant", "bnb 8-bit", "torchao int8"])
+def test_bottleneck_adapters_on_quantized_linears(base, config, tmp_path):
+    """AdapterHub's bottleneck family transforms the outputs of the quantized projections (o_proj, down_proj): the
+    quantized model with an adapter gives what the same adapter gives on the dense model holding the dequantized
+    weights; it trains (gradients reach the adapter only), and saves and loads back to the same logits."""
+    model = BASES[base](tmp_path).train()  # train mode: bitsandbytes does not repack W for its bf16 CPU kernel
+    dense = _dense_twin(model, tmp_path / "dense").train()
+    fp.add_adapter(model, "bn", BOTTLENECKS[config]())
+    fp.save_adapter(model, tmp_path / "bn", name="bn")
+    fp.load_adapter(dense, tmp_path / "bn", name="bn")
+    assert rel_err(_logits(model), _logits(dense)) < 1e-5
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("adapter" in n or "shared_parameters" in n for n in trainable)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    fp.save_adapter(model, tmp_path / "trained", name="bn")
+    again = fp.load_adapter(BASES[base](tmp_path), tmp_path / "trained", name="bn").train()
+    assert rel_err(_logits(again), _logits(model)) < 1e-6
