@@ -5,6 +5,7 @@ the same logits, the memory of each recorded (no timing assertions)."""
 import math
 
 import pytest
+import torch
 
 from fastpeft.bench import qlora as bench
 from tests.bench_run import run_bench
@@ -21,7 +22,11 @@ def test_qlora_bench_writes_every_implementation(tmp_path, monkeypatch):
     result = run_bench(bench, "qlora", ARGS, tmp_path, monkeypatch)
     assert result["config"]["tokens"] == ["2x8", "1x4"] and result["notes"] == []
     rows = {(r["tokens"], r["mode"], r["impl"]): r for r in result["rows"]}
-    assert set(rows) == {(t, m, i) for t in ("2x8", "1x4") for m in ("train", "infer") for i in bench.IMPLS}
+    cpu = ["fastpeft-nf4", "peft-nf4", "fastpeft-bf16"]  # the 4-bit strategies are CUDA's
+    assert bench.impls_here(torch.device("cpu"), bench.IMPLS) == cpu
+    assert bench.impls_here(torch.device("cuda"), bench.IMPLS) == [
+        "fastpeft-nf4-fused", "fastpeft-nf4-cublas", "peft-nf4", "fastpeft-bf16"]
+    assert set(rows) == {(t, m, i) for t in ("2x8", "1x4") for m in ("train", "infer") for i in cpu}
     for key, row in rows.items():
         tokens, mode, impl = key
         assert not row["note"], (key, row["note"])

@@ -26,6 +26,8 @@ SECTIONS = {  # section -> the implementations it must have timed
     "multi_lora": {"base", "fastpeft", "peft"},  # the base product of multi-adapter paths is cuBLAS's: no pins
     "prefix_attention": {"floor", "fastpeft", "torch"},  # SDPA without the prefix, and concatenate + SDPA
     "train_step": {"base", "fused", "cublas", "peft"},
+    "lora_4bit": {"base", "fused", "cublas", "peft", "bf16_lora"},
+    "qlora": {"fastpeft-nf4-fused", "fastpeft-nf4-cublas", "peft-nf4", "fastpeft-bf16"},
 }
 
 
@@ -56,7 +58,7 @@ def test_dry_run_writes_every_file(dry_run, payload):
     assert json_path.with_suffix(".md").name in names
     assert json_path.stem + "-gpu-tests.log" in names
     if importlib.util.find_spec("matplotlib") is not None:
-        for section in ("lora", "dora", "ia3", "multi_lora", "prefix_attention", "train_step"):
+        for section in ("lora", "dora", "ia3", "multi_lora", "prefix_attention", "train_step", "lora_4bit"):
             assert f"{json_path.stem}-{section}.png" in names, (section, sorted(names), stem)
 
 
@@ -99,7 +101,7 @@ def test_summary_is_printed_last_and_the_strategy_table_is_untouched(dry_run, pa
     assert (TABLE.read_bytes() if TABLE.exists() else None) == before
     table = payload["strategy_table"]
     assert table["written"] == [] and "dry run" in table["why_not_written"]
-    assert set(table["choices"]) == {"lora_linear", "dora_linear", "ia3_linear"}
+    assert set(table["choices"]) == {"lora_linear", "dora_linear", "ia3_linear", "lora_linear_4bit"}
     for per in table["choices"].values():
         assert set(per) == {"1", "16"} and all(c["choice"] in ("fused", "cublas") for c in per.values())
 

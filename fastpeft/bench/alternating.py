@@ -30,15 +30,25 @@ def steps(models: dict, ids: torch.Tensor) -> dict:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def alternate(fns: dict, reps: int, clock=time.perf_counter) -> dict:
-    """impl -> the times (ms) of `reps` calls of fns[impl] on `clock`, after one warm-up call each, the impls taking
-    turns (the first on even repetitions, the last on odd ones)."""
+def alternate(fns: dict, reps: int, clock=time.perf_counter, device: torch.device | None = None) -> dict:
+    """impl -> the times (ms) of `reps` calls of fns[impl], after one warm-up call each, the impls taking turns (the
+    first on even repetitions, the last on odd ones). On `clock`; on a CUDA `device`, between CUDA events recorded
+    around each call (the device's time, not the host's launch time)."""
     order = list(fns)
     times = {impl: [] for impl in order}
     for fn in fns.values():
         fn()
+    cuda = device is not None and device.type == "cuda"
     for i in range(reps):
         for impl in (order if i % 2 == 0 else order[::-1]):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[impl]()
+                end.record()
+                end.synchronize()
+                times[impl].append(start.elapsed_time(end))
+                continue
             start = clock()
             fns[impl]()
             times[impl].append((clock() - start) * 1e3)

@@ -77,19 +77,22 @@ def lora_bytes(M: int, K: int, N: int, r: int, mode: str, impl: str, elem: int) 
 # Implementations
 # ------------------------------------------------------------------------------------------------------------
 
-def build_peft_layer(peft_linear, w, a, b, r: int, alpha: int, dtype: torch.dtype) -> nn.Module:
-    """PEFT's LoRA layer around nn.Linear(K, N, bias=False), using w, a, b's storage.
+def build_peft_layer(peft_linear, w, a, b, r: int, alpha: int, dtype: torch.dtype,
+                     base: nn.Module | None = None) -> nn.Module:
+    """PEFT's LoRA layer around nn.Linear(K, N, bias=False) using w, a, b's storage (or around `base`, e.g. a
+    bitsandbytes Linear4bit, left in its own dtype).
 
     PEFT >= 0.18 takes the hyperparameters as a LoraConfig (`config=`); older releases as keyword arguments.
     """
-    base = frozen_linear(w)
+    dense, base = base is None, frozen_linear(w) if base is None else base
     if takes_config(peft_linear):
         from peft import LoraConfig
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0)
         layer = peft_linear(base, adapter_name="default", config=config, r=r, lora_alpha=alpha)
     else:
         layer = peft_linear(base, adapter_name="default", r=r, lora_alpha=alpha, lora_dropout=0.0)
-    layer.to(dtype)
+    if dense:
+        layer.to(dtype)
     layer.lora_A["default"].weight = nn.Parameter(a.detach())
     layer.lora_B["default"].weight = nn.Parameter(b.detach())
     layer.base_layer.weight.requires_grad_(False)

@@ -8,8 +8,9 @@ with the memory of each: the model's parameters and buffers, and the peak of wha
     fastpeft bench qlora --tokens 1x64   # one shape (batch x seq)
 
 Implementations: fastpeft-nf4 (fp.prepare_for_kbit_training + fp.add_adapter on a bitsandbytes NF4 base, double
-quantization, bf16 compute: the base product is bitsandbytes' own kernel; the fused NF4 kernel does not exist yet),
-peft-nf4 (PEFT's prepare_model_for_kbit_training + get_peft_model on the same base, loaded again), fastpeft-bf16
+quantization, bf16 compute), on CUDA as its two strategies (fastpeft/ops/lora_4bit.py): fastpeft-nf4-fused (the
+4-bit weight read inside the GEMM) and fastpeft-nf4-cublas (bitsandbytes dequantizes, then cuBLAS); on the CPU the
+layer's own bitsandbytes product plus the term (the strategies are CUDA's); peft-nf4 (PEFT's prepare_model_for_kbit_training + get_peft_model on the same base, loaded again), fastpeft-bf16
 (fastpeft's LoRA on the bf16 base); rel_err: fastpeft-nf4's logits against PEFT's. No gradient checkpointing
 anywhere, so that the three hold the same activations (the k-bit preparation's other changes, float32 norms, apply
 to the NF4 models as in the recipe). PEFT's adapter is copied into both fastpeft models, so all three compute the
@@ -38,12 +39,32 @@ from .report import Column, print_pivot
 from .roofline import Row, fill_metrics
 
 BENCH = "qlora"
-IMPLS = ("fastpeft-nf4", "peft-nf4", "fastpeft-bf16")
+IMPLS = ("fastpeft-nf4-fused", "fastpeft-nf4-cublas", "fastpeft-nf4", "peft-nf4", "fastpeft-bf16")
+STRATEGIES = {"fastpeft-nf4-fused": "fused", "fastpeft-nf4-cublas": "cublas"}  # CUDA: fastpeft-nf4 pinned to each
 MODES = {"train": "train", "training": "train", "infer": "infer", "inference": "infer", "forward": "infer"}
 DIMS = ("hidden", "layers", "heads", "intermediate", "vocab", "reps", "rank")
 FULL = {"hidden": 1024, "layers": 4, "heads": 8, "intermediate": 2816, "vocab": 4096, "reps": 5, "rank": 16}
 QUICK = {"hidden": 64, "layers": 2, "heads": 4, "intermediate": 128, "vocab": 128, "reps": 2, "rank": 4}
-TOKENS = {"full": ["4x256", "1x64"], "quick": ["2x16"]}
+TOKENS = {"full": ["4x256", "1x64", "16x1"], "quick": ["2x16"]}  # 16x1: one decode step's 16 tokens (no cache)
+
+
+def impls_here(device: torch.device, chosen) -> list[str]:
+    """The implementations that run on `device`: the two strategies where fastpeft's 4-bit op runs (CUDA, or the
+    Triton interpreter when the backend is forced), the layer's own bitsandbytes product elsewhere."""
+    from ..ops.lora_4bit import path
+
+    strategies = path(device, torch.bfloat16, 1) != "torch"
+    return [i for i in chosen if (i in STRATEGIES) == strategies or i not in (*STRATEGIES, "fastpeft-nf4")]
+
+
+def pinned(fn, strategy: str | None):
+    """fn run with fastpeft's 4-bit strategy pinned (None: the strategy table's choice)."""
+    from ..ops import use_kernel_options
+
+    def call():
+        with use_kernel_options(linear_strategy=strategy):
+            return fn()
+    return call
 
 
 def _load(folder: str, device: torch.device, nf4: bool):
@@ -115,29 +136,36 @@ def run_shape(run: Run, folder: str, tokens: str) -> list[Row]:
     except Exception as exc:
         models, note = {}, failure_note(exc, " building")
         print(f"  {tokens}: {note}", flush=True)
-    check = None
+    impls = impls_here(device, run.impls)
+    fns = steps(models, ids)
+    for impl, strategy in STRATEGIES.items():  # one fastpeft NF4 model, its strategy pinned per call
+        if models and impl in impls:
+            models[impl] = models["fastpeft-nf4"]
+            fns[impl] = {mode: pinned(fn, strategy) for mode, fn in fns["fastpeft-nf4"].items()}
+    checks = {}
     if models:  # fastpeft's NF4 model computes PEFT's logits (the same base, the same adapter)
         with torch.no_grad():
-            logits = {impl: models[impl].eval()(input_ids=ids).logits.float() for impl in ("fastpeft-nf4", "peft-nf4")}
-        check = max_rel_err([logits["fastpeft-nf4"]], [logits["peft-nf4"]])
-    fns = steps(models, ids)
+            theirs = models["peft-nf4"].eval()(input_ids=ids).logits.float()
+            for impl in (i for i in impls if i.startswith("fastpeft-nf4")):
+                ours = pinned(lambda m=models[impl].eval(): m(input_ids=ids).logits.float(), STRATEGIES.get(impl))
+                checks[impl] = max_rel_err([ours()], [theirs])
     for mode in run.ctx["modes"]:
         times, memory = {}, {}
         for model in models.values():
             model.train(mode == "train")
         if models:
             try:
-                times = alternate({impl: fns[impl][mode] for impl in IMPLS}, dims["reps"], CLOCKS["wall"])
-                memory = {impl: step_peak_mib(fns[impl][mode], device) for impl in IMPLS}
+                times = alternate({impl: fns[impl][mode] for impl in impls}, dims["reps"], CLOCKS["wall"], device)
+                memory = {impl: step_peak_mib(fns[impl][mode], device) for impl in impls}
             except Exception as exc:
                 note = failure_note(exc)
                 print(f"  {tokens} {mode}: {note}", flush=True)
-        for impl in IMPLS:
+        for impl in impls:
             t = times.get(impl)
             extra = {"times_ms": t or [], "weights_mib": weights_mib(models[impl]) if impl in models else None,
                      "step_peak_mib": memory.get(impl)}
             rows.append(Row(BENCH, case, mode, impl, statistics.median(t) if t else None, 0.0, 0.0,
-                            rel_err=check if impl == "fastpeft-nf4" else None, note=note, extra=extra))
+                            rel_err=checks.get(impl), note=note, extra=extra))
     fill_metrics(rows, None, base="peft-nf4", peer="peft-nf4")
     return rows
 

@@ -24,7 +24,8 @@ from ..timing import TimerConfig
 TOTAL_S = 470.0  # the whole run on the GPU: 8 minutes less a margin
 STARTUP_S = 15.0  # python, torch, triton, transformers and peft imports before the clock starts
 FINISH_S = 15.0  # the strategy table, the summary and the plots, after the last section
-SHARES = {"peaks": 2, "lora": 34, "dora": 10, "ia3": 8, "multi_lora": 11, "prefix_attention": 9, "train_step": 26}
+SHARES = {"peaks": 2, "lora": 30, "dora": 9, "ia3": 7, "multi_lora": 10, "prefix_attention": 8, "train_step": 22,
+          "lora_4bit": 7, "qlora": 6}
 SECTIONS = tuple(SHARES)
 
 M_GRID = (16384, 4096, 256, 16, 1)  # largest first: the time guard cuts the small-M cases of a section first
@@ -44,6 +45,8 @@ class Plan:
     multi: dict  # shapes, adapters (distinct, rank 16), decode batch, prefill batch x length
     prefix: dict  # lengths, prefix lengths, modes, tokens per call, heads, kv heads, head dim
     train: dict  # the Llama's dims, batch, seq, LoRA rank, alpha, targets
+    lora_4bit: dict  # shapes (K, N), m, ranks of the 4-bit layer
+    qlora: dict  # fastpeft bench qlora's model dims and token shapes (batch x seq)
     autotune_bench: dict = field(default_factory=dict)  # triton.testing.do_bench keywords for autotune
     autotune_configs: int = 0  # the configs autotune tries per key in the sections (0: all its pruning leaves)
     tier_configs: int = 0  # the same in the GPU test tier (correctness only: two tiles are enough)
@@ -66,6 +69,9 @@ GPU = Plan(
             "heads": 32, "kv_heads": 32, "head_dim": 128},
     train={**LLAMA_1B, "batch": 4, "seq": 512, "r": 16, "alpha": 32, "targets": TARGET_MODULES, "rep_ms": 300.0,
            "min_s": 20.0},
+    lora_4bit={"shapes": [(4096, 4096), (4096, 14336)], "m": list(M_GRID), "ranks": [16]},
+    qlora={"dims": {"hidden": 2048, "layers": 4, "heads": 16, "intermediate": 5632, "vocab": 32000, "reps": 5,
+                    "rank": 16}, "tokens": ["4x512", "16x1"]},
     autotune_bench={"warmup": 5, "rep": 25}, autotune_configs=5, tier_configs=2,
 )
 
@@ -83,6 +89,9 @@ DRY = Plan(  # the same code on the CPU: Triton interpreter, tiny sizes, a wall-
     train={"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 128, "batch": 2,
            "seq": 8, "r": 4, "alpha": 8, "targets": ["q_proj", "down_proj"], "rep_ms": 0.0,
            "min_s": 0.0},  # two LoRA layers per block: the interpreter is slow
+    lora_4bit={"shapes": [(64, 96)], "m": [16, 1], "ranks": [4]},
+    qlora={"dims": {"hidden": 64, "layers": 1, "heads": 4, "intermediate": 128, "vocab": 128, "reps": 1, "rank": 4},
+           "tokens": ["1x4"]},
     autotune_bench={"warmup": 5, "rep": 25}, autotune_configs=5, tier_configs=2,  # one config under the interpreter
 )
 

@@ -8,7 +8,8 @@ from ..report import plot_ratio_to_base
 from .context import STRATEGIES
 from .tier import describe
 
-LINEAR = (("lora", "LoRA", ("r", "dropout")), ("dora", "DoRA", ("r",)), ("ia3", "IA3", ("ia3",)))
+LINEAR = (("lora", "LoRA", ("r", "dropout")), ("dora", "DoRA", ("r",)), ("ia3", "IA3", ("ia3",)),
+          ("lora_4bit", "LoRA on an NF4 weight (base: bitsandbytes' 4-bit layer)", ("r",)))
 SHORT = {"r": "r", "dropout": "p", "ia3": ""}  # a plot line's label: "r16 p0.05", "out"
 
 
@@ -25,7 +26,7 @@ def _linear(name: str, title: str, axes: tuple[str, ...], entry: dict) -> list[s
     rows = entry.get("rows", [])
     if not rows:
         return []
-    impls = [*STRATEGIES, "peft"]
+    impls = [*STRATEGIES, "peft", *(["bf16_lora"] if any(r["impl"] == "bf16_lora" for r in rows) else [])]
     ms = sorted({r["M"] for r in rows})
     lines: dict[tuple, dict] = {}
     for r in rows:
@@ -51,6 +52,15 @@ def _prefix(entry: dict) -> list[str]:
              _f(r.get("target_ratio"), ".3f"), r.get("note", "")] for r in entry.get("rows", [])]
     return ["### Prefix attention vs SDPA without the prefix (floor)", "",
             *_table(["mode", "L", "P", "impl", "ms", "x floor", "target", "note"], body), ""] if body else []
+
+
+def _qlora(entry: dict) -> list[str]:
+    body = [[r["tokens"], r["mode"], r["impl"], _f(r.get("ms"), ".2f"), _f(r.get("vs_peer"), ".3f"),
+             _f(r.get("weights_mib"), ".0f"), _f(r.get("step_peak_mib"), ".0f"), _f(r.get("rel_err"), ".1e"),
+             r.get("note", "")] for r in entry.get("rows", [])]
+    return ["### QLoRA model step (fastpeft bench qlora): NF4 base vs PEFT's QLoRA and LoRA on the bf16 base", "",
+            *_table(["tokens", "mode", "impl", "ms", "peft/x", "weights MiB", "step MiB", "rel_err vs peft", "note"],
+                    body), ""] if body else []
 
 
 def _train(entry: dict) -> list[str]:
@@ -119,7 +129,7 @@ def markdown(p: dict) -> str:
     for name, title, axes in LINEAR:
         lines += _linear(name, title, axes, sections.get(name, {}))
     lines += _multi(sections.get("multi_lora", {})) + _prefix(sections.get("prefix_attention", {}))
-    lines += _train(sections.get("train_step", {}))
+    lines += _train(sections.get("train_step", {})) + _qlora(sections.get("qlora", {}))
     lines += _targets(p.get("targets", [])) + _strategies(p.get("strategy_table", {}))
     notes = [f"- {n[:240]}" for n in p["notes"][:12]] + ([f"- ... {len(p['notes']) - 12} more in the JSON"]
                                                          if len(p["notes"]) > 12 else [])

@@ -7,6 +7,8 @@ multi-LoRA: fastpeft, fastpeft_cuda, best), worst case over the scope:
     lora_vs_peft    PEFT time / fastpeft time >= 1.0 at every point of the LoRA grid (both modes)
     dora_vs_lora    DoRA forward+backward / fastpeft LoRA forward+backward (same shape, M, r; dropout 0) <= 1.10
     multi_decode    multi-LoRA decode, 64 distinct rank-16 adapters / the base layer <= 1.05 (every shape)
+    nf4_train       NF4 LoRA forward+backward / bf16 LoRA (the same layer on the dequantized W) <= 1.05, M >= 4096
+    nf4_decode      NF4 LoRA forward / bf16 LoRA <= 1.0 at M <= 16 (4x fewer weight bytes: faster)
 "met" is None off CUDA (the targets are for GPUs) and where nothing was measured.
 """
 from __future__ import annotations
@@ -19,12 +21,14 @@ TARGETS = (  # id, section, what, op, threshold
     ("lora_vs_peft", "lora", "PEFT time / fastpeft time, every LoRA grid point", ">=", 1.0),
     ("dora_vs_lora", "dora", "DoRA forward+backward / fastpeft LoRA forward+backward", "<=", 1.10),
     ("multi_decode", "multi_lora", "multi-LoRA decode, 64 distinct rank-16 adapters / base layer", "<=", 1.05),
+    ("nf4_train", "lora_4bit", "NF4 LoRA forward+backward / bf16 LoRA, M >= 4096", "<=", 1.05),
+    ("nf4_decode", "lora_4bit", "NF4 LoRA forward / bf16 LoRA, M <= 16", "<=", 1.0),
 )
 MARGIN = 0.01  # the strategy table keeps the default unless the other strategy is more than 1% faster
 RULE = ("for each op and row bucket: the strategy with the smaller sum of forward+backward median times over the "
         "cases gpu-check measured at that bucket's M with both strategies (every shape, rank, dropout and IA3 mode "
         f"of the run); the default unless the other is more than {MARGIN:.0%} faster")
-OPS = {"lora": "lora_linear", "dora": "dora_linear", "ia3": "ia3_linear"}
+OPS = {"lora": "lora_linear", "dora": "dora_linear", "ia3": "ia3_linear", "lora_4bit": "lora_linear_4bit"}
 
 
 def _times(rows: list[dict], mode: str, keys: tuple[str, ...]) -> dict[tuple, dict[str, float]]:
@@ -88,6 +92,14 @@ def compute(sections: dict, applicable: bool) -> list[dict]:
         if t.get("base"):
             points[k] = {i: ms / t["base"] for i, ms in _with_best(t, multi_fast).items() if i != "base"}
     values["multi_decode"] = (points, ("shape", "B", "n"))
+    nf4 = sections.get("lora_4bit", {}).get("rows", [])
+    for tid, mode, rows_in in (("nf4_train", "fwd+bwd", lambda m: m >= 4096), ("nf4_decode", "fwd", lambda m: m <= 16)):
+        points = {}
+        for k, t in _times(nf4, mode, ("shape", "M", "r")).items():
+            if rows_in(k[1]) and t.get("bf16_lora"):
+                points[k] = {i: ms / t["bf16_lora"] for i, ms in _with_best(t, STRATEGIES).items()
+                             if i in (*STRATEGIES, "best")}
+        values[tid] = (points, ("shape", "M", "r"))
     out = []
     for tid, section, what, op, threshold in TARGETS:
         variants = (*multi_fast, "best") if tid == "multi_decode" else (*STRATEGIES, "best")
