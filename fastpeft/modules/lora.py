@@ -190,6 +190,7 @@ class LoRALinear(AdapterLayer):
             y = y + self._lora_term(x, n, y.dtype)
         return y
 
+    @torch.compiler.disable  # the 4-bit op is an autograd.Function around launches (not a registered op)
     def _lora_4bit_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor | None:
         """On CUDA (a Triton backend), the whole layer in fastpeft's 4-bit op (fastpeft/ops/lora_4bit.py): the base
         product from the packed weight, the adapters' term in its epilogue, in the layer's compute dtype as the
