@@ -81,3 +81,16 @@ def _fresh(v):
     if isinstance(v, torch.Tensor):
         return v.detach().clone().requires_grad_(v.requires_grad)
     return v
+
+
+def sgd_losses(model, ids: torch.Tensor, *, steps: int = 3, lr: float = 0.1) -> list[float]:
+    """The losses of `steps` SGD steps on the model's trainable parameters (labels = ids)."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

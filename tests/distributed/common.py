@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 
 import torch
 import transformers
@@ -38,15 +37,6 @@ def base(weights: str) -> nn.Module:
     model = build()
     model.load_state_dict(load_file(weights))
     return model.train()
-
-
-def load_4bit(folder: str) -> nn.Module:
-    """The transformers model saved in `folder`, loaded in bitsandbytes 4-bit NF4 (float32 compute)."""
-    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_compute_dtype=torch.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization)
 
 
 def batches() -> torch.Tensor:

@@ -11,7 +11,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import fastpeft as fp
-from tests.distributed.common import load_4bit, train
+from tests.distributed.common import train
+from tests.quantized import load_4bit
 
 
 def main(out: str) -> None:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import fastpeft as fp
-from tests.distributed.common import TIMEOUT, finish_ranks, load_4bit, start_ranks, train
+from tests.distributed.common import TIMEOUT, finish_ranks, start_ranks, train
+from tests.quantized import load_4bit
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")

@@ -4,13 +4,12 @@ checkpointing as PEFT's prepare_model_for_kbit_training leaves them), then train
 with gradient checkpointing: the same losses as PEFT's run from the same adapter weights."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
 
 import fastpeft as fp
+from tests.quantized import load_4bit
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -29,13 +28,7 @@ def checkpoint(tmp_path_factory):
 
 
 def _load_4bit(folder):
-    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_use_double_quant=True,
-                                                   bnb_4bit_compute_dtype=torch.bfloat16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return transformers.LlamaForCausalLM.from_pretrained(folder, quantization_config=quantization,
-                                                             dtype=torch.bfloat16)
+    return load_4bit(folder, compute_dtype=torch.bfloat16, double_quant=True, dtype=torch.bfloat16)
 
 
 def _layout(model):

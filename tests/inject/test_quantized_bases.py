@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import fastpeft as fp
-from tests.harness import rel_err
+from tests.harness import rel_err, sgd_losses
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -131,14 +131,7 @@ def test_checkpoints_move_both_ways_with_peft_and_train_alike(base, method, tmp_
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         assert trainable and all(p.dtype == torch.float32 for p in trainable)
-        opt = torch.optim.SGD(trainable, lr=0.05)
-        losses[label] = []
-        for _ in range(3):
-            opt.zero_grad()
-            loss = model(input_ids=IDS, labels=IDS).loss
-            loss.backward()
-            opt.step()
-            losses[label].append(loss.item())
+        losses[label] = sgd_losses(model, IDS, lr=0.05)
     assert losses["fastpeft"] == pytest.approx(losses["peft"], rel=max(tol, 1e-5))
 
 
@@ -296,14 +289,7 @@ def test_bottleneck_adapters_on_quantized_linears(base, config, tmp_path):
 
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("adapter" in n or "shared_parameters" in n for n in trainable)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    losses = []
-    for _ in range(3):
-        opt.zero_grad()
-        loss = model(input_ids=IDS, labels=IDS).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = sgd_losses(model, IDS)
     assert losses[-1] < losses[0]
     fp.save_adapter(model, tmp_path / "trained", name="bn")
     again = fp.load_adapter(BASES[base](tmp_path), tmp_path / "trained", name="bn").train()

@@ -11,14 +11,14 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import pytest
 import torch
 
 import fastpeft as fp
 from fastpeft.modules import base_layers
-from tests.harness import rel_err
+from tests.harness import rel_err, sgd_losses
+from tests.quantized import load_4bit
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore")]
 transformers = pytest.importorskip("transformers")
@@ -35,20 +35,10 @@ def _folder(tmp_path):
     return tmp_path
 
 
-def _nf4(folder):
-    pytest.importorskip("bitsandbytes")
-    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_use_double_quant=True,
-                                                   bnb_4bit_compute_dtype=torch.bfloat16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return transformers.LlamaForCausalLM.from_pretrained(folder, quantization_config=quantization,
-                                                             device_map={"": 0})
-
-
 @pytest.mark.parametrize("how", ["fused", "cublas"])
 def test_lora_on_nf4_runs_the_4bit_op_and_equals_the_library_path(how, tmp_path, monkeypatch):
-    model = _nf4(_folder(tmp_path)).train()
+    pytest.importorskip("bitsandbytes")
+    model = load_4bit(_folder(tmp_path), compute_dtype=torch.bfloat16, double_quant=True, device_map={"": 0}).train()
     fp.add_adapter(model, "a", fp.LoRAConfig(r=16, alpha=32, target_modules=TARGETS))
     layer = model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
@@ -97,13 +87,5 @@ def test_lora_on_torchao_int4(tmp_path):
         term = (x.float() @ layer.lora_A["a"].t() @ layer.lora_B["a"].t()) * layer.scaling["a"]
         expected = x.float() @ w.t() + term
         assert rel_err(layer(x).float(), expected) < 2e-2
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    losses = []
-    for _ in range(3):
-        opt.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = sgd_losses(model.train(), ids)
     assert losses[-1] < losses[0]

@@ -35,8 +35,13 @@ SCALE = 2.0  # alpha / r with alpha = 2r
 BLOCKSIZE = 64
 
 
-def missing_libraries() -> list[str]:
-    return [m for m in ("bitsandbytes", "peft", "transformers") if importlib.util.find_spec(m) is None]
+def skipped(check: Check, section: str) -> bool:
+    """Whether `section` cannot run here (bitsandbytes, PEFT or transformers missing): then noted and recorded."""
+    missing = [m for m in ("bitsandbytes", "peft", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        check.note(f"{section}: skipped, {', '.join(missing)} not installed here")
+        check.section(section, {**getattr(check.plan, section), "skipped": f"{', '.join(missing)} not installed"})
+    return bool(missing)
 
 
 def make_item(M: int, K: int, N: int, r: int, dtype, device, peft_linear) -> dict:
@@ -100,12 +105,9 @@ def lora_4bit_case(check: Check, run, K: int, N: int, M: int, r: int) -> list:
 
 
 def run_lora_4bit(check: Check) -> None:
-    plan = check.plan.lora_4bit
-    missing = missing_libraries()
-    if missing:
-        check.note(f"lora_4bit: skipped, {', '.join(missing)} not installed here")
-        check.section("lora_4bit", {**plan, "skipped": f"{', '.join(missing)} not installed"})
+    if skipped(check, "lora_4bit"):
         return
+    plan = check.plan.lora_4bit
     peft, why = load("peft.tuners.lora.bnb", "Linear4bit")
     impls = [i for i in IMPLS if i != "peft" or peft is not None]
     if why:
@@ -120,12 +122,9 @@ def run_lora_4bit(check: Check) -> None:
 
 
 def run_qlora(check: Check) -> None:
-    plan = check.plan.qlora
-    missing = missing_libraries()
-    if missing:
-        check.note(f"qlora: skipped, {', '.join(missing)} not installed here")
-        check.section("qlora", {**plan, "skipped": f"{', '.join(missing)} not installed"})
+    if skipped(check, "qlora"):
         return
+    plan = check.plan.qlora
     from ..models import random_llama
 
     dims = plan["dims"]
