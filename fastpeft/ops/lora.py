@@ -134,7 +134,7 @@ def _lora_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tens
     if rows_backend("lora_linear", x) == "torch":
         return reference.lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan_in_fan_out,
                                          need_t, out_scale, need_z)
-    return _triton_forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan_in_fan_out, need_t,
+    return triton_forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan_in_fan_out, need_t,
                            out_scale, need_z)
 
 
@@ -147,7 +147,7 @@ def _lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tens
     if rows_backend("lora_linear", dy) == "torch":
         return reference.lora_linear_bwd(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, fan_in_fan_out,
                                          needs, out_scale, z)
-    return _triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, fan_in_fan_out, needs,
+    return triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, fan_in_fan_out, needs,
                             out_scale, z)
 
 
@@ -229,13 +229,13 @@ def _col_scaled_b(lora_b, c):
     return lora_b if c is None else lora_b * c[:, None].to(lora_b.dtype)
 
 
-def _dropout_args(seed, dropout_p):
+def dropout_args(seed, dropout_p):
     if dropout_p == 0.0 or seed is None:
         return {}
     return {"seed": seed, "threshold": keep_threshold(dropout_p), "inv_keep": 1.0 / (1.0 - dropout_p)}
 
 
-def _triton_forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan_in_fan_out, need_t, out_scale,
+def triton_forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan_in_fan_out, need_t, out_scale,
                     need_z):
     kern = _kernels()
     bias = bias.contiguous() if bias is not None else None  # the kernels index bias and scales densely
@@ -249,7 +249,7 @@ def _triton_forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan
     if M == 0:
         return out, t, z
     w_kn = weight if fan_in_fan_out else weight.t()
-    drop = _dropout_args(seed, dropout_p)
+    drop = dropout_args(seed, dropout_p)
     if cublas_base(x, R, out_scale):  # Y = x Wᵀ (+ b) on cuBLAS, then the adapter's terms in place
         c = out_scale.contiguous() if out_scale is not None else None
         if bias is not None and c is None:
@@ -271,7 +271,7 @@ def _triton_forward(x, weight, bias, lora_a, lora_b, scale, seed, dropout_p, fan
     return out, t, z
 
 
-def _triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, fan_in_fan_out, needs, out_scale, z,
+def triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, fan_in_fan_out, needs, out_scale, z,
                      dx_gemm=None):
     """With a column scale c, dY' = dY ⊙ c is never stored: the dX GEMM scales the dY tiles it loads (and
     reduces dc = Σ_m dY ⊙ Z from them), the shrink G = dY' B uses B ⊙ c, and dB = c ⊙ (dYᵀ (T ⊙ s)).
@@ -283,7 +283,7 @@ def _triton_backward(dy, x, weight, lora_a, lora_b, scale, t, seed, dropout_p, f
     M, N = dy.shape
     K = x.shape[1]
     R = lora_a.shape[0]
-    drop = _dropout_args(seed, dropout_p)
+    drop = dropout_args(seed, dropout_p)
     dx, da, db, ds, dbias, dc = (dy.new_empty((0,)) for _ in range(6))
     if M == 0:
         zeros = (dy.new_zeros((0, K)), torch.zeros_like(lora_a), torch.zeros_like(lora_b), torch.zeros_like(scale),

@@ -25,7 +25,7 @@ from ..errors import InputError
 from ..kernels.limits import TRITON_DTYPES
 from ..reference import lora as reference
 from . import dispatch, registry
-from .lora import _dropout_args, _triton_backward, _triton_forward, check_lora
+from .lora import dropout_args, triton_backward, triton_forward, check_lora
 from .strategy import choose_strategy
 
 registry.describe("lora_linear_4bit", dtypes=TRITON_DTYPES, doc="y = x dequant(W4)^T + b + s * drop(x) A^T B^T",
@@ -120,7 +120,7 @@ class _LoRA4bit(torch.autograd.Function):
         if how == "fused":
             y, t = _fused_forward(x, bias, lora_a, lora_b, scale, weight, seed, dropout_p)
         else:
-            forward = reference.lora_linear_fwd if how == "torch" else _triton_forward
+            forward = reference.lora_linear_fwd if how == "torch" else triton_forward
             y, t, _ = forward(x, weight.dequantize().to(x.dtype), bias, lora_a, lora_b, scale, seed, dropout_p,
                               False, True, None, False)
         ctx.save_for_backward(x, lora_a, lora_b, scale, t, seed)
@@ -141,10 +141,10 @@ class _LoRA4bit(torch.autograd.Function):
                 def dx_gemm(dy, g, dx):
                     weight.gemm(dy, transpose=True, s=g, scale=scale, e=lora_a, seed=seed, dropout_p=p, out=dx)
 
-                grads = _triton_backward(dy, x, None, lora_a, lora_b, scale, t, seed, p, False, needs, None, z,
+                grads = triton_backward(dy, x, None, lora_a, lora_b, scale, t, seed, p, False, needs, None, z,
                                          dx_gemm=dx_gemm)
             else:
-                backward = reference.lora_linear_bwd if ctx.how == "torch" else _triton_backward
+                backward = reference.lora_linear_bwd if ctx.how == "torch" else triton_backward
                 w = weight.dequantize().to(dy.dtype) if need_dx else _shape_only(*weight.shape, dy)
                 grads = backward(dy, x, w, lora_a, lora_b, scale, t, seed, p, False, needs, None, z)
         dx, da, db, ds, dbias, _ = grads
@@ -160,6 +160,6 @@ def _fused_forward(x, bias, lora_a, lora_b, scale, weight, seed, dropout_p):
     t = dispatch.new_output((M, lora_a.shape[0]), like=x, dtype=torch.float32)
     out = dispatch.new_output((M, weight.shape[0]), like=x)
     if M:
-        kernels.shrink(x, lora_a.t(), t, **_dropout_args(seed, dropout_p))
+        kernels.shrink(x, lora_a.t(), t, **dropout_args(seed, dropout_p))
         weight.gemm(x, s=t, scale=scale, e=lora_b.t(), bias=bias.contiguous() if bias is not None else None, out=out)
     return out, t

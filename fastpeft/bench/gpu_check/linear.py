@@ -116,7 +116,7 @@ def ia3_case(check: Check, run, K: int, N: int, M: int, kind: str) -> list[Row]:
                                  ia3.ia3_bytes(M, K, N, kind, mode, impl, run.elem)))
 
 
-def _columns(axis: str, dropout: bool) -> list[Column]:
+def section_columns(axis: str, dropout: bool) -> list[Column]:
     cols = columns(SectionFamily("", axis))
     return cols[:3] + [Column("dropout", "p", 4, ".2f")] + cols[3:] if dropout else cols
 
@@ -133,7 +133,7 @@ def run_lora(check: Check) -> None:
     cases = [(K, N, M, r, p) for r, p in plan["blocks"] for M in plan["m"] for K, N in plan["shapes"]]
     check.run_cases("lora", _config(plan, impls, "peft.tuners.lora.layer.Linear"), cases,
                     lambda c: lora_case(check, run, *c), lambda c: "K={} N={} M={} r={} p={}".format(*c),
-                    _columns("r", True))
+                    section_columns("r", True))
 
 
 def run_dora(check: Check) -> None:
@@ -143,7 +143,7 @@ def run_dora(check: Check) -> None:
     cases = [(K, N, M, r) for r in plan["ranks"] for M in plan["m"] for K, N in plan["shapes"]]
     check.run_cases("dora", _config(plan, impls, "peft.tuners.lora.layer.Linear(use_dora=True)"), cases,
                     lambda c: dora_case(check, run, *c), lambda c: "K={} N={} M={} r={}".format(*c),
-                    _columns("r", False))
+                    section_columns("r", False))
 
 
 def run_ia3(check: Check) -> None:
@@ -153,4 +153,4 @@ def run_ia3(check: Check) -> None:
     cases = [(K, N, M, kind) for M in plan["m"] for K, N, kind in plan["cases"]]
     check.run_cases("ia3", _config(plan, impls, "peft.tuners.ia3.layer.Linear"), cases,
                     lambda c: ia3_case(check, run, *c), lambda c: "K={} N={} M={} ia3={}".format(*c),
-                    _columns("ia3", False))
+                    section_columns("ia3", False))

@@ -28,7 +28,7 @@ from .. import lora, qlora
 from ..grid import time_case
 from ..optional import load
 from .context import STRATEGIES, Check
-from .linear import _columns, strategy_hooks
+from .linear import section_columns, strategy_hooks
 
 IMPLS = ("base", *STRATEGIES, "peft", "bf16_lora")
 SCALE = 2.0  # alpha / r with alpha = 2r
@@ -118,7 +118,7 @@ def run_lora_4bit(check: Check) -> None:
               "quantization": f"bitsandbytes NF4, double quantization, blocksize {BLOCKSIZE}",
               "strategies": {s: f"use_kernel_options(linear_strategy={s!r})" for s in STRATEGIES}}
     check.run_cases("lora_4bit", config, cases, lambda c: lora_4bit_case(check, run, *c),
-                    lambda c: "K={} N={} M={} r={}".format(*c), _columns("r", False))
+                    lambda c: "K={} N={} M={} r={}".format(*c), section_columns("r", False))
 
 
 def run_qlora(check: Check) -> None:
