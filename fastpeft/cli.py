@@ -3,6 +3,7 @@
     fastpeft demo [--steps N] [--seed S] [--quick]   train LoRA on a tiny built-in model, merge, generate, time it
     fastpeft info                                    versions, and the backend each op uses here and why
     fastpeft bench <family> [args...]                run a microbenchmark (fastpeft/bench/<family>)
+    fastpeft serve --model DIR --adapter NAME=PATH   serve adapters over an OpenAI-compatible HTTP API
 """
 from __future__ import annotations
 
@@ -133,6 +134,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# fastpeft serve
+# ------------------------------------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fastpeft.serve import launch
+
+    return launch.main(args)
+
+
+def add_serve_parser(sub) -> None:
+    """The `serve` subcommand (its options: fastpeft/serve/launch.py; imports nothing heavy)."""
+    from fastpeft.serve import launch
+
+    p = sub.add_parser("serve", help="serve the base model and many adapters over an OpenAI-compatible HTTP API "
+                                     "(continuous batching; needs the serve extra)",
+                       description=launch.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    launch.add_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Parser
 # ------------------------------------------------------------------------------------------------------------
 
@@ -162,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("family", nargs="?", help="the op family to benchmark, e.g. lora")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     p.set_defaults(func=cmd_bench, parser=p)
+
+    add_serve_parser(sub)
     return parser
 
 

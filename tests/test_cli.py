@@ -11,7 +11,7 @@ from tests.aot import ROOT
 from tests.bench_run import small_peaks
 
 FAMILIES = ("adalora", "bottleneck", "cpu", "dora", "ia3", "lora", "multi", "multi_adapter", "phm", "prefix",
-            "prefix_attention", "qlora")
+            "prefix_attention", "qlora", "serve")
 
 
 def fastpeft(*args: str, timeout: int = 120, cwd=ROOT) -> subprocess.CompletedProcess:

@@ -23,6 +23,7 @@ FAMILIES = {  # the name `fastpeft bench` takes -> the module under fastpeft.ben
     "prefix": "prefix_attention",
     "prefix_attention": "prefix_attention",
     "qlora": "qlora",
+    "serve": "serve",
 }
 
 

@@ -24,15 +24,21 @@ ATTRIBUTE = "_fastpeft_batch"
 class RowBatch:
     """The slot (adapter id) of each row of a batch, -1 for none; its routings, per token layout, built on first use
     and shared by every layer. `expand` allows a layer's batch to be a multiple of the rows (generate repeats each
-    row for beams and return sequences, in order)."""
+    row for beams and return sequences, in order). With `per_token`, `slots` has one entry per token of every layer
+    input instead (x.shape[:-1] flattened: the packed (1, T) batches of continuous batching, where the tokens of many
+    requests share one row); only token-wise modules (LoRA, AdaLoRA, DoRA, IA3) can run such a batch."""
 
-    def __init__(self, slots: tuple[int, ...], names: tuple[str | None, ...], num_slots: int, *, expand: bool = False):
+    def __init__(self, slots: tuple[int, ...], names: tuple[str | None, ...], num_slots: int, *, expand: bool = False,
+                 per_token: bool = False):
         self.slots, self.names, self.num_slots, self.expand = slots, names, num_slots, expand
+        self.per_token = per_token
         self.memo: dict = {}  # per-layer state for this batch (validated tables), keyed by the layer
         self._routings: dict = {}
 
     def routing(self, x: Tensor, where: str) -> Routing:
         """The routing of a layer input x: (B, ..., features) with B rows (or a multiple of them, when expanded)."""
+        if self.per_token:
+            return self._token_routing(x, where)
         rows = x.shape[0] if x.dim() >= 3 else len(self.slots)
         tokens = x.numel() // max(x.shape[-1], 1)
         key = (rows, tokens, x.device)
@@ -40,6 +46,16 @@ class RowBatch:
         if found is None:
             found = self._routings[key] = Routing.build(self.row_slots(rows, where, tokens), self.num_slots,
                                                         x.device, tokens_per_slot=tokens // rows, where=where)
+        return found
+
+    def _token_routing(self, x: Tensor, where: str) -> Routing:
+        tokens = x.numel() // max(x.shape[-1], 1)
+        if tokens != len(self.slots):
+            raise AdapterError(f"{where}: the per-token batch names {len(self.slots)} adapters, one per token, but this "
+                               f"layer's input {tuple(x.shape)} has {tokens} tokens; pass one adapter per token.")
+        found = self._routings.get(x.device)
+        if found is None:
+            found = self._routings[x.device] = Routing.build(self.slots, self.num_slots, x.device, where=where)
         return found
 
     def row_slots(self, rows: int, where: str, tokens: int | None = None) -> list[int]:
@@ -51,6 +67,10 @@ class RowBatch:
         return self._per_row(self.names, rows, where, rows)
 
     def _per_row(self, values: tuple, rows: int, where: str, tokens: int) -> list:
+        if self.per_token:
+            raise AdapterError(f"{where}: this module picks adapters per row (prefix tuning, LLaMA-Adapter, "
+                               "modules_to_save), but the batch gives one adapter per token (packed continuous "
+                               "batching); serve such adapters with model.generate(..., adapter_names=[...]) instead.")
         n = len(values)
         if rows == n and tokens % rows == 0:
             return list(values)
@@ -137,10 +157,10 @@ class BatchContext:
             finally:
                 _running.reset(token)
 
-    def make_batch(self, model: torch.nn.Module, adapters, *, expand: bool = False,
+    def make_batch(self, model: torch.nn.Module, adapters, *, expand: bool = False, per_token: bool = False,
                    where: str = "adapter_names") -> RowBatch:
         """The RowBatch of `adapters` (one per row: a name, None or "__base__", or an id, -1 for none; a sequence or a
-        1-D integer tensor), everything checked before any layer runs."""
+        1-D integer tensor), everything checked before any layer runs. `per_token`: one per token instead."""
         names_of = {i: n for n, i in self.ids.items()}
         if isinstance(adapters, Tensor) or (isinstance(adapters, Sequence) and not isinstance(adapters, str) and
                                             adapters and all(isinstance(a, int) for a in adapters)):
@@ -168,7 +188,7 @@ class BatchContext:
             where_merged = merged[0] + (f" (and {len(merged) - 1} more)" if len(merged) > 1 else "")
             raise AdapterError(f"{where}: adapters are merged into the base weights of {where_merged}; a multi-adapter "
                                "batch needs them unmerged: call fp.unmerge_adapter(model) first.")
-        return RowBatch(tuple(slots), names, self.num_slots, expand=expand)
+        return RowBatch(tuple(slots), names, self.num_slots, expand=expand, per_token=per_token)
 
 
 def _id_list(adapters, names_of: dict[int, str], where: str) -> tuple[int, ...]:
