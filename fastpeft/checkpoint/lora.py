@@ -2,6 +2,10 @@
 
 Tensor keys are PEFT's: "base_model.model." + module path + one of
   .lora_A.weight (r, in) and .lora_B.weight (out, r)   each layer the adapter wraps
+  .lora_A.weight (r·E, in), .lora_B.weight (out, r·E)  each fused expert tensor (target_parameters) of an experts
+                                                       module; PEFT nests one wrapper per tensor, the module's first
+                                                       tensor innermost: with k tensors targeted there, the i-th
+                                                       (0-based, module order) is under <path> + ".base_layer"·(k-1-i)
   .lora_magnitude_vector (out,)                        DoRA (use_dora=True): the magnitude of each layer
   .<key>                                               each state_dict entry of a `modules_to_save` module (its copy)
   .base_layer.bias                                     bias="lora_only" and "all": the bias of each wrapped layer
@@ -16,6 +20,7 @@ from torch import nn
 from ..config import LoRAConfig
 from ..errors import CheckpointError
 from ..inject import lora as lora_inject
+from ..modules.moe_lora import LoRAExperts, expert_features
 from .files import (INCOMPLETE_FIX, MISMATCH_FIX, add_and_fill, base_state, check_fields, few, fill_saved, in_out,
                     peft_modules_to_save, peft_target_modules, plan_for_checkpoint, present_modules_to_save,
                     read_tensors, saved_requirements)
@@ -25,7 +30,7 @@ _FIELDS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_m
            "exclude_modules": "exclude_modules", "layers_to_transform": "layers_to_transform",
            "layers_pattern": "layers_pattern", "modules_to_save": "modules_to_save", "bias": "bias",
            "use_rslora": "use_rslora", "use_dora": "use_dora", "rank_pattern": "rank_pattern",
-           "alpha_pattern": "alpha_pattern"}
+           "alpha_pattern": "alpha_pattern", "target_parameters": "target_parameters"}
 # Fields that do not change what a loaded adapter computes: metadata, the layer type (fan_in_fan_out follows it,
 # as in PEFT), and initialisation schemes (the loaded tensors replace the initial ones).
 _IGNORED = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
@@ -34,7 +39,6 @@ _IGNORED = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_mode
             "lora_ga_config"}
 # PEFT features fastpeft does not implement: a checkpoint that turns one on is refused.
 _UNSUPPORTED = {"lora_bias": "a bias on lora_B", "layer_replication": "layer replication",
-                "target_parameters": "LoRA on parameters (target_parameters)",
                 "trainable_token_indices": "trainable tokens", "use_qalora": "QALoRA",
                 "alora_invocation_tokens": "activated LoRA (aLoRA)", "use_bdlora": "block-diagonal LoRA",
                 "arrow_config": "Arrow routing", "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA",
@@ -50,6 +54,13 @@ def export(model: nn.Module, name: str, config: LoRAConfig, targets: list[str], 
     module paths), so PEFT and fastpeft target the same layers when they load it.
     """
     tensors: dict[str, torch.Tensor] = {}
+    experts = [p for p in targets if isinstance(model.get_submodule(p), LoRAExperts)]
+    for path in experts:
+        layer = model.get_submodule(path)
+        for key, pname in _expert_keys(path, layer.targets[name]):
+            tensors[f"{key}.lora_A.weight"] = layer.lora_A[pname][name]
+            tensors[f"{key}.lora_B.weight"] = layer.lora_B[pname][name]
+    targets = [p for p in targets if p not in experts]
     for path in targets:
         layer = model.get_submodule(path)
         tensors[f"{path}.lora_A.weight"] = layer.lora_A[name]
@@ -66,10 +77,27 @@ def export(model: nn.Module, name: str, config: LoRAConfig, targets: list[str], 
         base = base_state(model)  # corrupts its weights after a forward, so it is not called without need
         for key, clean in _bias_keys(base, config.bias, set(targets), saved).items():
             tensors[key] = base[clean]
-    return tensors, _peft_config(model, config, targets, saved)
+    return tensors, _peft_config(model, name, config, targets, experts, saved)
 
 
-def _peft_config(model: nn.Module, config: LoRAConfig, targets: list[str], saved: list[str]) -> dict:
+def _expert_keys(path: str, tensors: list[str]) -> list[tuple[str, str]]:
+    """(PEFT's module key, tensor name) of each targeted tensor of the experts module at `path` (module order)."""
+    return [(path + ".base_layer" * (len(tensors) - 1 - i), pname) for i, pname in enumerate(tensors)]
+
+
+def _peft_target_parameters(model: nn.Module, name: str, experts: list[str]) -> list[str] | None:
+    """target_parameters as PEFT's config lists them: "<module leaf>.<tensor>" when those pick exactly the adapted
+    tensors among the model's parameters, else full parameter paths."""
+    if not experts:
+        return None
+    chosen = {f"{p}.{t}" for p in experts for t in model.get_submodule(p).targets[name]}
+    short = sorted({".".join(c.rsplit(".", 2)[-2:]) for c in chosen})
+    picked = {k for k in base_state(model) if any(k == s or k.endswith("." + s) for s in short)}
+    return short if picked == chosen else sorted(chosen)
+
+
+def _peft_config(model: nn.Module, name: str, config: LoRAConfig, targets: list[str], experts: list[str],
+                 saved: list[str]) -> dict:
     """The adapter_config.json PEFT writes for an equivalent LoraConfig."""
     target_modules = peft_target_modules(model, targets, saved, config.layers_to_transform)
     modules_to_save = peft_modules_to_save(model, saved)
@@ -84,7 +112,8 @@ def _peft_config(model: nn.Module, config: LoRAConfig, targets: list[str], saved
         "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
         "bias": config.bias, "use_rslora": config.use_rslora, "init_lora_weights": config.init_weights,
         "fan_in_fan_out": any(model.get_submodule(p).fan_in_fan_out for p in targets),
-        "use_dora": config.use_dora, "lora_bias": False, "layer_replication": None, "target_parameters": None,
+        "use_dora": config.use_dora, "lora_bias": False, "layer_replication": None,
+        "target_parameters": _peft_target_parameters(model, name, experts),
         "trainable_token_indices": None,
     }
 
@@ -120,8 +149,11 @@ def _config_from_peft(data: dict, path: str, model: nn.Module) -> LoRAConfig:
 
 def _match(model: nn.Module, config: LoRAConfig, lora_plan, tensors: dict, path: str, prefix: str) -> list[tuple]:
     """Pair every checkpoint tensor with its destination, checking names and shapes; nothing is changed."""
-    targets = {p: r for p, r, _ in lora_plan.targets}
+    targets = {t[0]: t[1] for t in lora_plan.targets if not isinstance(t, lora_inject.ExpertTarget)}
     required: dict[str, tuple] = {}
+    for t in lora_plan.targets:
+        if isinstance(t, lora_inject.ExpertTarget):
+            required.update(_expert_requirements(model, t))
     for p, r in targets.items():
         in_f, out_f = in_out(model.get_submodule(p))
         required[f"{p}.lora_A.weight"] = ("lora_A", p, (r, in_f), f"(r, in_features) of {p}", 0)
@@ -168,7 +200,10 @@ def _match(model: nn.Module, config: LoRAConfig, lora_plan, tensors: dict, path:
 def _fill(model: nn.Module, name: str, assignments: list[tuple], undo: list) -> None:
     """Copy the matched tensors into the new adapter (and the biases into the base model, undoably)."""
     for kind, where, tensor in assignments:
-        if kind == "lora_A":
+        if kind in ("expert_A", "expert_B"):
+            layer = model.get_submodule(where[0])
+            (layer.lora_A if kind == "expert_A" else layer.lora_B)[where[1]][name].copy_(tensor)
+        elif kind == "lora_A":
             model.get_submodule(where).lora_A[name].copy_(tensor)
         elif kind == "lora_B":
             model.get_submodule(where).lora_B[name].copy_(tensor)
@@ -179,6 +214,23 @@ def _fill(model: nn.Module, name: str, assignments: list[tuple], undo: list) -> 
         else:
             undo.append(lambda where=where, old=where.detach().clone(): where.copy_(old))
             where.copy_(tensor)
+
+
+def _expert_requirements(model: nn.Module, target) -> dict[str, tuple]:
+    """The tensors an experts module's adapter needs: key -> (kind, (path, tensor), shape, what, rank dim)."""
+    module = model.get_submodule(target.path)
+    experts = module.base_layer if isinstance(module, LoRAExperts) else module
+    order = [n for n, _ in experts.named_parameters(recurse=False) if n in target.ranks]
+    E = experts.num_experts
+    out = {}
+    for key, pname in _expert_keys(target.path, order):
+        in_f, out_f = expert_features(experts, pname, target.layout.params[pname])
+        r = target.ranks[pname][0]
+        out[f"{key}.lora_A.weight"] = ("expert_A", (target.path, pname), (r * E, in_f),
+                                       f"(r·num_experts, in_features) of {target.path}.{pname}", 0)
+        out[f"{key}.lora_B.weight"] = ("expert_B", (target.path, pname), (out_f, r * E),
+                                       f"(out_features, r·num_experts) of {target.path}.{pname}", 1)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ biases

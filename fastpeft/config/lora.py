@@ -24,6 +24,15 @@ class LoRAConfig(AdapterConfig):
     target_modules: list of module names (a name matches itself or any ".name" suffix), a regex matched
     against full module paths, "all-linear" (every linear layer but the output head), or None for the
     model family's default (the query and value projections).
+
+    target_parameters (PEFT's field): fused mixture-of-experts tensors, by parameter path or its ".name" suffix,
+    e.g. ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]. Each expert e of a tensor (E, ...) gets its own
+    A_e (r x in) and B_e (out x r), stored as PEFT stores them (A (r·E, in), B (out, r·E) rank-major), and the
+    tokens routed to e get s·(drop(x) A_eᵀ) B_eᵀ added to that expert's projection. With target_parameters and
+    target_modules=None only the parameters are adapted (as PEFT); rank_pattern / alpha_pattern keys match
+    parameter paths. dropout acts on the expert input of the adapter term: fastpeft computes it, but PEFT refuses
+    lora_dropout != 0 for target_parameters, so such a checkpoint does not load into PEFT. use_dora and bias are
+    not supported there.
     """
 
     method: ClassVar[str] = "lora"
@@ -38,6 +47,7 @@ class LoRAConfig(AdapterConfig):
     layers_pattern: str | list[str] | None = None
     modules_to_save: list[str] | None = None
     bias: str = "none"
+    target_parameters: list[str] | None = None
     fan_in_fan_out: bool | None = None
     use_rslora: bool = False
     use_dora: bool = False
@@ -74,10 +84,29 @@ class LoRAConfig(AdapterConfig):
             if not isinstance(a, (int, float)) or isinstance(a, bool):
                 fail(self, "alpha_pattern", f"alpha {a!r} for {key!r} is not a number",
                      f"give that entry a number, e.g. {{{key!r}: 16}}")
+        self._check_target_parameters()
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = sorted(set(self.target_modules))
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
+
+    def _check_target_parameters(self) -> None:
+        value = self.target_parameters
+        if value is None:
+            return
+        if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) and v for v in value):
+            fail(self, "target_parameters", f"got {value!r}", 'pass a list of parameter names, e.g. '
+                 '["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]')
+        if not value:
+            self.target_parameters = None
+            return
+        if self.use_dora:
+            fail(self, "use_dora", "DoRA is not supported on expert tensors (target_parameters)",
+                 "use use_dora=False, or adapt only linear layers (target_modules) with DoRA")
+        if self.bias != "none":
+            fail(self, "bias", f"bias={self.bias!r} is not supported with target_parameters",
+                 'use bias="none"')
+        self.target_parameters = sorted(set(value))
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)

@@ -144,3 +144,46 @@ def default_ia3_targets(family: Family) -> tuple[list[str], list[str]]:
     """IA3's defaults, as in the (IA)³ paper and PEFT: keys, values and the feed-forward output layer (the
     last scales its input)."""
     return sorted(set(family.k + family.v + family.ffn_out)), sorted(set(family.ffn_out))
+
+
+# ------------------------------------------------------------------------------------------ mixture-of-experts weights
+@dataclass(frozen=True)
+class ExpertParam:
+    """One fused expert tensor an adapter can target (LoRAConfig.target_parameters).
+
+    role: "gate_up" (gate and up projections, 2·I outputs, then the module's gating), "up" (no gate), or "down".
+    transposed: stored (E, in, out), y = x W_e (+ b_e); else (E, out, in), y = x W_eᵀ. bias: the (E, out) bias
+    parameter's name, or None.
+    """
+
+    role: str
+    transposed: bool
+    bias: str | None = None
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """An experts class of transformers (decorated with `use_experts_implementation`): its targetable tensors in the
+    module's own parameter order, and its gating — "chunk" (act(gate) * up with gate, up = chunk(2), transformers'
+    default) or "module" (the class's own `_apply_gate`, e.g. GPT-OSS's interleaved, clamped SwiGLU)."""
+
+    params: dict[str, ExpertParam]
+    gate: str = "chunk"
+
+
+_FUSED = ExpertsLayout({"gate_up_proj": ExpertParam("gate_up", False), "down_proj": ExpertParam("down", False)})
+
+# experts class name -> layout. Adding an MoE family = adding a row (after checking its forward matches the layout).
+EXPERTS: dict[str, ExpertsLayout] = {
+    "MixtralExperts": _FUSED,
+    "Qwen3MoeExperts": _FUSED,
+    "Qwen2MoeExperts": _FUSED,
+    "OlmoeExperts": _FUSED,
+    "GptOssExperts": ExpertsLayout({"gate_up_proj": ExpertParam("gate_up", True, "gate_up_proj_bias"),
+                                    "down_proj": ExpertParam("down", True, "down_proj_bias")}, gate="module"),
+}
+
+
+def experts_layout(module) -> ExpertsLayout | None:
+    """The layout of an experts module (by its class name), or None when fastpeft has no row for it."""
+    return EXPERTS.get(type(module).__name__)

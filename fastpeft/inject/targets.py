@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import TargetError, closest
 from ..modules import AdapterContainer, AdapterLayer, ModulesToSave
 from ..modules.base_layers import describe_linear, is_plain_linear, looks_linear, quantized_kind
-from .families import default_lora_targets, family_of
+from .families import EXPERTS, default_lora_targets, experts_layout, family_of
 
 WRAPPERS = (AdapterLayer, ModulesToSave, AdapterContainer)
 CLASSIFIER_HEADS = ("score", "classifier")
@@ -243,3 +243,49 @@ def blocks(model: nn.Module, layers: str) -> list[tuple[str, int]]:
         if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == layers:
             found += [(f"{name}.{i}", i) for i in range(len(module))]
     return found
+
+
+def resolve_parameter_targets(model: nn.Module, targets, method: str) -> list[tuple[str, list[str]]]:
+    """(module path, [parameter names in the module's order]) of every parameter `targets` (target_parameters)
+    names, PEFT's rule: a parameter's path equals an entry or ends with "." + entry. Only fused expert tensors of an
+    experts class in families.EXPERTS are accepted; raises TargetError (nothing changed) otherwise."""
+    found: dict[str, list[str]] = {}
+    everything: dict[str, tuple[str, nn.Module, str]] = {}  # parameter path -> (module path, module, name)
+    for path, module in model_modules(model):
+        holder = module.base_layer if isinstance(module, AdapterLayer) else module  # an adapted experts module
+        for pname, _ in holder.named_parameters(recurse=False):
+            everything[join(path, pname)] = (path, holder, pname)
+    missing = []
+    for key in targets:
+        hits = [p for p in everything if p == key or p.endswith("." + key)]
+        if not hits:
+            missing.append(key)
+        for p in hits:
+            path, holder, pname = everything[p]
+            found.setdefault(path, [])
+            if pname not in found[path]:
+                found[path].append(pname)
+    if missing:
+        candidates = {".".join(p.rsplit(".", 2)[-2:]) for p, (_, h, n) in everything.items()
+                      if getattr(h, n).dim() == 3} or {".".join(p.rsplit(".", 2)[-2:]) for p in everything}
+        hints = "; ".join(f"{t!r}: closest {closest(t, candidates)}" for t in missing)
+        raise TargetError(f"{method}: target_parameters entr{'y' if len(missing) == 1 else 'ies'} "
+                          f"{', '.join(repr(t) for t in missing)} matched no parameter ({hints}); an entry matches a "
+                          "parameter's path or its end, e.g. 'mlp.experts.gate_up_proj'.")
+    out = []
+    for path, names in found.items():
+        holder = everything[join(path, names[0])][1]
+        layout = experts_layout(holder)
+        bad = [n for n in names if layout is None or n not in layout.params]
+        if bad:
+            listed = ", ".join(f"{join(path, n)} {tuple(getattr(holder, n).shape)}" for n in bad[:4])
+            known = ", ".join(sorted(EXPERTS))
+            why = (f"{type(holder).__name__} has no row in fastpeft's experts table (fastpeft/inject/families.py "
+                   f"EXPERTS: {known})" if layout is None else
+                   f"{type(holder).__name__}'s adaptable tensors are {', '.join(layout.params)}")
+            raise TargetError(f"{method}: target_parameters matched {listed}, which {'is' if len(bad) == 1 else 'are'}"
+                              f" not a fused expert tensor of a known layout: {why}. Target linear layers with "
+                              "target_modules, and expert tensors by their names, e.g. 'mlp.experts.gate_up_proj'. "
+                              "Nothing was changed.")
+        out.append((path, [n for n in layout.params if n in names]))
+    return out
