@@ -20,6 +20,7 @@ from torch import nn
 from ..config import LoRAConfig
 from ..errors import CheckpointError
 from ..inject import lora as lora_inject
+from ..inject.swap import holder
 from ..modules.moe_lora import LoRAExperts, expert_features
 from .files import (INCOMPLETE_FIX, MISMATCH_FIX, add_and_fill, base_state, check_fields, few, fill_saved, in_out,
                     peft_modules_to_save, peft_target_modules, plan_for_checkpoint, present_modules_to_save,
@@ -62,7 +63,7 @@ def export(model: nn.Module, name: str, config: LoRAConfig, targets: list[str], 
             tensors[f"{key}.lora_B.weight"] = layer.lora_B[pname][name]
     targets = [p for p in targets if p not in experts]
     for path in targets:
-        layer = model.get_submodule(path)
+        layer = holder(model, path, name)[1]  # the LoRA layer, inside the IA3 layer where one wraps it
         tensors[f"{path}.lora_A.weight"] = layer.lora_A[name]
         tensors[f"{path}.lora_B.weight"] = layer.lora_B[name]
         if layer.is_dora(name):
@@ -203,12 +204,10 @@ def _fill(model: nn.Module, name: str, assignments: list[tuple], undo: list) -> 
         if kind in ("expert_A", "expert_B"):
             layer = model.get_submodule(where[0])
             (layer.lora_A if kind == "expert_A" else layer.lora_B)[where[1]][name].copy_(tensor)
-        elif kind == "lora_A":
-            model.get_submodule(where).lora_A[name].copy_(tensor)
-        elif kind == "lora_B":
-            model.get_submodule(where).lora_B[name].copy_(tensor)
-        elif kind == "magnitude":
-            model.get_submodule(where).lora_magnitude_vector[name].copy_(tensor)
+        elif kind in ("lora_A", "lora_B", "magnitude"):  # the LoRA layer: inside the IA3 layer where one wraps it
+            layer = holder(model, where, name)[1]
+            target = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}.get(kind, layer.lora_magnitude_vector)
+            target[name].copy_(tensor)
         elif kind == "saved":
             fill_saved(model, name, where, tensor)
         else:

@@ -22,17 +22,17 @@ from fastpeft.serve import tiny  # noqa: E402
 
 CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, max_position_embeddings=32768)  # long requests outlive a test
-ADAPTERS = {  # name -> (how it is made, config); the IA3 ones last (fastpeft's LoRA checkpoint loader cannot yet
-    # fill a LoRA layer an IA3 adapter already wraps: checkpoint/lora.py _fill)
+ADAPTERS = {  # name -> (how it is made, config); the IA3 ones first, so the LoRA checkpoints load into layers an
+    # IA3 adapter already wraps (the IA3 layer then wraps the LoRA layer)
+    "ia3": ("fastpeft", lambda: fp.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                             feedforward_modules=["down_proj"])),
+    "peft_ia3": ("peft_ia3", None),
     "lora1": ("fastpeft", lambda: fp.LoRAConfig(r=1, target_modules=["q_proj"])),
     "lora4": ("fastpeft", lambda: fp.LoRAConfig(r=4, target_modules="all-linear")),
     "lora16": ("fastpeft", lambda: fp.LoRAConfig(r=16, target_modules=["q_proj", "o_proj", "down_proj"])),
     "rslora": ("fastpeft", lambda: fp.LoRAConfig(r=8, target_modules=["k_proj", "up_proj"], use_rslora=True)),
     "dora": ("fastpeft", lambda: fp.LoRAConfig(r=4, target_modules=["q_proj", "gate_proj"], use_dora=True)),
     "peft_lora": ("peft", None),
-    "ia3": ("fastpeft", lambda: fp.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
-                                             feedforward_modules=["down_proj"])),
-    "peft_ia3": ("peft_ia3", None),
 }
 
 
