@@ -9,6 +9,9 @@ B_e = B[:, e::E]); the rows routed to expert e get
 where base_e is the layer's own product (x W_eᵀ, or x W_e + b_e for transposed layouts with biases). The forward is
 transformers' grouped experts computation (pairs (token, expert) sorted by expert, offsets per expert), with the
 model's own routing weights, gating (`_apply_gate` / act_fn), biases and post-expert norm; B_e A_e is never formed.
+Each adapter's term goes through fastpeft/ops/moe_lora.py's `expert_lora` (on CUDA the multi-LoRA segment kernels
+with slot = expert, added in place into the base product; in a multi-adapter batch, an adapter's pairs are the rows
+it adds into, one call per adapter present).
 With no adapter running it is the experts module's own forward. Merging adds s·B_e A_e to W_e (float32, one
 rounding from the original weights, which are kept to unmerge bit for bit).
 """
@@ -217,14 +220,13 @@ class LoRAExperts(AdapterLayer):
             if pname not in self.targets[name]:
                 continue
             a, b = self.lora_A[pname][name], self.lora_B[pname][name]
-            h = x if rows is None else x.index_select(0, rows)
-            p = self.dropout[name]
-            if self.training and p > 0.0:
-                h = nn.functional.dropout(h, p, training=True)
+            h, p = x, self.dropout[name]
+            if self.training and p > 0.0:  # dropout on the adapter's input, as PEFT's lora_dropout
+                h = nn.functional.dropout(x, p, training=True)
             group_sizes = sizes if rows is None else torch.bincount(expert_ids[rows], minlength=self.num_experts
                                                                     ).tolist()
-            term = ops_moe.expert_lora(h, a, b, self.scaling[name][pname], group_sizes).to(y.dtype)
-            y = y + term if rows is None else y.index_add(0, rows, term)
+            # y[rows of e] += s (h A_eᵀ) B_eᵀ: in place on the kernel path (rows listed expert by expert)
+            y = ops_moe.expert_lora(h, a, b, self.scaling[name][pname], group_sizes, out=y, rows=rows)
         return y
 
     @staticmethod
