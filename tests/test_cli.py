@@ -10,7 +10,7 @@ import tomllib
 from tests.aot import ROOT
 from tests.bench_run import small_peaks
 
-FAMILIES = ("adalora", "bottleneck", "cpu", "dora", "ia3", "lora", "multi", "multi_adapter", "phm", "prefix",
+FAMILIES = ("adalora", "bottleneck", "cpu", "dora", "ia3", "lora", "moe", "multi", "multi_adapter", "phm", "prefix",
             "prefix_attention", "qlora", "serve")
 
 
@@ -65,7 +65,8 @@ def test_bench_help_lists_families():
     result = fastpeft("bench", "--help")
     assert result.returncode == 0, result.stderr
     listed = " ".join(result.stdout.split())  # argparse wraps the epilog
-    assert "available families: adalora, bottleneck, cpu, dora, ia3, lora, multi, multi_adapter, phm, prefix" in listed
+    assert ("available families: adalora, bottleneck, cpu, dora, ia3, lora, moe, multi, multi_adapter, phm, "
+            "prefix") in listed
     assert "common" not in result.stdout.split("families:")[1]
 
 

@@ -28,6 +28,8 @@ SECTIONS = {  # section -> the implementations it must have timed
     "train_step": {"base", "fused", "cublas", "peft"},
     "lora_4bit": {"base", "fused", "cublas", "peft", "bf16_lora"},
     "qlora": {"fastpeft-nf4-fused", "fastpeft-nf4-cublas", "peft-nf4", "fastpeft-bf16"},
+    "serve": {"base", "uniform", "zipf"},  # no adapter, then the adapters with each popularity
+    "moe": {"base", "fastpeft", "peft"},  # the experts module alone, fastpeft's LoRAExperts, PEFT's target_parameters
 }
 
 
@@ -58,7 +60,7 @@ def test_dry_run_writes_every_file(dry_run, payload):
     assert json_path.with_suffix(".md").name in names
     assert json_path.stem + "-gpu-tests.log" in names
     if importlib.util.find_spec("matplotlib") is not None:
-        for section in ("lora", "dora", "ia3", "multi_lora", "prefix_attention", "train_step", "lora_4bit"):
+        for section in ("lora", "dora", "ia3", "multi_lora", "prefix_attention", "train_step", "lora_4bit", "serve"):
             assert f"{json_path.stem}-{section}.png" in names, (section, sorted(names), stem)
 
 
@@ -143,6 +145,32 @@ def test_targets_and_strategy_rule_on_hand_made_rows():
     lora.append(_row("fused", "fwd+bwd", 256, 0.9))
     lora.append(_row("cublas", "fwd+bwd", 256, 1.0))
     assert targets.choose_strategies({"lora": {"rows": lora}}, "cublas")["lora_linear"][256]["choice"] == "fused"
+
+
+def test_serve_target_on_hand_made_rows():
+    def row(impl, adapters, tokens_per_s, mode="saturation"):
+        return {"impl": impl, "adapters": adapters, "mode": mode, "tokens_per_s": tokens_per_s,
+                "vs_no_adapters": tokens_per_s / 100.0}
+    rows = [row("base", 0, 100.0), row("uniform", 64, 88.0), row("zipf", 64, 95.0), row("uniform", 64, 10.0, "rate"),
+            row("uniform", 8, 50.0)]
+    result = {t["target"]: t for t in targets.compute({"serve": {"rows": rows}}, applicable=True)}["serve_64_adapters"]
+    assert result["variants"]["best"]["value"] == pytest.approx(0.88) and result["met"] is False
+    assert result["variants"]["best"]["points"] == 2 and result["variants"]["best"]["worst"]["popularity"] == "uniform"
+    off_gpu = {t["target"]: t for t in targets.compute({"serve": {"rows": rows}}, applicable=False)}
+    assert off_gpu["serve_64_adapters"]["met"] is None
+
+
+def test_moe_targets_on_hand_made_rows():
+    def row(layer, impl, ms, mode="fwd+bwd"):
+        return {"layer": layer, "impl": impl, "mode": mode, "ms": ms}
+    rows = [row("mixtral", "base", 10.0), row("mixtral", "fastpeft", 11.0), row("mixtral", "peft", 30.0),
+            row("qwen3_moe", "base", 4.0), row("qwen3_moe", "fastpeft", 5.0), row("qwen3_moe", "peft", 9.0),
+            row("mixtral", "fastpeft", 100.0, "fwd")]
+    result = {t["target"]: t for t in targets.compute({"moe": {"rows": rows}}, applicable=True)}
+    assert result["moe_vs_base"]["variants"]["best"]["value"] == pytest.approx(1.25)
+    assert result["moe_vs_base"]["met"] is False and result["moe_vs_base"]["variants"]["best"]["points_met"] == 1
+    assert result["moe_vs_peft"]["variants"]["best"]["value"] == pytest.approx(1.8)
+    assert result["moe_vs_peft"]["variants"]["best"]["worst"] == {"layer": "qwen3_moe"}
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ FAMILIES = {  # the name `fastpeft bench` takes -> the module under fastpeft.ben
     "dora": "dora",
     "ia3": "ia3",
     "lora": "lora",
+    "moe": "moe",
     "multi": "multi_adapter",
     "multi_adapter": "multi_adapter",
     "phm": "phm",

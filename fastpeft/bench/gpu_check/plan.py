@@ -25,7 +25,7 @@ TOTAL_S = 470.0  # the whole run on the GPU: 8 minutes less a margin
 STARTUP_S = 15.0  # python, torch, triton, transformers and peft imports before the clock starts
 FINISH_S = 15.0  # the strategy table, the summary and the plots, after the last section
 SHARES = {"peaks": 2, "lora": 30, "dora": 9, "ia3": 7, "multi_lora": 10, "prefix_attention": 8, "train_step": 22,
-          "lora_4bit": 7, "qlora": 6}
+          "lora_4bit": 7, "qlora": 6, "serve": 15, "moe": 6}
 SECTIONS = tuple(SHARES)
 
 M_GRID = (16384, 4096, 256, 16, 1)  # largest first: the time guard cuts the small-M cases of a section first
@@ -50,6 +50,10 @@ class Plan:
     autotune_bench: dict = field(default_factory=dict)  # triton.testing.do_bench keywords for autotune
     autotune_configs: int = 0  # the configs autotune tries per key in the sections (0: all its pruning leaves)
     tier_configs: int = 0  # the same in the GPU test tier (correctness only: two tiles are enough)
+    serve: dict = field(default_factory=dict)  # the serving engine's model dims, adapter counts, rank, popularity,
+    # requests, prompt and generated lengths (gpu_check/serving.py)
+    moe: dict = field(default_factory=dict)  # fastpeft bench moe's experts layers (family, E, H, I, top-k), tokens,
+    # rank (gpu_check/moe.py)
 
 
 LLAMA_1B = {"hidden": 2048, "intermediate": 8192, "layers": 16, "heads": 32, "kv_heads": 8, "vocab": 32000}
@@ -73,6 +77,10 @@ GPU = Plan(
     qlora={"dims": {"hidden": 2048, "layers": 4, "heads": 16, "intermediate": 5632, "vocab": 32000, "reps": 5,
                     "rank": 16}, "tokens": ["4x512", "16x1"]},
     autotune_bench={"warmup": 5, "rep": 25}, autotune_configs=5, tier_configs=2,
+    serve={"dims": {**LLAMA_1B, "layers": 8}, "adapters": [0, 64], "popularity": ["uniform", "zipf"], "rank": 16,
+           "requests": 64, "prompt_len": 128, "gen_len": 64},
+    moe={"layers": {"mixtral": ("mixtral", 8, 4096, 14336, 2), "qwen3_moe": ("qwen3_moe", 128, 2048, 768, 8)},
+         "tokens": 4096, "rank": 16},
 )
 
 DRY = Plan(  # the same code on the CPU: Triton interpreter, tiny sizes, a wall-clock timer
@@ -93,6 +101,11 @@ DRY = Plan(  # the same code on the CPU: Triton interpreter, tiny sizes, a wall-
     qlora={"dims": {"hidden": 64, "layers": 1, "heads": 4, "intermediate": 128, "vocab": 128, "reps": 1, "rank": 4},
            "tokens": ["1x4"]},
     autotune_bench={"warmup": 5, "rep": 25}, autotune_configs=5, tier_configs=2,  # one config under the interpreter
+    serve={"dims": {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 128},
+           "adapters": [0, 4], "popularity": ["uniform", "zipf"], "rank": 4, "requests": 6, "prompt_len": 8,
+           "gen_len": 4},
+    moe={"layers": {"mixtral": ("mixtral", 4, 64, 96, 2), "qwen3_moe": ("qwen3_moe", 8, 32, 24, 4)}, "tokens": 8,
+         "rank": 4},
 )
 
 

@@ -19,7 +19,7 @@ from ..devices import device_slug, dtype_name, failure_note, parse_dtype
 from ..driver import backends
 from ..results import RESULTS_DIR, environment
 from ..roofline import measure_peaks
-from . import linear, multi, prefix, quantized, summary, targets, tier, train
+from . import linear, moe, multi, prefix, quantized, serving, summary, targets, tier, train
 from .context import Check, quick_autotune
 from .plan import DRY, GPU, Budget, Guard
 
@@ -136,7 +136,8 @@ def main(argv=None) -> int:
     for name, section in (("lora", linear.run_lora), ("dora", linear.run_dora), ("ia3", linear.run_ia3),
                           ("multi_lora", lambda c: multi.run_multi(c, p["gpu_tests"])),
                           ("prefix_attention", prefix.run_prefix), ("train_step", train.run_train),
-                          ("lora_4bit", quantized.run_lora_4bit), ("qlora", quantized.run_qlora)):
+                          ("lora_4bit", quantized.run_lora_4bit), ("qlora", quantized.run_qlora),
+                          ("serve", serving.run_serve), ("moe", moe.run_moe)):
         try:
             section(check)
         except Exception as exc:  # a section that fails is recorded; the next one runs

@@ -78,6 +78,32 @@ def _train(entry: dict) -> list[str]:
     return [head, "", errs, "", *_table(header, body), ""] if body else []
 
 
+def _serve(entry: dict) -> list[str]:
+    body = [[str(r["adapters"]), r["impl"], r["mode"], _f(r.get("tokens_per_s"), ".0f"),
+             _f(r.get("vs_no_adapters"), ".3f"), _f(r.get("ttft_p50_ms"), ".1f"), _f(r.get("ttft_p99_ms"), ".1f"),
+             _f(r.get("token_p50_ms"), ".2f"),
+             _f(r.get("token_p99_ms"), ".2f"), f"{r.get('answered', '-')}/{r.get('requests', '-')}", r.get("note", "")]
+            for r in entry.get("rows", [])]
+    c = entry.get("config", {})
+    head = (f"### Serving (fastpeft serve's engine): Llama hidden {c.get('dims', {}).get('hidden')}, "
+            f"{c.get('dims', {}).get('layers')} layers, rank-{c.get('rank')} LoRA adapters, {c.get('requests')} "
+            f"requests of {c.get('prompt_len')} + {c.get('gen_len')} tokens")
+    header = ["adapters", "popularity", "mode", "tokens/s", "x none", "TTFT p50 ms", "TTFT p99 ms", "token p50 ms",
+              "token p99 ms", "answered", "note"]
+    return [head, "", *_table(header, body), ""] if body else []
+
+
+def _moe(entry: dict) -> list[str]:
+    body = [[r["layer"], f"{r['E']} / {r['H']} / {r['I']} / {r['top_k']}", r["mode"], r["impl"], _f(r.get("ms"), ".3f"),
+             _f(r.get("vs_base"), ".3f"), _f(r.get("vs_peer"), ".3f"), _f(r.get("rel_err"), ".1e"), r.get("note", "")]
+            for r in entry.get("rows", [])]
+    c = entry.get("config", {})
+    head = (f"### LoRA on MoE expert tensors (fastpeft bench moe): one experts layer, {c.get('tokens')} tokens, "
+            f"rank {c.get('rank')}; rel_err: fastpeft against PEFT")
+    header = ["layer", "E / H / I / top-k", "mode", "impl", "ms", "x base", "peft/x", "rel_err", "note"]
+    return [head, "", *_table(header, body), ""] if body else []
+
+
 def _targets(targets: list[dict]) -> list[str]:
     body = []
     for t in targets:
@@ -130,6 +156,8 @@ def markdown(p: dict) -> str:
         lines += _linear(name, title, axes, sections.get(name, {}))
     lines += _multi(sections.get("multi_lora", {})) + _prefix(sections.get("prefix_attention", {}))
     lines += _train(sections.get("train_step", {})) + _qlora(sections.get("qlora", {}))
+    lines += _serve(sections.get("serve", {}))
+    lines += _moe(sections.get("moe", {}))
     lines += _targets(p.get("targets", [])) + _strategies(p.get("strategy_table", {}))
     notes = [f"- {n[:240]}" for n in p["notes"][:12]] + ([f"- ... {len(p['notes']) - 12} more in the JSON"]
                                                          if len(p["notes"]) > 12 else [])
@@ -156,7 +184,20 @@ def plots(p: dict, sibling) -> list[Path]:
         drawn.append(plot_ratio_to_base(rows, sibling("-prefix_attention.png"), panel_key="P", x_key="L", base="floor",
                                         title=f"Prefix attention vs SDPA without prefix: {device}"))
     drawn.append(_train_plot(sections.get("train_step", {}).get("rows", []), sibling("-train_step.png"), device))
+    drawn.append(_serve_plot(sections.get("serve", {}), sibling("-serve.png"), device, p["dtype"]))
     return [d for d in drawn if d is not None]
+
+
+def _serve_plot(entry: dict, path: Path, device: str, dtype: str) -> Path | None:
+    """fastpeft bench serve's plot of the section's runs (throughput and latency against the number of adapters)."""
+    from ..serve import plot
+
+    runs = [{"adapters": r["adapters"], "popularity": "none" if r["impl"] == "base" else r["impl"], "mode": r["mode"],
+             "tokens_per_s": r["tokens_per_s"], "ttft_ms": {"p50": r["ttft_p50_ms"], "p99": r["ttft_p99_ms"]},
+             "per_token_ms": {"p50": r["token_p50_ms"], "p99": r["token_p99_ms"]}}
+            for r in entry.get("rows", []) if r.get("tokens_per_s")]
+    rank = entry.get("config", {}).get("rank")
+    return plot(runs, path, title=f"Serving: rank-{rank} LoRA adapters vs none: {device}, {dtype}") if runs else None
 
 
 def _train_plot(rows: list[dict], path: Path, device: str) -> Path | None:

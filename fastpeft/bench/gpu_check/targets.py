@@ -9,6 +9,11 @@ multi-LoRA: fastpeft, fastpeft_cuda, best), worst case over the scope:
     multi_decode    multi-LoRA decode, 64 distinct rank-16 adapters / the base layer <= 1.05 (every shape)
     nf4_train       NF4 LoRA forward+backward / bf16 LoRA (the same layer on the dequantized W) <= 1.05, M >= 4096
     nf4_decode      NF4 LoRA forward / bf16 LoRA <= 1.0 at M <= 16 (4x fewer weight bytes: faster)
+    serve_64_adapters  serving engine tokens/s with 64 rank-16 adapters / with none >= 0.9 (saturation, uniform and
+                    Zipf popularity; issue 17); the engine has one path, its value is the "best" variant
+    moe_vs_base     fastpeft's LoRA on MoE expert tensors, forward+backward of the experts module / the module without
+                    adapter <= 1.15 (every layer of the moe section: Mixtral- and Qwen3-MoE-shaped); one path: "best"
+    moe_vs_peft     PEFT's target_parameters time / fastpeft's, forward+backward >= 2 (PEFT materialises W + ΔW)
 "met" is None off CUDA (the targets are for GPUs) and where nothing was measured.
 """
 from __future__ import annotations
@@ -23,6 +28,9 @@ TARGETS = (  # id, section, what, op, threshold
     ("multi_decode", "multi_lora", "multi-LoRA decode, 64 distinct rank-16 adapters / base layer", "<=", 1.05),
     ("nf4_train", "lora_4bit", "NF4 LoRA forward+backward / bf16 LoRA, M >= 4096", "<=", 1.05),
     ("nf4_decode", "lora_4bit", "NF4 LoRA forward / bf16 LoRA, M <= 16", "<=", 1.0),
+    ("serve_64_adapters", "serve", "serving tokens/s, 64 rank-16 adapters / no adapter (saturation)", ">=", 0.9),
+    ("moe_vs_base", "moe", "MoE expert LoRA forward+backward / the experts module without adapter", "<=", 1.15),
+    ("moe_vs_peft", "moe", "PEFT target_parameters time / fastpeft time, MoE experts forward+backward", ">=", 2.0),
 )
 MARGIN = 0.01  # the strategy table keeps the default unless the other strategy is more than 1% faster
 RULE = ("for each op and row bucket: the strategy with the smaller sum of forward+backward median times over the "
@@ -100,9 +108,18 @@ def compute(sections: dict, applicable: bool) -> list[dict]:
                 points[k] = {i: ms / t["bf16_lora"] for i, ms in _with_best(t, STRATEGIES).items()
                              if i in (*STRATEGIES, "best")}
         values[tid] = (points, ("shape", "M", "r"))
+    points = {(r["impl"], r["mode"]): {"best": r["vs_no_adapters"]} for r in sections.get("serve", {}).get("rows", [])
+              if r.get("adapters") == 64 and r["mode"] == "saturation" and r.get("vs_no_adapters") is not None}
+    values["serve_64_adapters"] = (points, ("popularity", "mode"))
+    moe_times = _times(sections.get("moe", {}).get("rows", []), "fwd+bwd", ("layer",))
+    values["moe_vs_base"] = ({k: {"best": t["fastpeft"] / t["base"]} for k, t in moe_times.items()
+                              if t.get("fastpeft") and t.get("base")}, ("layer",))
+    values["moe_vs_peft"] = ({k: {"best": t["peft"] / t["fastpeft"]} for k, t in moe_times.items()
+                              if t.get("fastpeft") and t.get("peft")}, ("layer",))
     out = []
     for tid, section, what, op, threshold in TARGETS:
         variants = (*multi_fast, "best") if tid == "multi_decode" else (*STRATEGIES, "best")
+        variants = ("best",) if tid in ("serve_64_adapters", "moe_vs_base", "moe_vs_peft") else variants
         points, keys = values[tid]
         per = _evaluate(points, variants, op, threshold, keys, applicable)
         out.append({"target": tid, "section": section, "what": what, "op": op, "threshold": threshold,
