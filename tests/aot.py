@@ -403,12 +403,95 @@ def lora_update_launches(dtype: torch.dtype) -> list[Launch]:
     return launches
 
 
+def nf4_launches(dtype: torch.dtype) -> list[Launch]:
+    """The 4-bit base-weight GEMM (fastpeft/kernels/nf4.py), bitsandbytes' layout at blocksize 64 with the scales
+    stored (float32) and double-quantized (uint8 codes): the forward with the low-rank term and the bias, dX with
+    the dropout mask on the low-rank term, both without the low-rank term, and the forward at the widest rank
+    block (64). Every config of the double-quantized ones with the low-rank term (the most registers: the scales
+    decoded in the K loop) in half precision, and in float32 (no tensor cores, not gated for spills) of the masked
+    dX; the rest (same tiles, fewer registers) their first config. dX where blocks span rows (K not a multiple of
+    64: a scale per element) and with odd K (a byte per element, the most gathers): their first config, and every
+    config of odd K double-quantized in bfloat16 (their own pruning). Not here: the forward with such K, whose
+    loop on sm_90 waits for every wgmma group (correct, no spills; real models have K a multiple of 64)."""
+    M, K, N = 256, 512, 384
+    x, dy, bias = torch.empty(M, K, dtype=dtype), torch.empty(M, N, dtype=dtype), torch.empty(N, dtype=dtype)
+    code, w_dtype = torch.empty(16), (dtype if dtype != torch.float32 else torch.bfloat16)
+    drop = dict(seed=torch.zeros((), dtype=torch.int64), dropout_p=0.1)
+    half = dtype != torch.float32
+    launches = []
+    for nested in (False, True):
+        def quant(n, k, blocksize=64):
+            blocks = -(-n * k // blocksize)
+            if not nested:
+                return dict(packed=torch.empty(n * k // 2, 1, dtype=torch.uint8), absmax=torch.empty(blocks))
+            return dict(packed=torch.empty(n * k // 2, 1, dtype=torch.uint8),
+                        absmax=torch.empty(blocks, dtype=torch.uint8), absmax_code=torch.empty(256),
+                        absmax_scale=torch.empty(-(-blocks // 256)), absmax_offset=0.03)
+
+        what = ", nested" if nested else ""
+        for R in (16, 64):
+            a, b, scale, s = torch.empty(R, K), torch.empty(N, R), torch.empty(R), torch.empty(M, R)
+            common = dict(shape=(N, K), blocksize=64, w_dtype=w_dtype, s=s, scale=scale, **quant(N, K))
+            launches += capture("nf4", "nf4_gemm", x, code=code, e=b.t(), bias=bias, label=f"fwd r{R}, bias{what}",
+                                every_config=half and nested, **common)
+            if R == 16:
+                launches += capture("nf4", "nf4_gemm", dy, code=code, e=a, transpose_w=True, **drop, **common,
+                                    label=f"dX r{R} masked{what}", every_config=nested)
+        common = dict(shape=(N, K), blocksize=64, w_dtype=w_dtype, **quant(N, K))
+        launches += capture("nf4", "nf4_gemm", x, code=code, label=f"fwd plain{what}", every_config=False, **common)
+        launches += capture("nf4", "nf4_gemm", dy, code=code, transpose_w=True, label=f"dX plain{what}",
+                            every_config=False, **common)
+        for k_odd in (200, 201):  # dX where blocks span rows; odd K (N even)
+            odd = dict(shape=(N, k_odd), blocksize=64, w_dtype=w_dtype, **quant(N, k_odd))
+            launches += capture("nf4", "nf4_gemm", dy, code=code, transpose_w=True, label=f"dX K{k_odd}{what}",
+                                every_config=nested and k_odd % 2 == 1 and dtype == torch.bfloat16, **odd)
+    return launches
+
+
+def moe_lora_launches(dtype: torch.dtype) -> list[Launch]:
+    """LoRA on MoE expert tensors (fastpeft/ops/moe_lora.py): the multi-LoRA segment kernels with slot = expert, 8
+    experts (segments; one without tokens), rank 16 (PEFT's r per expert: the expand's rank chunks unrolled to a
+    bucket of 16, a constexpr the multi_lora entry, at 64 and more, does not cover), float32 adapters on half inputs
+    (the module's default on half-precision bases) and adapters of the input's dtype: every config of the forward
+    and backward expand in half precision, the first of the shrinks and the weight-gradient reductions (the same
+    variants as multi_lora's, at these sizes)."""
+    E, r, M, K, N = 8, 16, 512, 512, 384
+    x, dy, y = torch.empty(M, K, dtype=dtype), torch.empty(M, N, dtype=dtype), torch.empty(M, N, dtype=dtype)
+    table, ranks = torch.empty(3, E, dtype=torch.int64), torch.empty(E, dtype=torch.int32)
+    order, seg_start, seg_slot = (torch.empty(n, dtype=torch.int32) for n in (M, E + 1, E))
+    t = torch.empty(M, r)
+    segs = (table, ranks, order, seg_start, seg_slot)
+    half = dtype != torch.float32
+    starts = (0, 40, 40, 130, 200, 290, 330, 450, M)  # expert 1 has no tokens
+    launches = []
+    for adapters in dict.fromkeys((torch.float32, dtype)):
+        seg = dict(num_segments=E, max_segment=120, max_rank=r, adapter_dtype=adapters)
+        what = f"r{r}, {str(adapters)[6:]} adapters"
+        launches += [
+            *capture("multi_lora", "shrink", x, *segs, t, u_row=0, rank_major=True,
+                     label=f"expert fwd shrink (A) {what}", every_config=False, **seg),
+            *capture("multi_lora", "expand", t, *segs, y, e_row=1, rank_major=False,
+                     label=f"expert fwd expand (B) {what}", every_config=half, **seg),
+            *capture("multi_lora", "shrink", dy, *segs, t, u_row=1, rank_major=False,
+                     label=f"expert bwd shrink (B) {what}", every_config=False, **seg),
+            *capture("multi_lora", "expand", t, *segs, x, e_row=0, rank_major=True,
+                     label=f"expert bwd expand (A) {what}", every_config=half, **seg),
+        ]
+        for rank_major, source in ((True, x), (False, dy)):
+            launches += capture("multi_lora", "reduce", source, t, table, ranks, order, starts, seg_slot,
+                                torch.empty(1, E, dtype=torch.int64), max_rank=r, rank_major=rank_major,
+                                out_dtype=adapters, every_config=False,
+                                label=f"expert reduce {'dA' if rank_major else 'dB'} {what}")
+    return launches
+
+
 ELEMENTWISE_KERNELS = {"prefix_attention_combine_kernel", "multi_lora_decode_kernel",  # no matrix product: no
                        "multi_lora_reduce_combine_kernel", "multi_ia3_row_scale_kernel"}  # tensor-core instructions
 CATALOG = {"lora": lora_launches, "lora_update": lora_update_launches, "ia3": ia3_launches,
            "bottleneck": bottleneck_launches, "fused_bottleneck": fused_bottleneck_launches,
            "prefix_attention": prefix_attention_launches, "multi_lora": multi_lora_launches,
-           "multi_ia3": multi_ia3_launches}
+           "multi_ia3": multi_ia3_launches, "nf4": nf4_launches,
+           "moe_lora": moe_lora_launches}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -564,8 +647,8 @@ def representative_launches() -> list[Launch]:
                         label = f"{strategy} M{M} K{K} N{N} r{R} p{p}{' DoRA' if c is not None else ''}"
                         with fp.ops.use_kernel_options(linear_strategy=strategy), recording(label) as got:
                             z = torch.empty(M, N, dtype=dtype, **meta) if c is not None else None
-                            lora_op._triton_forward(x, w, bias, a, b, scale, seed, p, False, True, c, c is not None)
-                            lora_op._triton_backward(dy, x, w, a, b, scale, t, seed, p, False, (True,) * 5
+                            lora_op.triton_forward(x, w, bias, a, b, scale, seed, p, False, True, c, c is not None)
+                            lora_op.triton_backward(dy, x, w, a, b, scale, t, seed, p, False, (True,) * 5
                                                      + (c is not None,), c, z)
                         launches += got
                 u, v = torch.empty(K, **meta), torch.empty(N, **meta)
