@@ -5,7 +5,7 @@
 
 Importing fastpeft never initialises CUDA and never compiles anything; kernels load on first CUDA call.
 """
-from . import ops, serve
+from . import ops, serve  # noqa: F401  (fp.ops, fp.serve)
 from .checkpoint import load_adapter, save_adapter
 from .config import (AdaLoRAConfig, AdapterConfig, BnConfig, CompacterConfig, CompacterPlusPlusConfig,
                      DoubleSeqBnConfig, DoubleSeqBnInvConfig, IA3Config, LlamaAdapterConfig, LoRAConfig, ParBnConfig,

@@ -20,7 +20,7 @@ from .dispatch import (KernelOptions, explain, kernel_options, poison_outputs, r
                        use_kernel_options)
 from .dora import dora_linear, dora_weight_norm, dora_weight_sq_norm
 from .ia3 import ia3_linear
-from . import lora_4bit
+from . import lora_4bit  # noqa: F401  (fp.ops.lora_4bit.path: the 4-bit layers ask it)
 from .lora import lora_linear
 from .lora_4bit import Packed4bit, lora_linear_4bit
 from .multi_ia3 import IA3Bank, multi_ia3_linear, multi_ia3_scale
